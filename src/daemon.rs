@@ -1,0 +1,222 @@
+//! Wiring of the stages, ordered shutdown and systemd integration.
+//!
+//! Start-up order: open the journal (cutting a torn tail), recover window state from its
+//! checkpoint and replay the journal from the checkpoint's position, then connect to the
+//! broker. `READY=1` is sent only once state is recovered *and* the broker acknowledged every
+//! subscription, so `systemctl start` returning means readings are flowing.
+//!
+//! Shutdown order (first SIGTERM/SIGINT): stop reading from the broker → commit and
+//! acknowledge what was received → processing drains and writes a final checkpoint → exit 0.
+//! A second signal, or the deadline passing, exits at once with code 2: everything is
+//! crash-safe anyway, the orderly path only saves replay work.
+
+use crate::config::Config;
+use crate::ingest::{self, IngestStatus};
+use crate::process::Processor;
+use crate::store::journal::Journal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// How long an orderly shutdown may take before edgeferry exits anyway.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Why the daemon stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The data directory is unusable.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Ingest failed.
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestError),
+    /// Processing failed.
+    #[error(transparent)]
+    Process(#[from] crate::process::ProcessError),
+}
+
+/// First SIGTERM/SIGINT cancels `shutdown`; a second one exits immediately (code 2).
+pub async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        seen += 1;
+        if seen == 1 {
+            tracing::info!("shutting down (send the signal again to force)");
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            shutdown.cancel();
+            let deadline = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = deadline;
+                tokio::time::sleep(SHUTDOWN_DEADLINE).await;
+                tracing::error!("orderly shutdown exceeded {SHUTDOWN_DEADLINE:?}; exiting");
+                std::process::exit(2);
+            });
+        } else {
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let data_dir = cfg.gateway.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| DaemonError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    })?;
+    let (journal, rec) = Journal::open(&data_dir.join("journal"), cfg.store.segment_size.as_u64())?;
+    if rec.truncated_bytes > 0 || !rec.quarantined.is_empty() {
+        tracing::warn!(
+            truncated_bytes = rec.truncated_bytes,
+            quarantined = ?rec.quarantined,
+            "journal recovered after an unclean stop"
+        );
+    }
+    tracing::info!(
+        first_lsn = rec.first_lsn,
+        next_lsn = rec.next_lsn,
+        "journal open at {}",
+        data_dir.join("journal").display()
+    );
+
+    let mut processor = Processor::open(&cfg.process, &data_dir.join("state"))?;
+    let replayed = processor.replay(&journal)?;
+    tracing::info!(
+        replayed,
+        checkpoint_lsn = processor.checkpoint_lsn(),
+        "state recovered"
+    );
+
+    let status = Arc::new(IngestStatus::default());
+    let progress = Arc::new(AtomicU64::new(crate::ingest::now_ms() as u64));
+    let trim_to = processor.trim_handle();
+    let (tx, rx) = mpsc::channel(4096);
+    let (ready_tx, mut ready_rx) = watch::channel(false);
+
+    let proc_shutdown = CancellationToken::new();
+    let proc_task = tokio::spawn(processor.run(rx, proc_shutdown.clone()));
+
+    let ingest_task = tokio::spawn(ingest::run(
+        cfg.mqtt.clone(),
+        cfg.client_id(),
+        ingest::session::IngestParams {
+            max_series: cfg.process.max_series,
+            known_series: Vec::new(),
+            trim_to,
+        },
+        journal,
+        tx,
+        status.clone(),
+        ready_tx,
+        progress.clone(),
+        shutdown.clone(),
+    ));
+
+    let notify = tokio::spawn(systemd_loop(status.clone(), progress, shutdown.clone()));
+    tokio::select! {
+        _ = ready_rx.wait_for(|r| *r) => {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            tracing::info!("ready: state recovered and subscriptions acknowledged");
+        }
+        _ = shutdown.cancelled() => {}
+    }
+
+    let ingest_result = ingest_task.await.expect("ingest task panicked");
+    // Ingest has committed and acknowledged everything it received and dropped its sender,
+    // so processing sees the end of its channel after the last committed record.
+    let proc_result = proc_task.await.expect("processing task panicked");
+    proc_shutdown.cancel();
+    notify.abort();
+    let _journal = ingest_result?;
+    proc_result?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Sends `WATCHDOG=1` only while the commit loop makes progress (it ticks at least once a
+/// second even when idle), so a stalled pipeline is restarted by systemd; and a short
+/// `STATUS=` line every few seconds.
+async fn systemd_loop(
+    status: Arc<IngestStatus>,
+    progress: Arc<AtomicU64>,
+    shutdown: CancellationToken,
+) {
+    let wd = sd_notify::watchdog_enabled();
+    let watchdog = wd.is_some();
+    let period = wd
+        .map(|d| (d / 2).max(Duration::from_millis(100)))
+        .unwrap_or(Duration::from_secs(5));
+    // The commit loop ticks every second even when idle; twice that without a tick is a stall.
+    let stale_after = wd.map(|d| d.as_millis() as u64 / 2).unwrap_or(u64::MAX);
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let now = crate::ingest::now_ms() as u64;
+        let last = progress.load(Ordering::Relaxed);
+        if watchdog && now.saturating_sub(last) < stale_after.max(2000) {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        } else if watchdog {
+            tracing::error!(
+                "commit loop stalled for {} ms; withholding the watchdog ping",
+                now - last
+            );
+        }
+        let line = format!(
+            "{} broker, {} readings, {} rejected, {} duplicates dropped",
+            if status.connected.load(Ordering::Relaxed) {
+                "connected to"
+            } else {
+                "waiting for"
+            },
+            IngestStatus::get(&status.readings),
+            IngestStatus::get(&status.rejected),
+            IngestStatus::get(&status.duplicates),
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
+    }
+}
+
+/// Writes every journal record as one JSON line: `{"lsn":..,"received_ms":..,"readings":[..]}`.
+pub fn dump_journal(cfg: &Config, out: &mut dyn std::io::Write) -> Result<(), DaemonError> {
+    let (journal, _) = Journal::open(
+        &cfg.gateway.data_dir.join("journal"),
+        cfg.store.segment_size.as_u64(),
+    )?;
+    for r in journal.read_from(journal.first_lsn())? {
+        let (lsn, e) = r?;
+        let line = serde_json::json!({
+            "lsn": lsn,
+            "received_ms": e.received_ms,
+            "pkid": e.dedup.pkid,
+            "readings": e.readings,
+        });
+        let _ = writeln!(out, "{line}");
+    }
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! Configuration of the MQTT ingest stage (`[mqtt]` and `[[mqtt.subscribe]]`).
+
+use crate::ingest::decode::Format;
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `[mqtt]`: where sensor readings come from and how they are acknowledged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` (plain) or `mqtts://host:port` (TLS).
+    pub url: String,
+    /// Fixed client id: persistent sessions only survive reconnects under the same id.
+    /// Defaults to `edgeferry-<gateway.id>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Optional broker user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the broker password (kept out of the config so the config can be shared).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA bundle (PEM) for `mqtts://`; system roots when absent.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Largest accepted payload; larger messages are rejected (and still acknowledged).
+    #[serde(default = "default_max_payload")]
+    pub max_payload: ByteSize,
+    /// Group commit: the longest a received reading waits before its journal batch is synced.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Group commit: sync as soon as this many messages are pending.
+    #[serde(default = "default_commit_max")]
+    pub commit_max: usize,
+    /// Upper bound on messages received but not yet acknowledged. Mosquitto does not enforce
+    /// its inflight window for slow ackers, so this is what bounds edgeferry's memory.
+    #[serde(default = "default_max_unacked")]
+    pub max_unacked: usize,
+    /// Readings whose event time is further than this into the future are rejected.
+    #[serde(default = "default_future_skew", with = "humantime_serde")]
+    pub future_skew: Duration,
+    /// MQTT keep-alive interval.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Longest pause between reconnect attempts (exponential backoff with full jitter).
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// The subscriptions; at least one.
+    #[serde(default)]
+    pub subscribe: Vec<SubscribeConfig>,
+}
+
+/// `[[mqtt.subscribe]]`: one topic filter and how to decode what arrives on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeConfig {
+    /// MQTT topic filter, subscribed with QoS 1.
+    pub filter: String,
+    /// Topic template mapping levels to tags, e.g. `sensors/{site}/{device}/{metric}`.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Payload format: `json`, `number` or `senml`.
+    #[serde(default)]
+    pub format: Format,
+    /// JSON: dotted path of the value field; absent = every numeric field is a reading.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// JSON: dotted path of the event-time field; absent = arrival time.
+    #[serde(default)]
+    pub timestamp: Option<String>,
+}
+
+fn default_max_payload() -> ByteSize {
+    ByteSize::kib(64)
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_millis(5)
+}
+fn default_commit_max() -> usize {
+    1000
+}
+fn default_max_unacked() -> usize {
+    20_000
+}
+fn default_future_skew() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}

@@ -1,0 +1,110 @@
+//! The `edgeferry` binary: parses the command line, installs the TLS crypto provider, starts
+//! logging and hands over to the library. Exit codes: 0 clean stop, 1 configuration error,
+//! 2 runtime failure.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edgeferry::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// edgeferry: MQTT sensor readings → durable journal → local aggregates and alerts →
+/// store-and-forward upstream.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (under systemd: Type=notify).
+    Run {
+        /// Configuration file.
+        #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
+        config: PathBuf,
+    },
+    /// Load and validate a configuration; print the effective configuration or every problem.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
+        config: PathBuf,
+    },
+    /// Print the journal's contents (offline; for checks and tests), one JSON object per line.
+    DumpJournal {
+        /// Configuration file (its gateway.data_dir is read).
+        #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
+        config: PathBuf,
+    },
+}
+
+const EXIT_CONFIG: u8 = 1;
+const EXIT_RUNTIME: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    edgeferry::tls::install_default_provider();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(cfg) => {
+                println!("# {}: OK\n", config.display());
+                print!("{}", cfg.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            edgeferry::telemetry::init(&cfg.log);
+            match run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("edgeferry: {e:#}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+        Command::DumpJournal { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match edgeferry::daemon::dump_journal(&cfg, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edgeferry: {e:#}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+    }
+}
+
+fn run(cfg: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("edgeferry")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(edgeferry::daemon::watch_signals(shutdown.clone()));
+        edgeferry::daemon::run(cfg, shutdown).await
+    })?;
+    Ok(())
+}

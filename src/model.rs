@@ -1,0 +1,61 @@
+//! The owned values that flow between pipeline stages.
+//!
+//! Kept deliberately small: a [`Reading`] is what ingest hands to the journal and to
+//! processing. Everything else (aggregates, alerts, batches) is defined by the stage that
+//! produces it.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// One decoded measurement from a sensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reading {
+    /// The metric name (from the topic's `{metric}` level, a JSON field name or a SenML name).
+    pub metric: String,
+    /// Tags taken from the topic template's named levels (sorted, so the series key is stable).
+    pub tags: BTreeMap<String, String>,
+    /// The value; always finite (decoders reject NaN and infinities).
+    pub value: f64,
+    /// Event time in milliseconds since the Unix epoch (the payload's, or arrival time).
+    pub time_ms: i64,
+}
+
+impl Reading {
+    /// The canonical series key: `metric{k1=v1,k2=v2}` with tags in key order, or just
+    /// `metric` without tags. Two readings belong to the same series iff their keys are equal.
+    pub fn series_key(&self) -> String {
+        series_key(&self.metric, &self.tags)
+    }
+}
+
+/// See [`Reading::series_key`].
+pub fn series_key(metric: &str, tags: &BTreeMap<String, String>) -> String {
+    let mut s = String::with_capacity(metric.len() + 16 * tags.len());
+    s.push_str(metric);
+    if !tags.is_empty() {
+        s.push('{');
+        for (i, (k, v)) in tags.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            let _ = write!(s, "{k}={v}");
+        }
+        s.push('}');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_key_orders_tags() {
+        let mut tags = BTreeMap::new();
+        tags.insert("site".to_string(), "a".to_string());
+        tags.insert("device".to_string(), "d1".to_string());
+        assert_eq!(series_key("temp", &tags), "temp{device=d1,site=a}");
+        assert_eq!(series_key("temp", &BTreeMap::new()), "temp");
+    }
+}

@@ -1,0 +1,1112 @@
+//! Tumbling event-time windows with allowed lateness, retention and
+//! versioned corrections.
+//!
+//! # Model
+//!
+//! For each configured length `L` (in seconds, several tracked
+//! independently), a reading with event time `t` belongs to the window
+//! `[start, start + L)` with `start = floor(t / L) * L` (epoch-aligned,
+//! `div_euclid` semantics so negative times work too). A reading exactly on a
+//! boundary belongs to the window that *starts* there.
+//!
+//! With `end = start + L`, and `now` the caller's clock:
+//!
+//! | condition | state of the window | a reading for it |
+//! | --- | --- | --- |
+//! | `now < end + lateness` | open | aggregated, [`Applied::Open`] |
+//! | `end + lateness <= now < end + lateness + retention` | closed, retained | aggregated, [`Applied::Correction`] |
+//! | `now >= end + lateness + retention` | dropped | ignored, [`Applied::TooLate`] |
+//!
+//! [`Windows::close_due`] emits each window once it is closed (version 1),
+//! re-emits a closed window with `version + 1` whenever corrections arrived
+//! since its previous emission, and forgets windows past their retention.
+//!
+//! # Why complete aggregates, not deltas
+//!
+//! Every emission carries the *complete* aggregate of the window, and its
+//! version strictly increases. The central side keeps, per
+//! `(gateway, series, window_start, window_secs)`, the emission with the
+//! highest version. That is correct whatever the transport does: a duplicate
+//! is harmless (same version, same content), a reordered older version is
+//! ignored, and a lost intermediate version is superseded by the next one.
+//! Deltas would need exactly-once, in-order delivery to be summed correctly.
+//!
+//! # Why the clock is clamped
+//!
+//! `now` is clamped to the highest value seen so far (by `apply` or
+//! `close_due`). A window's fate is then a monotone function of the clock: a
+//! window that was dropped can never be "re-opened" by a stale `now`, which
+//! would otherwise produce a fresh version 1 that the central side would
+//! ignore in favour of the old, higher version.
+//!
+//! # Determinism and checkpoints
+//!
+//! All state lives in ordered maps and all arithmetic happens in call order,
+//! so the same sequence of `apply`/`close_due` calls yields identical output.
+//! The whole state (including the spec, clock and pending corrections) is
+//! serializable; serializing, deserializing and continuing produces exactly
+//! the output of an uninterrupted run. Deserialization validates the state
+//! and rebuilds derived indexes.
+//!
+//! # Memory and cost
+//!
+//! State is proportional to the number of open + retained windows. Windows are
+//! kept in a `BTreeMap` keyed by `(end, window_secs)` holding a per-series
+//! map, so `close_due` only touches windows that are due (range scan from the
+//! last closing point), pending corrections (a separate ordered set) and the
+//! windows being dropped (a prefix of the map); it never scans all series.
+//! Applying a reading to an existing window allocates nothing. A series with
+//! no readings within the retention horizon holds no state at all, so no
+//! explicit idle-series removal is needed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+
+use serde::{Deserialize, Serialize, Serializer};
+use thiserror::Error;
+
+use crate::process::aggregate::Aggregate;
+
+/// Which windows to compute and how long to accept late readings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowSpec {
+    /// Window lengths in seconds, e.g. `[10, 60]`; each tracked independently.
+    pub lengths_secs: Vec<u32>,
+    /// How long after its end a window still accepts readings before its
+    /// first emission.
+    pub allowed_lateness_ms: i64,
+    /// How long after closing (`end + allowed_lateness_ms`) a window is kept
+    /// so that late readings produce corrections.
+    pub retention_ms: i64,
+}
+
+impl WindowSpec {
+    /// Checks that the spec is usable: at least one length, no zero or
+    /// duplicate length, non-negative lateness and retention.
+    pub fn validate(&self) -> Result<(), WindowError> {
+        if self.lengths_secs.is_empty() {
+            return Err(WindowError::NoLengths);
+        }
+        let mut seen = BTreeSet::new();
+        for &secs in &self.lengths_secs {
+            if secs == 0 {
+                return Err(WindowError::ZeroLength);
+            }
+            if !seen.insert(secs) {
+                return Err(WindowError::DuplicateLength(secs));
+            }
+        }
+        if self.allowed_lateness_ms < 0 {
+            return Err(WindowError::NegativeLateness(self.allowed_lateness_ms));
+        }
+        if self.retention_ms < 0 {
+            return Err(WindowError::NegativeRetention(self.retention_ms));
+        }
+        if self
+            .allowed_lateness_ms
+            .checked_add(self.retention_ms)
+            .is_none()
+        {
+            return Err(WindowError::HorizonOverflow);
+        }
+        Ok(())
+    }
+}
+
+/// Invalid spec or invalid checkpointed state.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum WindowError {
+    /// `lengths_secs` is empty.
+    #[error("no window lengths configured")]
+    NoLengths,
+    /// A window length of zero seconds.
+    #[error("window lengths must be positive")]
+    ZeroLength,
+    /// The same length configured twice (readings would be counted twice).
+    #[error("window length {0} s is configured more than once")]
+    DuplicateLength(u32),
+    /// Negative allowed lateness.
+    #[error("allowed lateness must be >= 0, got {0} ms")]
+    NegativeLateness(i64),
+    /// Negative retention.
+    #[error("retention must be >= 0, got {0} ms")]
+    NegativeRetention(i64),
+    /// `allowed_lateness_ms + retention_ms` overflows `i64`.
+    #[error("allowed lateness plus retention overflows")]
+    HorizonOverflow,
+    /// Checkpoint holds a window whose length is not in the spec.
+    #[error("checkpoint holds a {0} s window, which the spec does not configure")]
+    UnknownLength(u32),
+    /// Checkpoint holds a window that is not epoch-aligned or out of range.
+    #[error("checkpoint window ending at {end_ms} is invalid for {window_secs} s windows")]
+    InvalidWindow {
+        /// End of the window.
+        end_ms: i64,
+        /// Length of the window.
+        window_secs: u32,
+    },
+    /// Checkpoint holds the same window twice.
+    #[error("checkpoint holds the window ending at {end_ms} ({window_secs} s) twice")]
+    DuplicateWindow {
+        /// End of the window.
+        end_ms: i64,
+        /// Length of the window.
+        window_secs: u32,
+    },
+    /// Checkpoint holds an inconsistent window (empty, or emitted while open).
+    #[error("checkpoint window of series {series:?} ending at {end_ms} is inconsistent")]
+    InconsistentWindow {
+        /// Series of the window.
+        series: String,
+        /// End of the window.
+        end_ms: i64,
+    },
+    /// A pending correction refers to a window that is missing or not closed.
+    #[error("checkpoint has a pending correction for a missing or open window of {series:?}")]
+    DanglingCorrection {
+        /// Series of the correction.
+        series: String,
+    },
+}
+
+/// One emitted window: the complete aggregate, with its version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowAggregate {
+    /// Series (sensor) name.
+    pub series: String,
+    /// Start of the window (inclusive), epoch milliseconds.
+    pub window_start_ms: i64,
+    /// Window length in seconds.
+    pub window_secs: u32,
+    /// 1 for the first emission, +1 per correction. `0` only in
+    /// [`Windows::snapshot_open`] output (provisional, never forwarded).
+    pub version: u32,
+    /// Complete aggregate of every accepted reading of the window.
+    pub agg: Aggregate,
+}
+
+impl WindowAggregate {
+    /// End of the window (exclusive), epoch milliseconds.
+    pub fn window_end_ms(&self) -> i64 {
+        self.window_start_ms + len_ms(self.window_secs)
+    }
+}
+
+/// Outcome of [`Windows::apply`]. When window lengths disagree, the most
+/// severe outcome wins: `TooLate` over `Correction` over `Open`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Went into open windows only.
+    Open,
+    /// Went into at least one window that is already closed by the clock
+    /// (`now >= end + lateness`) but retained. If `close_due` had already
+    /// emitted that window, its next `close_due` emits `version + 1`;
+    /// otherwise the reading simply becomes part of version 1.
+    Correction,
+    /// For at least one window length the window was already dropped
+    /// (`now >= end + lateness + retention`); that length ignores the reading
+    /// (other lengths may still have taken it).
+    TooLate,
+    /// Not applied at all: the value is not finite, or the event time is so
+    /// close to the `i64` limits that its window cannot be represented.
+    /// The state, including the clock, is left untouched.
+    Rejected,
+}
+
+fn len_ms(secs: u32) -> i64 {
+    i64::from(secs) * 1000
+}
+
+/// Windows of one length ending at the same time; ordered by `(end, secs)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct SlotKey {
+    end_ms: i64,
+    window_secs: u32,
+}
+
+/// A window awaiting a correction emission; ordered by `(end, secs, series)`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct WindowKey {
+    end_ms: i64,
+    window_secs: u32,
+    series: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct WindowState {
+    agg: Aggregate,
+    /// Last emitted version; 0 = not emitted yet.
+    version: u32,
+}
+
+type Slots = BTreeMap<SlotKey, BTreeMap<String, WindowState>>;
+
+fn serialize_slots<S: Serializer>(slots: &Slots, s: S) -> Result<S::Ok, S::Error> {
+    // A sequence of (key, per-series map) pairs: works with formats whose
+    // map keys must be strings, and costs nothing extra in postcard.
+    s.collect_seq(slots.iter())
+}
+
+/// Serialized form of [`Windows`]; validated before becoming `Windows`.
+#[derive(Deserialize)]
+struct WindowsRepr {
+    spec: WindowSpec,
+    now_ms: i64,
+    closed_through_ms: i64,
+    slots: Vec<(SlotKey, BTreeMap<String, WindowState>)>,
+    pending: BTreeSet<WindowKey>,
+}
+
+/// Event-time window state of all series. See the [module docs](self).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "WindowsRepr")]
+pub struct Windows {
+    spec: WindowSpec,
+    /// Highest clock value seen (`i64::MIN` before the first call).
+    now_ms: i64,
+    /// Every window with `end <= closed_through_ms` has been passed by
+    /// `close_due` (emitted if it had readings).
+    closed_through_ms: i64,
+    #[serde(serialize_with = "serialize_slots")]
+    slots: Slots,
+    /// Closed windows with readings not yet emitted.
+    pending: BTreeSet<WindowKey>,
+    /// Number of windows per series (derived; rebuilt on deserialization).
+    #[serde(skip_serializing)]
+    series: BTreeMap<String, usize>,
+}
+
+impl TryFrom<WindowsRepr> for Windows {
+    type Error = WindowError;
+
+    fn try_from(repr: WindowsRepr) -> Result<Self, WindowError> {
+        repr.spec.validate()?;
+        let horizon = repr.spec.allowed_lateness_ms + repr.spec.retention_ms;
+        let mut slots = Slots::new();
+        let mut series: BTreeMap<String, usize> = BTreeMap::new();
+        for (key, windows) in repr.slots {
+            if !repr.spec.lengths_secs.contains(&key.window_secs) {
+                return Err(WindowError::UnknownLength(key.window_secs));
+            }
+            let invalid = WindowError::InvalidWindow {
+                end_ms: key.end_ms,
+                window_secs: key.window_secs,
+            };
+            if key.end_ms.rem_euclid(len_ms(key.window_secs)) != 0
+                || key.end_ms.checked_sub(len_ms(key.window_secs)).is_none()
+                || key.end_ms.checked_add(horizon).is_none()
+                || windows.is_empty()
+            {
+                return Err(invalid);
+            }
+            for (name, state) in &windows {
+                let closed = key.end_ms <= repr.closed_through_ms;
+                if state.agg.is_empty() || (!closed && state.version != 0) {
+                    return Err(WindowError::InconsistentWindow {
+                        series: name.clone(),
+                        end_ms: key.end_ms,
+                    });
+                }
+                *series.entry(name.clone()).or_insert(0) += 1;
+            }
+            if slots.insert(key, windows).is_some() {
+                return Err(WindowError::DuplicateWindow {
+                    end_ms: key.end_ms,
+                    window_secs: key.window_secs,
+                });
+            }
+        }
+        for p in &repr.pending {
+            let slot = SlotKey {
+                end_ms: p.end_ms,
+                window_secs: p.window_secs,
+            };
+            let exists = slots.get(&slot).is_some_and(|w| w.contains_key(&p.series));
+            if !exists || p.end_ms > repr.closed_through_ms {
+                return Err(WindowError::DanglingCorrection {
+                    series: p.series.clone(),
+                });
+            }
+        }
+        Ok(Windows {
+            spec: repr.spec,
+            now_ms: repr.now_ms,
+            closed_through_ms: repr.closed_through_ms,
+            slots,
+            pending: repr.pending,
+            series,
+        })
+    }
+}
+
+impl Windows {
+    /// Creates empty window state.
+    ///
+    /// # Panics
+    ///
+    /// If the spec is invalid (see [`WindowSpec::validate`]); use
+    /// [`Windows::try_new`] to handle that as an error.
+    pub fn new(spec: WindowSpec) -> Self {
+        match Self::try_new(spec) {
+            Ok(w) => w,
+            Err(e) => panic!("invalid window spec: {e}"),
+        }
+    }
+
+    /// Creates empty window state, or returns why the spec is invalid.
+    pub fn try_new(spec: WindowSpec) -> Result<Self, WindowError> {
+        spec.validate()?;
+        Ok(Windows {
+            spec,
+            now_ms: i64::MIN,
+            closed_through_ms: i64::MIN,
+            slots: Slots::new(),
+            pending: BTreeSet::new(),
+            series: BTreeMap::new(),
+        })
+    }
+
+    /// The spec this state was created with.
+    pub fn spec(&self) -> &WindowSpec {
+        &self.spec
+    }
+
+    /// Highest clock value seen so far (`i64::MIN` before any call).
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms
+    }
+
+    fn advance(&mut self, now_ms: i64) -> i64 {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.now_ms
+    }
+
+    /// End of the `secs` window containing `time_ms`, if representable
+    /// together with its lateness + retention horizon.
+    fn window_end(&self, time_ms: i64, secs: u32) -> Option<i64> {
+        let len = len_ms(secs);
+        let end = time_ms
+            .checked_sub(time_ms.rem_euclid(len))?
+            .checked_add(len)?;
+        end.checked_add(self.spec.allowed_lateness_ms + self.spec.retention_ms)?;
+        Some(end)
+    }
+
+    /// Adds one reading of `series` at event time `time_ms` to its window of
+    /// every configured length, given the current clock `now_ms` (clamped to
+    /// be non-decreasing). See [`Applied`] for the outcome.
+    pub fn apply(&mut self, series: &str, value: f64, time_ms: i64, now_ms: i64) -> Applied {
+        if !value.is_finite() {
+            return Applied::Rejected;
+        }
+        let representable = self
+            .spec
+            .lengths_secs
+            .iter()
+            .all(|&secs| self.window_end(time_ms, secs).is_some());
+        if !representable {
+            return Applied::Rejected;
+        }
+        let now = self.advance(now_ms);
+        let lateness = self.spec.allowed_lateness_ms;
+        let retention = self.spec.retention_ms;
+        let mut outcome = Applied::Open;
+        for i in 0..self.spec.lengths_secs.len() {
+            let secs = self.spec.lengths_secs[i];
+            let Some(end) = self.window_end(time_ms, secs) else {
+                continue; // checked above
+            };
+            let close_at = end + lateness;
+            if now >= close_at + retention {
+                outcome = Applied::TooLate;
+                continue;
+            }
+            if now >= close_at && outcome == Applied::Open {
+                outcome = Applied::Correction;
+            }
+            let windows = self
+                .slots
+                .entry(SlotKey {
+                    end_ms: end,
+                    window_secs: secs,
+                })
+                .or_default();
+            let state = match windows.get_mut(series) {
+                Some(state) => state,
+                None => {
+                    match self.series.get_mut(series) {
+                        Some(n) => *n += 1,
+                        None => {
+                            self.series.insert(series.to_owned(), 1);
+                        }
+                    }
+                    windows.entry(series.to_owned()).or_insert(WindowState {
+                        agg: Aggregate::new(),
+                        version: 0,
+                    })
+                }
+            };
+            state.agg.add(value, time_ms);
+            if end <= self.closed_through_ms {
+                // Already passed by close_due: needs a (re-)emission.
+                self.pending.insert(WindowKey {
+                    end_ms: end,
+                    window_secs: secs,
+                    series: series.to_owned(),
+                });
+            }
+        }
+        outcome
+    }
+
+    /// Emits (appends to `out`) every window whose `end + allowed_lateness <=
+    /// now_ms` that was not emitted yet (version 1), plus every closed window
+    /// that received corrections since its last emission (next version, the
+    /// complete aggregate). Then drops windows with `end + lateness +
+    /// retention <= now_ms`. Output order: by `(window_end, window_secs,
+    /// series)`. `now_ms` is clamped to be non-decreasing.
+    pub fn close_due(&mut self, now_ms: i64, out: &mut Vec<WindowAggregate>) {
+        let now = self.advance(now_ms);
+        let cutoff = now.saturating_sub(self.spec.allowed_lateness_ms);
+
+        // Corrections first: they all end at or before closed_through_ms,
+        // while newly closed windows end after it, so this keeps the order.
+        for key in std::mem::take(&mut self.pending) {
+            let slot = SlotKey {
+                end_ms: key.end_ms,
+                window_secs: key.window_secs,
+            };
+            if let Some(state) = self
+                .slots
+                .get_mut(&slot)
+                .and_then(|w| w.get_mut(&key.series))
+            {
+                state.version += 1;
+                out.push(WindowAggregate {
+                    window_start_ms: key.end_ms - len_ms(key.window_secs),
+                    window_secs: key.window_secs,
+                    version: state.version,
+                    agg: state.agg.clone(),
+                    series: key.series,
+                });
+            }
+        }
+
+        if cutoff > self.closed_through_ms {
+            let range = (
+                Bound::Excluded(SlotKey {
+                    end_ms: self.closed_through_ms,
+                    window_secs: u32::MAX,
+                }),
+                Bound::Included(SlotKey {
+                    end_ms: cutoff,
+                    window_secs: u32::MAX,
+                }),
+            );
+            for (slot, windows) in self.slots.range_mut(range) {
+                for (series, state) in windows.iter_mut() {
+                    state.version += 1;
+                    out.push(WindowAggregate {
+                        series: series.clone(),
+                        window_start_ms: slot.end_ms - len_ms(slot.window_secs),
+                        window_secs: slot.window_secs,
+                        version: state.version,
+                        agg: state.agg.clone(),
+                    });
+                }
+            }
+            self.closed_through_ms = cutoff;
+        }
+
+        let drop_through = cutoff.saturating_sub(self.spec.retention_ms);
+        while let Some(entry) = self.slots.first_entry() {
+            if entry.key().end_ms > drop_through {
+                break;
+            }
+            for series in entry.remove().into_keys() {
+                if let Some(n) = self.series.get_mut(&series) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.series.remove(&series);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends the current aggregates of all windows not yet passed by
+    /// `close_due`, with `version: 0` (provisional — must not be forwarded
+    /// as a final result). Does not change any state or version.
+    pub fn snapshot_open(&self, out: &mut Vec<WindowAggregate>) {
+        let range = (
+            Bound::Excluded(SlotKey {
+                end_ms: self.closed_through_ms,
+                window_secs: u32::MAX,
+            }),
+            Bound::Unbounded,
+        );
+        for (slot, windows) in self.slots.range(range) {
+            for (series, state) in windows {
+                out.push(WindowAggregate {
+                    series: series.clone(),
+                    window_start_ms: slot.end_ms - len_ms(slot.window_secs),
+                    window_secs: slot.window_secs,
+                    version: 0,
+                    agg: state.agg.clone(),
+                });
+            }
+        }
+    }
+
+    fn count_windows(&self, range: (Bound<SlotKey>, Bound<SlotKey>)) -> usize {
+        self.slots.range(range).map(|(_, w)| w.len()).sum()
+    }
+
+    /// Number of (series, window) pairs not yet passed by `close_due`.
+    pub fn open_windows(&self) -> usize {
+        self.count_windows((
+            Bound::Excluded(SlotKey {
+                end_ms: self.closed_through_ms,
+                window_secs: u32::MAX,
+            }),
+            Bound::Unbounded,
+        ))
+    }
+
+    /// Number of closed (series, window) pairs kept for corrections.
+    pub fn retained_windows(&self) -> usize {
+        self.count_windows((
+            Bound::Unbounded,
+            Bound::Included(SlotKey {
+                end_ms: self.closed_through_ms,
+                window_secs: u32::MAX,
+            }),
+        ))
+    }
+
+    /// Number of closed windows with corrections awaiting emission.
+    pub fn pending_corrections(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Number of distinct series with at least one open or retained window.
+    pub fn series_count(&self) -> usize {
+        self.series.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn spec(lengths: &[u32], lateness: i64, retention: i64) -> WindowSpec {
+        WindowSpec {
+            lengths_secs: lengths.to_vec(),
+            allowed_lateness_ms: lateness,
+            retention_ms: retention,
+        }
+    }
+
+    fn open_starts(w: &Windows) -> Vec<(u32, i64)> {
+        let mut out = Vec::new();
+        w.snapshot_open(&mut out);
+        out.iter()
+            .map(|a| (a.window_secs, a.window_start_ms))
+            .collect()
+    }
+
+    fn close(w: &mut Windows, now: i64) -> Vec<WindowAggregate> {
+        let mut out = Vec::new();
+        w.close_due(now, &mut out);
+        out
+    }
+
+    #[test]
+    fn ten_and_sixty_second_windows_align_to_the_epoch() {
+        let mut w = Windows::new(spec(&[10, 60], 0, 0));
+        w.apply("t", 1.0, 65_432, 0);
+        let mut starts = open_starts(&w);
+        starts.sort_unstable();
+        assert_eq!(starts, vec![(10, 60_000), (60, 60_000)]);
+
+        let mut w = Windows::new(spec(&[10, 60], 0, 0));
+        w.apply("t", 1.0, 179_999, 0);
+        let mut starts = open_starts(&w);
+        starts.sort_unstable();
+        assert_eq!(starts, vec![(10, 170_000), (60, 120_000)]);
+    }
+
+    #[test]
+    fn negative_event_times_align_downwards() {
+        let mut w = Windows::new(spec(&[10, 60], 0, 0));
+        w.apply("t", 1.0, -1, i64::MIN);
+        let mut starts = open_starts(&w);
+        starts.sort_unstable();
+        assert_eq!(starts, vec![(10, -10_000), (60, -60_000)]);
+    }
+
+    #[test]
+    fn reading_exactly_at_a_boundary_belongs_to_the_next_window() {
+        let mut w = Windows::new(spec(&[10, 60], 0, 0));
+        w.apply("t", 1.0, 60_000, 0);
+        let mut starts = open_starts(&w);
+        starts.sort_unstable();
+        assert_eq!(starts, vec![(10, 60_000), (60, 60_000)]);
+        w.apply("t", 1.0, 59_999, 0);
+        assert_eq!(w.open_windows(), 4);
+    }
+
+    #[test]
+    fn window_closes_only_after_its_allowed_lateness() {
+        let mut w = Windows::new(spec(&[10], 2_000, 30_000));
+        assert_eq!(w.apply("t", 1.0, 5_000, 5_000), Applied::Open);
+        assert!(close(&mut w, 11_999).is_empty());
+        // Within lateness: still part of version 1.
+        assert_eq!(w.apply("t", 2.0, 9_000, 11_999), Applied::Open);
+        let out = close(&mut w, 12_000);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].window_start_ms, 0);
+        assert_eq!(out[0].version, 1);
+        assert_eq!(out[0].agg.count(), 2);
+        assert!(close(&mut w, 12_500).is_empty(), "emitted only once");
+    }
+
+    #[test]
+    fn late_reading_for_a_retained_window_is_a_correction_emitted_with_the_next_version() {
+        let mut w = Windows::new(spec(&[10], 2_000, 30_000));
+        w.apply("t", 1.0, 1_000, 1_000);
+        w.apply("t", 2.0, 2_000, 2_000);
+        assert_eq!(close(&mut w, 12_000)[0].version, 1);
+        assert_eq!(w.apply("t", 10.0, 3_000, 13_000), Applied::Correction);
+        assert_eq!(w.pending_corrections(), 1);
+        let out = close(&mut w, 13_000);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].version, 2);
+        // Complete aggregate, not a delta.
+        assert_eq!(out[0].agg.count(), 3);
+        assert_eq!(out[0].agg.sum(), 13.0);
+        assert!(close(&mut w, 14_000).is_empty());
+        assert_eq!(w.apply("t", 5.0, 4_000, 20_000), Applied::Correction);
+        let out = close(&mut w, 20_000);
+        assert_eq!((out[0].version, out[0].agg.count()), (3, 4));
+    }
+
+    #[test]
+    fn late_first_reading_of_a_closed_window_is_emitted_as_version_one() {
+        let mut w = Windows::new(spec(&[10], 0, 60_000));
+        w.apply("a", 1.0, 1_000, 1_000);
+        close(&mut w, 50_000);
+        // Series "b" never had a reading in [0, 10 s).
+        assert_eq!(w.apply("b", 7.0, 5_000, 50_000), Applied::Correction);
+        let out = close(&mut w, 50_000);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].series.as_str(), out[0].version), ("b", 1));
+    }
+
+    #[test]
+    fn reading_after_retention_is_too_late_and_ignored() {
+        let mut w = Windows::new(spec(&[10], 2_000, 30_000));
+        w.apply("t", 1.0, 1_000, 1_000);
+        assert_eq!(close(&mut w, 12_000).len(), 1);
+        // Window [0, 10 s) is dropped at 10 s + 2 s + 30 s.
+        assert_eq!(w.apply("t", 5.0, 3_000, 41_999), Applied::Correction);
+        assert_eq!(close(&mut w, 41_999)[0].version, 2);
+        assert_eq!(w.apply("t", 5.0, 3_000, 42_000), Applied::TooLate);
+        assert!(close(&mut w, 42_000).is_empty());
+        assert_eq!(w.open_windows() + w.retained_windows(), 0);
+        assert_eq!(w.series_count(), 0);
+    }
+
+    #[test]
+    fn too_late_for_one_length_still_counts_for_a_longer_retained_one() {
+        let mut w = Windows::new(spec(&[10, 60], 0, 20_000));
+        w.apply("t", 1.0, 5_000, 5_000);
+        assert_eq!(close(&mut w, 60_000).len(), 2);
+        // 10 s window [0,10 s) was dropped at 30 s; 60 s window is retained
+        // until 80 s.
+        assert_eq!(w.apply("t", 3.0, 6_000, 61_000), Applied::TooLate);
+        let out = close(&mut w, 61_000);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].window_secs, out[0].version), (60, 2));
+        assert_eq!(out[0].agg.count(), 2);
+    }
+
+    #[test]
+    fn stale_clock_cannot_reopen_a_dropped_window() {
+        let mut w = Windows::new(spec(&[10], 0, 0));
+        w.apply("t", 1.0, 1_000, 1_000);
+        assert_eq!(close(&mut w, 20_000).len(), 1);
+        assert_eq!(w.apply("t", 1.0, 1_000, 1_000), Applied::TooLate);
+        assert!(close(&mut w, 1_000).is_empty());
+        assert_eq!(w.now_ms(), 20_000);
+    }
+
+    #[test]
+    fn non_finite_values_and_unrepresentable_times_are_rejected() {
+        let mut w = Windows::new(spec(&[10], 0, 0));
+        assert_eq!(w.apply("t", f64::NAN, 0, 0), Applied::Rejected);
+        assert_eq!(w.apply("t", f64::INFINITY, 0, 0), Applied::Rejected);
+        assert_eq!(w.apply("t", 1.0, i64::MAX, 0), Applied::Rejected);
+        assert_eq!(w.apply("t", 1.0, i64::MIN, 0), Applied::Rejected);
+        assert_eq!(w.open_windows(), 0);
+        assert_eq!(w.series_count(), 0);
+    }
+
+    #[test]
+    fn emissions_are_ordered_by_window_end_then_length_then_series() {
+        let mut w = Windows::new(spec(&[60, 10], 0, 0));
+        for (s, t) in [("b", 55_000), ("a", 55_000), ("c", 5_000), ("a", 65_000)] {
+            w.apply(s, 1.0, t, 0);
+        }
+        let out = close(&mut w, 200_000);
+        let keys: Vec<(i64, u32, &str)> = out
+            .iter()
+            .map(|a| (a.window_end_ms(), a.window_secs, a.series.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                (10_000, 10, "c"),
+                (60_000, 10, "a"),
+                (60_000, 10, "b"),
+                (60_000, 60, "a"),
+                (60_000, 60, "b"),
+                (60_000, 60, "c"),
+                (70_000, 10, "a"),
+                (120_000, 60, "a"),
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_specs_are_rejected() {
+        assert_eq!(
+            Windows::try_new(spec(&[], 0, 0)).unwrap_err(),
+            WindowError::NoLengths
+        );
+        assert_eq!(
+            Windows::try_new(spec(&[0], 0, 0)).unwrap_err(),
+            WindowError::ZeroLength
+        );
+        assert_eq!(
+            Windows::try_new(spec(&[10, 10], 0, 0)).unwrap_err(),
+            WindowError::DuplicateLength(10)
+        );
+        assert_eq!(
+            Windows::try_new(spec(&[10], -1, 0)).unwrap_err(),
+            WindowError::NegativeLateness(-1)
+        );
+        assert_eq!(
+            Windows::try_new(spec(&[10], 0, -1)).unwrap_err(),
+            WindowError::NegativeRetention(-1)
+        );
+    }
+
+    #[test]
+    fn checkpoint_with_unknown_window_length_is_rejected() {
+        let mut w = Windows::new(spec(&[10], 0, 1_000));
+        w.apply("t", 1.0, 0, 0);
+        let mut bytes = postcard::to_stdvec(&w).unwrap();
+        let other = Windows::new(spec(&[20], 0, 1_000));
+        // Re-encode with a different spec prefix: serialize the spec alone.
+        let spec_len = postcard::to_stdvec(&w.spec).unwrap().len();
+        let mut patched = postcard::to_stdvec(&other.spec).unwrap();
+        patched.extend_from_slice(&bytes.split_off(spec_len));
+        assert_eq!(
+            postcard::from_bytes::<Windows>(&patched).unwrap_err(),
+            postcard::Error::SerdeDeCustom
+        );
+    }
+
+    /// Prints the postcard size of typical emitted window aggregates.
+    #[test]
+    fn typical_window_aggregates_at_one_hertz_encode_compactly() {
+        let mut w = Windows::new(spec(&[10, 60], 2_000, 60_000));
+        let t0 = 1_764_000_000_000i64; // aligned to 60 s
+        for i in 0..60 {
+            let v = 21.5 + 0.5 * ((i as f64) * 0.7).sin() + 0.01 * i as f64;
+            w.apply(
+                "site1/boiler/temperature",
+                v,
+                t0 + i * 1_000,
+                t0 + i * 1_000,
+            );
+        }
+        let out = close(&mut w, t0 + 62_000);
+        for secs in [10u32, 60] {
+            let agg = out.iter().find(|a| a.window_secs == secs).unwrap();
+            let bytes = postcard::to_stdvec(agg).unwrap();
+            println!(
+                "WindowAggregate {secs} s @ 1 Hz ({} readings): {} bytes postcard (Aggregate alone {})",
+                agg.agg.count(),
+                bytes.len(),
+                postcard::to_stdvec(&agg.agg).unwrap().len()
+            );
+            assert!(bytes.len() < 250);
+        }
+        let checkpoint = postcard::to_stdvec(&w).unwrap();
+        println!(
+            "Windows checkpoint with {} retained windows: {} bytes",
+            w.retained_windows(),
+            checkpoint.len()
+        );
+    }
+
+    // ----- property tests against a naive reference -----
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Reading at `now + offset_ms`, applied with clock `now - clock_lag_ms`.
+        Apply {
+            series: u8,
+            value: f64,
+            offset_ms: i64,
+            clock_lag_ms: i64,
+        },
+        /// Advance the clock, then `close_due(now)`.
+        Close { advance_ms: i64 },
+    }
+
+    /// Times are multiples of 250 ms so that readings, clocks and window
+    /// boundaries coincide often (boundary conditions get exercised).
+    const TICK: i64 = 250;
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (
+                0u8..3,
+                -100.0f64..100.0,
+                -360i64..20,
+                prop_oneof![3 => Just(0i64), 1 => 0i64..20],
+            )
+                .prop_map(|(series, value, offset, lag)| Op::Apply {
+                    series,
+                    value,
+                    offset_ms: offset * TICK,
+                    clock_lag_ms: lag * TICK,
+                }),
+            // The same reading again: exact duplicates.
+            1 => (0u8..3).prop_map(|series| Op::Apply {
+                series,
+                value: 42.0,
+                offset_ms: -7_000,
+                clock_lag_ms: 0,
+            }),
+            2 => (0i64..60).prop_map(|advance| Op::Close { advance_ms: advance * TICK }),
+        ]
+    }
+
+    fn spec_strategy() -> impl Strategy<Value = WindowSpec> {
+        (
+            prop_oneof![
+                Just(vec![10u32, 60]),
+                Just(vec![10u32]),
+                Just(vec![60u32, 10, 1]),
+            ],
+            0i64..20,
+            0i64..160,
+        )
+            .prop_map(|(lengths_secs, lateness, retention)| WindowSpec {
+                lengths_secs,
+                allowed_lateness_ms: lateness * TICK,
+                retention_ms: retention * TICK,
+            })
+    }
+
+    const SERIES: [&str; 3] = ["a", "b", "c"];
+    const START_MS: i64 = -30_000; // crosses the epoch: negative times too
+
+    /// Runs the ops, optionally round-tripping the state through postcard
+    /// before the ops whose index is in `checkpoints`. Returns the outcome of
+    /// every apply and the output of every close_due (including a final
+    /// close far in the future).
+    fn run(
+        spec: &WindowSpec,
+        ops: &[Op],
+        checkpoints: &[usize],
+    ) -> (Vec<Applied>, Vec<Vec<WindowAggregate>>) {
+        let mut w = Windows::new(spec.clone());
+        let mut now = START_MS;
+        let mut applied = Vec::new();
+        let mut outputs = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            if checkpoints.contains(&i) {
+                let bytes = postcard::to_stdvec(&w).unwrap();
+                let restored: Windows = postcard::from_bytes(&bytes).unwrap();
+                assert_eq!(restored, w);
+                w = restored;
+            }
+            match *op {
+                Op::Apply {
+                    series,
+                    value,
+                    offset_ms,
+                    clock_lag_ms,
+                } => applied.push(w.apply(
+                    SERIES[series as usize],
+                    value,
+                    now + offset_ms,
+                    now - clock_lag_ms,
+                )),
+                Op::Close { advance_ms } => {
+                    now += advance_ms;
+                    let mut out = Vec::new();
+                    w.close_due(now, &mut out);
+                    outputs.push(out);
+                    // Memory stays bounded: nothing past its retention is kept.
+                    let horizon = spec.allowed_lateness_ms + spec.retention_ms;
+                    assert!(w.slots.keys().all(|k| k.end_ms + horizon > w.now_ms()));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        w.close_due(i64::MAX / 2, &mut out);
+        outputs.push(out);
+        assert_eq!(w.open_windows() + w.retained_windows(), 0);
+        assert_eq!(w.series_count(), 0);
+        (applied, outputs)
+    }
+
+    type RefKey = (String, i64, u32); // (series, window_start_ms, window_secs)
+    type Accepted = BTreeMap<RefKey, Vec<(f64, i64)>>;
+    /// Per window: last emitted version and the reading count it carried.
+    type Emitted = BTreeMap<RefKey, (u32, usize)>;
+
+    /// Checks one `close_due` output against the reference state.
+    fn check_output(
+        lat: i64,
+        out: &[WindowAggregate],
+        clock: i64,
+        accepted: &Accepted,
+        last_version: &mut Emitted,
+    ) -> Result<(), TestCaseError> {
+        for pair in out.windows(2) {
+            let a = (
+                pair[0].window_end_ms(),
+                pair[0].window_secs,
+                &pair[0].series,
+            );
+            let b = (
+                pair[1].window_end_ms(),
+                pair[1].window_secs,
+                &pair[1].series,
+            );
+            prop_assert!(a < b, "order/uniqueness violated: {:?} then {:?}", a, b);
+        }
+        for e in out {
+            let key = (e.series.clone(), e.window_start_ms, e.window_secs);
+            prop_assert!(clock >= e.window_end_ms() + lat, "emitted before closing");
+            let readings = accepted.get(&key).expect("emitted window has readings");
+            let prev = last_version.get(&key).map_or(0, |v| v.0);
+            prop_assert_eq!(e.version, prev + 1, "versions have no gaps");
+            // Each emission is the complete aggregate so far.
+            prop_assert_eq!(e.agg.count(), readings.len() as u64);
+            let sum: f64 = readings.iter().map(|r| r.0).sum();
+            let min = readings.iter().map(|r| r.0).fold(f64::INFINITY, f64::min);
+            let max = readings
+                .iter()
+                .map(|r| r.0)
+                .fold(f64::NEG_INFINITY, f64::max);
+            prop_assert!((e.agg.sum() - sum).abs() <= 1e-9 * sum.abs().max(1.0));
+            prop_assert_eq!(e.agg.min(), min);
+            prop_assert_eq!(e.agg.max(), max);
+            last_version.insert(key, (e.version, readings.len()));
+        }
+        // Every closed window's latest emission is complete.
+        for (key, readings) in accepted {
+            let end = key.1 + len_ms(key.2);
+            if clock >= end + lat {
+                prop_assert_eq!(
+                    last_version.get(key).map(|v| v.1),
+                    Some(readings.len()),
+                    "closed window {:?} not (re-)emitted completely",
+                    key
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn highest_emitted_version_equals_the_reference_over_accepted_readings(
+            spec in spec_strategy(),
+            ops in prop::collection::vec(op(), 0..150),
+        ) {
+            let (applied, outputs) = run(&spec, &ops, &[]);
+            let lat = spec.allowed_lateness_ms;
+            let ret = spec.retention_ms;
+
+            // Reference: replay with a naive model and check every emission.
+            let mut accepted = Accepted::new();
+            let mut last_version = Emitted::new();
+            let mut clock = i64::MIN;
+            let mut now = START_MS;
+            let mut applied_iter = applied.iter();
+            let mut outputs_iter = outputs.iter();
+            for op in &ops {
+                match *op {
+                    Op::Apply { series, value, offset_ms, clock_lag_ms } => {
+                        let time = now + offset_ms;
+                        clock = clock.max(now - clock_lag_ms);
+                        let mut expected = Applied::Open;
+                        for &secs in &spec.lengths_secs {
+                            let len = len_ms(secs);
+                            let start = time.div_euclid(len) * len;
+                            let end = start + len;
+                            if clock >= end + lat + ret {
+                                expected = Applied::TooLate;
+                                continue;
+                            }
+                            if clock >= end + lat && expected == Applied::Open {
+                                expected = Applied::Correction;
+                            }
+                            accepted
+                                .entry((SERIES[series as usize].to_owned(), start, secs))
+                                .or_default()
+                                .push((value, time));
+                        }
+                        prop_assert_eq!(*applied_iter.next().unwrap(), expected);
+                    }
+                    Op::Close { advance_ms } => {
+                        now += advance_ms;
+                        clock = clock.max(now);
+                        check_output(lat, outputs_iter.next().unwrap(), clock, &accepted, &mut last_version)?;
+                    }
+                }
+            }
+            check_output(lat, outputs_iter.next().unwrap(), i64::MAX / 2, &accepted, &mut last_version)?;
+
+            // Highest version of every window equals the full reference.
+            prop_assert_eq!(last_version.len(), accepted.len());
+            let mut highest: BTreeMap<RefKey, &WindowAggregate> = BTreeMap::new();
+            for e in outputs.iter().flatten() {
+                highest.insert((e.series.clone(), e.window_start_ms, e.window_secs), e);
+            }
+            for (key, readings) in &accepted {
+                let e = highest[key];
+                let mut reference = Aggregate::new();
+                for &(v, t) in readings {
+                    reference.add(v, t);
+                }
+                prop_assert_eq!(&e.agg, &reference);
+            }
+        }
+
+        #[test]
+        fn checkpoint_round_trips_mid_stream_give_identical_output(
+            spec in spec_strategy(),
+            ops in prop::collection::vec(op(), 0..150),
+            checkpoints in prop::collection::vec(0usize..150, 1..4),
+        ) {
+            let uninterrupted = run(&spec, &ops, &[]);
+            let replayed = run(&spec, &ops, &[]);
+            prop_assert_eq!(&replayed, &uninterrupted, "replay is deterministic");
+            let restored = run(&spec, &ops, &checkpoints);
+            prop_assert_eq!(&restored, &uninterrupted);
+        }
+    }
+}
