@@ -159,6 +159,11 @@ pub async fn run(
                 log_limit: RateLimit::new(Duration::from_secs(5)),
                 trim_to: params.trim_to,
                 keep_tail: recent_cap as u64,
+                commits: 0,
+                dups_in_group: 0,
+                crash_after_commits: std::env::var(FAILPOINT_ENV)
+                    .ok()
+                    .and_then(|v| v.parse().ok()),
             };
             let r = c.run(in_rx, ack_tx, out, &cfg, &progress).await.map(|_| ());
             stop.cancel();
@@ -205,10 +210,11 @@ fn mqtt_options(cfg: &MqttConfig, client_id: &str) -> Result<MqttOptions, Ingest
         .set_keep_alive(cfg.keep_alive)
         .set_inflight(100)
         .set_request_channel_capacity(cfg.max_unacked + 1024);
-    // rumqttc's default limit (10 KiB) turns one large message into an endless reconnect loop;
-    // accept comfortably more than max_payload and reject oversized payloads ourselves.
-    let limit = (cfg.max_payload.as_u64() as usize).saturating_mul(2) + 64 * 1024;
-    o.set_max_packet_size(limit, limit);
+    // A packet over rumqttc's limit is a protocol error: the connection drops and the broker
+    // redelivers the same message forever (rumqttc's default 10 KiB makes that easy). So the
+    // packet limit is far above max_payload, and oversized payloads are rejected by us, with
+    // an acknowledgement. Brokers should cap messages below it (`message_size_limit`).
+    o.set_max_packet_size(packet_limit(cfg), packet_limit(cfg));
     if let Some(user) = &cfg.username {
         let password = match &cfg.password_file {
             Some(p) => std::fs::read_to_string(p)
@@ -233,6 +239,13 @@ fn mqtt_options(cfg: &MqttConfig, client_id: &str) -> Result<MqttOptions, Ingest
         )));
     }
     Ok(o)
+}
+
+/// The largest MQTT packet accepted: 16 MiB or four times `max_payload`, whichever is larger.
+pub fn packet_limit(cfg: &MqttConfig) -> usize {
+    (cfg.max_payload.as_u64() as usize)
+        .saturating_mul(4)
+        .max(16 * 1024 * 1024)
 }
 
 /// Connection state, logged once per change rather than once per attempt.
@@ -376,7 +389,19 @@ async fn poll_loop(
             Err(e) => {
                 status.connected.store(false, Ordering::Relaxed);
                 status.subscribed.store(false, Ordering::Relaxed);
-                let msg = e.to_string();
+                let mut msg = e.to_string();
+                if matches!(
+                    e,
+                    rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                        rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)
+                    ))
+                ) {
+                    msg = format!(
+                        "{msg}: a message larger than {} bytes is stuck in the broker's queue; \
+                         set `message_size_limit` in mosquitto.conf below that",
+                        packet_limit(cfg)
+                    );
+                }
                 status.set_error(Some(msg.clone()));
                 let next = LinkState::Down(msg.clone());
                 if state != next {
@@ -544,7 +569,15 @@ struct Committer {
     log_limit: RateLimit,
     trim_to: Arc<AtomicU64>,
     keep_tail: u64,
+    commits: u64,
+    dups_in_group: u64,
+    crash_after_commits: Option<u64>,
 }
+
+/// Test failpoint: `EDGEFERRY_FAILPOINT_CRASH_AFTER_COMMITS=N` aborts the process right after
+/// the N-th journal sync, before its acknowledgements are sent. The crash-torture test uses it
+/// to hit the narrowest window of the durability chain on purpose rather than by luck.
+pub const FAILPOINT_ENV: &str = "EDGEFERRY_FAILPOINT_CRASH_AFTER_COMMITS";
 
 /// The reason labels ingest adds to the decoders' own.
 pub const INGEST_REASONS: &[&str] = &[
@@ -605,6 +638,19 @@ impl Committer {
             }
             if appended > 0 {
                 tokio::task::block_in_place(|| self.journal.sync())?;
+                self.commits += 1;
+                if self.crash_after_commits == Some(self.commits) {
+                    // Failpoint (tests only): die in the narrowest window of the chain, after
+                    // the journal is durable and before any acknowledgement left.
+                    std::process::abort();
+                }
+            }
+            if self.dups_in_group > 0 {
+                tracing::info!(
+                    "dropped {} redelivered message(s) already in the journal (duplicates dropped)",
+                    self.dups_in_group
+                );
+                self.dups_in_group = 0;
             }
             self.trim()?;
             let commit_latency = oldest.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
@@ -635,6 +681,7 @@ impl Committer {
         let dedup = DedupKey::new(m.pkid, &m.topic, &m.payload);
         if m.dup && m.qos != QoS::AtMostOnce && self.recent.contains(&dedup) {
             self.status.duplicates.fetch_add(1, Ordering::Relaxed);
+            self.dups_in_group += 1;
             metrics::counter!("edgeferry_ingest_duplicates_dropped_total").increment(1);
             return None;
         }

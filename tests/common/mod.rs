@@ -1,0 +1,473 @@
+//! Test harness: a real Mosquitto on an ephemeral loopback port and real edgeferry processes.
+//! Every process started here is stopped here, by its own PID.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// A free loopback TCP port (bound then released; good enough for tests on loopback).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `cond` holds or panics with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends a signal to one process we started.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status();
+}
+
+/// A Mosquitto broker with persistence and no queue limit, in its own temp dir.
+pub struct Mosquitto {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut m = Mosquitto {
+            child: None,
+            port,
+            dir,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        let is_root = std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+            || Command::new("id")
+                .arg("-u")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+                .unwrap_or(false);
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\n\
+                 allow_anonymous true\n\
+                 persistence true\n\
+                 persistence_location {dir}/\n\
+                 max_queued_messages 0\n\
+                 log_dest file {dir}/mosquitto.log\n\
+                 {user}",
+                port = self.port,
+                dir = self.dir.path().display(),
+                user = if is_root { "user root\n" } else { "" },
+            ),
+        )
+        .unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start mosquitto (the test command installs it: see README)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker gracefully (it saves its persistence file) and starts it again.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "TERM");
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn mosquitto_bin() -> &'static str {
+    if Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    }
+}
+
+/// An edgeferry process with its own config and data dir.
+pub struct Gateway {
+    child: Option<Child>,
+    pub dir: TempDir,
+    pub config: PathBuf,
+    starts: u32,
+}
+
+/// The config used by tests; `extra` is appended (more sections).
+pub fn gateway_config(dir: &Path, mqtt_url: &str, mqtt_extra: &str, extra: &str) -> String {
+    format!(
+        r#"
+[gateway]
+id = "gw-test"
+data_dir = "{data}"
+
+[mqtt]
+url = "{mqtt_url}"
+commit_interval = "5ms"
+reconnect_max = "1s"
+{mqtt_extra}
+
+[[mqtt.subscribe]]
+filter = "sensors/#"
+template = "sensors/{{site}}/{{device}}/{{metric}}"
+format = "json"
+value = "value"
+timestamp = "ts"
+
+[[mqtt.subscribe]]
+filter = "plain/+/+"
+template = "plain/{{device}}/{{metric}}"
+format = "number"
+
+[store]
+# Large segments: nothing is trimmed, so tests can count every reading in the journal.
+segment_size = "256MiB"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+level = "info"
+{extra}
+"#,
+        data = dir.join("data").display(),
+    )
+}
+
+impl Gateway {
+    pub fn new(mqtt_url: &str) -> Gateway {
+        Self::with_config(mqtt_url, "", "")
+    }
+
+    pub fn with_config(mqtt_url: &str, mqtt_extra: &str, extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            gateway_config(dir.path(), mqtt_url, mqtt_extra, extra),
+        )
+        .unwrap();
+        Gateway {
+            child: None,
+            dir,
+            config,
+            starts: 0,
+        }
+    }
+
+    pub fn log_path(&self, n: u32) -> PathBuf {
+        self.dir.path().join(format!("edgeferry-{n}.log"))
+    }
+
+    /// All log output of every start so far.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| std::fs::read_to_string(self.log_path(n)).unwrap_or_default())
+            .collect()
+    }
+
+    /// Log output of the current (last) start.
+    pub fn current_log(&self) -> String {
+        std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default()
+    }
+
+    /// Starts edgeferry without waiting.
+    pub fn spawn(&mut self) {
+        self.spawn_with_env(&[]);
+    }
+
+    /// Starts edgeferry with extra environment variables, without waiting.
+    pub fn spawn_with_env(&mut self, env: &[(&str, String)]) {
+        assert!(self.child.is_none(), "already running");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path(self.starts)).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+            .arg("run")
+            .arg("-c")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Starts edgeferry and waits until it reports ready (state recovered, subscribed).
+    pub fn start(&mut self) {
+        self.spawn();
+        self.wait_ready();
+    }
+
+    pub fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if self.current_log().contains("ready: state recovered") {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("edgeferry exited early ({st}):\n{}", self.current_log());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!("edgeferry not ready after 20 s:\n{}", self.current_log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; true if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL: a crash at an arbitrary point.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("not running");
+        signal(c.id(), "TERM");
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = c.kill();
+                panic!(
+                    "edgeferry did not stop within 30 s:\n{}",
+                    self.current_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs another subcommand against this gateway's config and returns (status, stdout, stderr).
+    pub fn command(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+            .args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Every reading in the journal (the daemon must be stopped: the journal is locked).
+    pub fn journal(&self) -> Vec<JournalReading> {
+        let (st, out, err) = self.command(&["dump-journal"]);
+        assert!(st.success(), "dump-journal failed: {err}");
+        let mut v = Vec::new();
+        for line in out.lines() {
+            let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+            for r in rec["readings"].as_array().unwrap() {
+                v.push(JournalReading {
+                    metric: r["metric"].as_str().unwrap().to_string(),
+                    tags: serde_json::from_value(r["tags"].clone()).unwrap(),
+                    value: r["value"].as_f64().unwrap(),
+                    time_ms: r["time_ms"].as_i64().unwrap(),
+                });
+            }
+        }
+        v
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JournalReading {
+    pub metric: String,
+    pub tags: BTreeMap<String, String>,
+    pub value: f64,
+    pub time_ms: i64,
+}
+
+/// Asserts that the journal's values are exactly 0..n, each once; reports missing and
+/// duplicated ones otherwise.
+pub fn assert_exactly_once(values: impl IntoIterator<Item = f64>, n: usize) {
+    let mut seen = vec![0u32; n];
+    let mut foreign = Vec::new();
+    for v in values {
+        let i = v as usize;
+        if v.fract() == 0.0 && v >= 0.0 && i < n {
+            seen[i] += 1;
+        } else {
+            foreign.push(v);
+        }
+    }
+    let missing: Vec<usize> = (0..n).filter(|&i| seen[i] == 0).collect();
+    let dups: Vec<(usize, u32)> = (0..n)
+        .filter(|&i| seen[i] > 1)
+        .map(|i| (i, seen[i]))
+        .collect();
+    assert!(
+        missing.is_empty() && dups.is_empty() && foreign.is_empty(),
+        "{} missing (first {:?}), {} duplicated (first {:?}), unexpected {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        dups.len(),
+        &dups[..dups.len().min(10)],
+        &foreign[..foreign.len().min(10)]
+    );
+}
+
+/// Publishes with QoS 1 through a real rumqttc client and waits for every PUBACK.
+pub struct Publisher {
+    rt: tokio::runtime::Runtime,
+    client: rumqttc::AsyncClient,
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    pub fn connect(port: u16, id: &str) -> Publisher {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(16 << 20, 16 << 20);
+        o.set_inflight(200);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 1000);
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let a = acked.clone();
+        let task = rt.spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Publisher {
+            rt,
+            client,
+            acked,
+            task,
+        }
+    }
+
+    pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        let c = self.client.clone();
+        let topic = topic.to_string();
+        let payload = payload.into();
+        self.rt.block_on(async move {
+            c.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        });
+    }
+
+    pub fn acked(&self) -> usize {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn wait_acked(&self, n: usize, timeout: Duration) {
+        wait_for(&format!("{n} PUBACKs"), timeout, || self.acked() >= n);
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The JSON payload of reading number `i`.
+pub fn reading_payload(i: usize) -> String {
+    format!(
+        r#"{{"value":{i},"ts":{}}}"#,
+        1_700_000_000_000u64 + i as u64
+    )
+}
+
+/// Reads a whole file or returns an empty string.
+pub fn read_all(p: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(p) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
