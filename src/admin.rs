@@ -1,6 +1,23 @@
 //! The admin endpoint: Prometheus metrics, JSON status, health and readiness.
+//!
+//! Unauthenticated by design, so it listens on loopback unless the installer decides
+//! otherwise. The bound address is also written to `<data_dir>/admin.addr`, so
+//! `edgeferry status` finds a daemon configured with port 0.
 
+use crate::ingest::{IngestStatus, RejectedMessage};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// `[admin]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,4 +38,268 @@ impl Default for AdminConfig {
 
 fn default_listen() -> String {
     "127.0.0.1:9870".to_string()
+}
+
+/// The file (in the data dir) holding the admin endpoint's bound address.
+pub const ADDR_FILE: &str = "admin.addr";
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("the metrics recorder is installed once")
+        })
+        .clone()
+}
+
+/// What `/status` reports (field names are part of the interface of `edgeferry status`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// `[gateway] id`.
+    pub gateway: String,
+    /// edgeferry version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// State recovered and subscriptions acknowledged.
+    pub ready: bool,
+    /// True when nothing in `problems`.
+    pub healthy: bool,
+    /// Human descriptions of what is wrong right now.
+    pub problems: Vec<String>,
+    /// Broker link.
+    pub broker: BrokerStatus,
+    /// Ingest counters since start.
+    pub ingest: IngestCounters,
+    /// The last rejected messages, oldest first.
+    pub rejected_recent: Vec<RejectedMessage>,
+}
+
+/// Broker link state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BrokerStatus {
+    /// `[mqtt] url`.
+    pub url: String,
+    /// Connected now.
+    pub connected: bool,
+    /// Subscriptions acknowledged on the current connection.
+    pub subscribed: bool,
+    /// Reconnects since start.
+    pub reconnects: u64,
+    /// Last connection error while down.
+    pub last_error: Option<String>,
+}
+
+/// Ingest counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IngestCounters {
+    /// Messages received.
+    pub messages: u64,
+    /// Readings committed to the journal.
+    pub readings: u64,
+    /// Messages (or readings, for the series limit) rejected.
+    pub rejected: u64,
+    /// Broker redeliveries recognised and dropped.
+    pub duplicates_dropped: u64,
+}
+
+/// Shared state of the admin endpoint.
+#[derive(Clone)]
+pub struct Admin {
+    /// Gateway id.
+    pub gateway: String,
+    /// Broker URL.
+    pub broker_url: String,
+    /// Ingest's live state.
+    pub ingest: Arc<IngestStatus>,
+    /// Becomes true once ready.
+    pub ready: watch::Receiver<bool>,
+    /// Start time.
+    pub started: Instant,
+    /// Prometheus renderer.
+    pub prometheus: PrometheusHandle,
+}
+
+impl Admin {
+    /// The current status.
+    pub fn report(&self) -> StatusReport {
+        let i = &self.ingest;
+        let connected = i.connected.load(Ordering::Relaxed);
+        let ready = *self.ready.borrow();
+        let mut problems = Vec::new();
+        if !connected {
+            problems.push(match i.last_error() {
+                Some(e) => format!("MQTT broker {} unreachable: {e}", self.broker_url),
+                None => format!("not connected to MQTT broker {} yet", self.broker_url),
+            });
+        } else if !i.subscribed.load(Ordering::Relaxed) {
+            problems.push("subscriptions not acknowledged by the broker".into());
+        }
+        StatusReport {
+            gateway: self.gateway.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            ready,
+            healthy: problems.is_empty(),
+            problems,
+            broker: BrokerStatus {
+                url: self.broker_url.clone(),
+                connected,
+                subscribed: i.subscribed.load(Ordering::Relaxed),
+                reconnects: IngestStatus::get(&i.reconnects),
+                last_error: i.last_error(),
+            },
+            ingest: IngestCounters {
+                messages: IngestStatus::get(&i.messages),
+                readings: IngestStatus::get(&i.readings),
+                rejected: IngestStatus::get(&i.rejected),
+                duplicates_dropped: IngestStatus::get(&i.duplicates),
+            },
+            rejected_recent: i.recent_rejects(),
+        }
+    }
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown`.
+pub async fn serve(listener: tokio::net::TcpListener, admin: Admin, shutdown: CancellationToken) {
+    let upkeep = admin.prometheus.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = t.tick() => upkeep.run_upkeep(),
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(admin);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!("admin endpoint failed: {e}");
+    }
+}
+
+async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        a.prometheus.render(),
+    )
+}
+
+async fn status(State(a): State<Admin>) -> Json<StatusReport> {
+    Json(a.report())
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(a): State<Admin>) -> (StatusCode, &'static str) {
+    if *a.ready.borrow() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Where `edgeferry status` should connect: the configured address, or the bound one
+/// recorded in the data dir when the configuration says port 0.
+pub fn resolve_addr(listen: &str, data_dir: &Path) -> String {
+    if listen.ends_with(":0")
+        && let Ok(a) = std::fs::read_to_string(data_dir.join(ADDR_FILE))
+    {
+        return a.trim().to_string();
+    }
+    listen.to_string()
+}
+
+/// Records the bound address for `edgeferry status`.
+pub fn record_addr(data_dir: &Path, addr: &std::net::SocketAddr) -> std::io::Result<PathBuf> {
+    let p = data_dir.join(ADDR_FILE);
+    std::fs::write(&p, addr.to_string())?;
+    Ok(p)
+}
+
+/// A minimal HTTP GET against the loopback admin endpoint (no HTTP client stack needed for
+/// one request to ourselves). Returns (status code, body).
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse().map_err(|e| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}"))
+    })?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_string()))
+}
+
+/// Renders a status report for a human (`edgeferry status`).
+pub fn render_report(r: &StatusReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "edgeferry {} on gateway {}: {} (up {})",
+        r.version,
+        r.gateway,
+        if r.healthy { "HEALTHY" } else { "UNHEALTHY" },
+        humantime::format_duration(Duration::from_secs(r.uptime_secs))
+    );
+    let _ = writeln!(
+        s,
+        "broker   {} — {}{}, {} reconnects",
+        r.broker.url,
+        if r.broker.connected {
+            "connected"
+        } else {
+            "DOWN"
+        },
+        if r.broker.subscribed {
+            ", subscribed"
+        } else {
+            ""
+        },
+        r.broker.reconnects
+    );
+    let _ = writeln!(
+        s,
+        "ingest   {} messages, {} readings journaled, {} rejected, {} redeliveries dropped",
+        r.ingest.messages, r.ingest.readings, r.ingest.rejected, r.ingest.duplicates_dropped
+    );
+    for p in &r.problems {
+        let _ = writeln!(s, "PROBLEM  {p}");
+    }
+    if !r.rejected_recent.is_empty() {
+        let _ = writeln!(s, "last rejected messages (oldest first):");
+        for m in &r.rejected_recent {
+            let _ = writeln!(
+                s,
+                "  {} {} [{}] {} — payload: {:?}",
+                m.time, m.topic, m.reason, m.detail, m.payload
+            );
+        }
+    }
+    s
 }

@@ -43,6 +43,14 @@ pub enum DaemonError {
     /// Processing failed.
     #[error(transparent)]
     Process(#[from] crate::process::ProcessError),
+    /// The admin endpoint could not listen.
+    #[error("admin.listen {addr}: {source}")]
+    Admin {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// First SIGTERM/SIGINT cancels `shutdown`; a second one exits immediately (code 2).
@@ -82,6 +90,8 @@ pub async fn watch_signals(shutdown: CancellationToken) {
 
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let prometheus = crate::admin::prometheus();
+    let started = std::time::Instant::now();
     let data_dir = cfg.gateway.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| DaemonError::DataDir {
         path: data_dir.display().to_string(),
@@ -135,6 +145,29 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         shutdown.clone(),
     ));
 
+    let admin_err = |source| DaemonError::Admin {
+        addr: cfg.admin.listen.clone(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(&cfg.admin.listen)
+        .await
+        .map_err(admin_err)?;
+    let bound = listener.local_addr().map_err(admin_err)?;
+    crate::admin::record_addr(&data_dir, &bound).map_err(admin_err)?;
+    tracing::info!("admin listening on {bound} (/metrics, /status, /healthz, /readyz)");
+    let admin_task = tokio::spawn(crate::admin::serve(
+        listener,
+        crate::admin::Admin {
+            gateway: cfg.gateway.id.clone(),
+            broker_url: cfg.mqtt.url.clone(),
+            ingest: status.clone(),
+            ready: ready_rx.clone(),
+            started,
+            prometheus,
+        },
+        shutdown.clone(),
+    ));
+
     let notify = tokio::spawn(systemd_loop(status.clone(), progress, shutdown.clone()));
     tokio::select! {
         _ = ready_rx.wait_for(|r| *r) => {
@@ -150,6 +183,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let proc_result = proc_task.await.expect("processing task panicked");
     proc_shutdown.cancel();
     notify.abort();
+    let _ = admin_task.await;
     let _journal = ingest_result?;
     proc_result?;
     tracing::info!("stopped cleanly");

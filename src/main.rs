@@ -31,6 +31,15 @@ enum Command {
         #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
         config: PathBuf,
     },
+    /// Ask the running daemon how it is doing; exit code 0 healthy, 3 unhealthy, 2 unreachable.
+    Status {
+        /// Configuration file (its admin.listen and gateway.data_dir are read).
+        #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
+        config: PathBuf,
+        /// Print the raw JSON report instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the journal's contents (offline; for checks and tests), one JSON object per line.
     DumpJournal {
         /// Configuration file (its gateway.data_dir is read).
@@ -75,6 +84,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status { config, json } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            status(&cfg, json)
+        }
         Command::DumpJournal { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -107,4 +126,41 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         edgeferry::daemon::run(cfg, shutdown).await
     })?;
     Ok(())
+}
+
+/// `edgeferry status`: 0 healthy, 3 unhealthy, 2 daemon unreachable.
+fn status(cfg: &Config, json: bool) -> ExitCode {
+    let addr = edgeferry::admin::resolve_addr(&cfg.admin.listen, &cfg.gateway.data_dir);
+    let got = edgeferry::admin::http_get(&addr, "/status", std::time::Duration::from_secs(3));
+    let body = match got {
+        Ok((200, body)) => body,
+        Ok((code, body)) => {
+            eprintln!("edgeferry status: {addr} answered HTTP {code}: {body}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+        Err(e) => {
+            eprintln!(
+                "edgeferry status: cannot reach the daemon's admin endpoint at {addr}: {e}\n\
+                 is it running? (systemctl status edgeferry)"
+            );
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let report: edgeferry::admin::StatusReport = match serde_json::from_str(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgeferry status: unexpected answer from {addr}: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    if json {
+        println!("{body}");
+    } else {
+        print!("{}", edgeferry::admin::render_report(&report));
+    }
+    if report.healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
 }

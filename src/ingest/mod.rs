@@ -27,7 +27,7 @@ pub mod session;
 pub use config::{MqttConfig, SubscribeConfig};
 pub use session::{IngestError, now_ms, run};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -59,14 +59,14 @@ pub fn validate_filter(filter: &str) -> Result<(), String> {
 }
 
 /// One rejected message, kept so a field engineer can see what a sensor sent.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RejectedMessage {
     /// When it arrived (RFC 3339).
     pub time: String,
     /// Its topic.
     pub topic: String,
     /// Stable reason label (also the metric label).
-    pub reason: &'static str,
+    pub reason: String,
     /// Human explanation.
     pub detail: String,
     /// The first bytes of the payload, lossily as text.

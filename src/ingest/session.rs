@@ -783,7 +783,7 @@ impl Committer {
         self.status.remember_reject(RejectedMessage {
             time: crate::util::rfc3339_ms(m.received_ms),
             topic: m.topic.clone(),
-            reason,
+            reason: reason.to_string(),
             detail,
             payload: preview,
         });
