@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite. Installs what the tests need on a fresh Debian machine (as root):
+# Mosquitto and its clients (tests start their own broker on an ephemeral loopback port) and
+# Python's paho-mqtt (a second, independent MQTT client for the interoperability test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || need+=(mosquitto)
+command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "test.sh: please install: ${need[*]} (sudo apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+  echo "test.sh: installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! python3 -c 'import paho.mqtt' 2>/dev/null; then
+  echo "test.sh: installing paho-mqtt (PyPI)"
+  python3 -m pip install -q --disable-pip-version-check paho-mqtt
+fi
+
+cargo test --all-targets
+cargo test --doc
