@@ -42,16 +42,24 @@ pub struct Mosquitto {
     child: Option<Child>,
     pub port: u16,
     pub dir: TempDir,
+    /// Extra listener configuration (e.g. a TLS listener), appended to mosquitto.conf.
+    extra: String,
 }
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Self::start_with("")
+    }
+
+    /// Starts with extra configuration lines (written after the plain listener).
+    pub fn start_with(extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut m = Mosquitto {
             child: None,
             port,
             dir,
+            extra: extra.to_string(),
         };
         m.spawn();
         m
@@ -74,7 +82,8 @@ impl Mosquitto {
                  persistence_location {dir}/\n\
                  max_queued_messages 0\n\
                  log_dest file {dir}/mosquitto.log\n\
-                 {user}",
+                 {user}{extra}\n",
+                extra = self.extra,
                 port = self.port,
                 dir = self.dir.path().display(),
                 user = if is_root { "user root\n" } else { "" },

@@ -1,0 +1,157 @@
+//! `mqtts://` ingest with rustls: mutual TLS works; an untrusted or expired server certificate
+//! is refused with a clear reason. Certificates are made by rcgen for each test.
+
+mod common;
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.self_signed(&key).unwrap();
+    Ca {
+        pem: cert.pem(),
+        issuer: Issuer::new(p, key),
+    }
+}
+
+/// A leaf certificate (server or client) signed by `ca`; `expired` puts not_after in the past.
+fn leaf(ca: &Ca, names: &[&str], expired: bool) -> (String, String) {
+    let mut p =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    if names.contains(&"127.0.0.1") {
+        p.subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    }
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca.issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// A broker with a plain listener (for the test publisher) and a TLS listener that requires
+/// client certificates from `client_ca`.
+fn tls_broker(
+    server_ca: &Ca,
+    client_ca: &Ca,
+    expired: bool,
+) -> (Mosquitto, u16, tempfile::TempDir) {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = leaf(server_ca, &["localhost"], expired);
+    let cert = write(certs.path(), "server.pem", &cert);
+    let key = write(certs.path(), "server.key", &key);
+    let cafile = write(certs.path(), "client-ca.pem", &client_ca.pem);
+    let tls_port = free_port();
+    let broker = Mosquitto::start_with(&format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        cafile.display(),
+        cert.display(),
+        key.display()
+    ));
+    wait_for("the TLS listener", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
+    });
+    (broker, tls_port, certs)
+}
+
+fn tls_gateway(tls_port: u16, trust: &Ca, client: (String, String), certs: &Path) -> Gateway {
+    let ca = write(certs, "trust.pem", &trust.pem);
+    let cert = write(certs, "client.pem", &client.0);
+    let key = write(certs, "client.key", &client.1);
+    Gateway::with_config(
+        &format!("mqtts://localhost:{tls_port}"),
+        &format!(
+            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}",
+            ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+        "",
+    )
+}
+
+#[test]
+fn mutual_tls_ingest_journals_every_reading() {
+    let server_ca = ca("server-ca");
+    let client_ca = ca("client-ca");
+    let (broker, tls_port, certs) = tls_broker(&server_ca, &client_ca, false);
+    let client = leaf(&client_ca, &["gw-test"], false);
+    let mut gw = tls_gateway(tls_port, &server_ca, client, certs.path());
+    gw.start();
+    let p = Publisher::connect(broker.port, "pub-tls");
+    for i in 0..200 {
+        p.publish(
+            &format!("sensors/a/d{}/temperature", i % 4),
+            reading_payload(i),
+        );
+    }
+    p.wait_acked(200, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(gw.stop().success());
+    assert_exactly_once(gw.journal().iter().map(|r| r.value), 200);
+}
+
+fn assert_refused(gw: &mut Gateway, needle: &str) {
+    gw.spawn();
+    let start = std::time::Instant::now();
+    while !gw.current_log().contains(needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no TLS error mentioning {needle:?}:\n{}",
+            gw.current_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = gw.current_log();
+    assert!(
+        !log.contains("ready: state recovered"),
+        "must not become ready:\n{log}"
+    );
+    assert_eq!(
+        log.matches("unreachable").count(),
+        1,
+        "the same failure is logged once, not once per attempt:\n{log}"
+    );
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn an_untrusted_server_certificate_is_refused() {
+    let server_ca = ca("server-ca");
+    let client_ca = ca("client-ca");
+    let (_broker, tls_port, certs) = tls_broker(&server_ca, &client_ca, false);
+    let stranger = ca("some-other-ca");
+    let client = leaf(&client_ca, &["gw-test"], false);
+    let mut gw = tls_gateway(tls_port, &stranger, client, certs.path());
+    assert_refused(&mut gw, "UnknownIssuer");
+}
+
+#[test]
+fn an_expired_server_certificate_is_refused() {
+    let server_ca = ca("server-ca");
+    let client_ca = ca("client-ca");
+    let (_broker, tls_port, certs) = tls_broker(&server_ca, &client_ca, true);
+    let client = leaf(&client_ca, &["gw-test"], false);
+    let mut gw = tls_gateway(tls_port, &server_ca, client, certs.path());
+    assert_refused(&mut gw, "certificate expired");
+}
