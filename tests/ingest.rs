@@ -304,3 +304,86 @@ publish.multiple(msgs, hostname="127.0.0.1", port={port})
         assert_eq!(r.time_ms, 1_700_000_000_000 + i as i64);
     }
 }
+
+#[test]
+fn after_the_broker_loses_the_session_edgeferry_resubscribes() {
+    let mut broker = Mosquitto::start();
+    let mut gw = Gateway::new(&broker.url());
+    gw.start();
+    // A broker restart that loses its persistence file forgets the session and subscriptions.
+    broker.stop();
+    std::fs::remove_file(broker.dir.path().join("mosquitto.db")).unwrap();
+    broker.restart();
+    wait_for("a second subscription", Duration::from_secs(20), || {
+        gw.current_log().matches("subscribed with QoS 1").count() >= 2
+    });
+    let p = Publisher::connect(broker.port, "pub-resub");
+    for i in 0..100 {
+        p.publish(&topic(i), reading_payload(i));
+    }
+    p.wait_acked(100, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(gw.stop().success());
+    assert_exactly_once(gw.journal().iter().map(|r| r.value), 100);
+}
+
+#[test]
+fn qos0_readings_are_journaled_too() {
+    let broker = Mosquitto::start();
+    let mut gw = Gateway::new(&broker.url());
+    gw.start();
+    for i in 0..5 {
+        let st = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "0"])
+            .args(["-t", &topic(i), "-m", &reading_payload(i)])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(gw.stop().success());
+    assert_exactly_once(gw.journal().iter().map(|r| r.value), 5);
+}
+
+#[test]
+fn broker_credentials_come_from_the_password_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    let st = std::process::Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwd)
+        .args(["edgeferry", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd (package mosquitto)");
+    assert!(st.success());
+    let broker = Mosquitto::start_with(&format!("password_file {}\n", passwd.display()));
+    let good = dir.path().join("good");
+    std::fs::write(&good, "s3cret\n").unwrap();
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, "guess\n").unwrap();
+
+    let creds = |f: &std::path::Path| {
+        format!(
+            "username = \"edgeferry\"\npassword_file = {:?}",
+            f.display().to_string()
+        )
+    };
+    let mut gw = Gateway::with_config(&broker.url(), &creds(&good), "");
+    gw.start();
+    assert!(gw.stop().success());
+
+    let mut refused = Gateway::with_config(&broker.url(), &creds(&bad), "");
+    refused.spawn();
+    wait_for(
+        "the broker to refuse the credentials",
+        Duration::from_secs(10),
+        || {
+            refused.current_log().contains("NotAuthorized")
+                || refused.current_log().contains("BadUserNamePassword")
+        },
+    );
+    assert!(!refused.current_log().contains("ready:"));
+    let (st, out, _) = refused.command(&["status"]);
+    assert_eq!(st.code(), Some(3), "{out}");
+    assert!(refused.stop().success());
+}
