@@ -59,3 +59,44 @@ mod tests {
         assert_eq!(series_key("temp", &BTreeMap::new()), "temp");
     }
 }
+
+/// Whether an alert starts or ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertState {
+    /// The condition began.
+    Raised,
+    /// The condition ended.
+    Cleared,
+}
+
+/// A local alert, raised or cleared by a rule for one series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    /// The rule's name.
+    pub rule: String,
+    /// The series key (see [`series_key`]).
+    pub series: String,
+    /// The series' metric.
+    pub metric: String,
+    /// The series' tags.
+    pub tags: BTreeMap<String, String>,
+    /// Raised or cleared.
+    pub state: AlertState,
+    /// The value that triggered it (none for silence alerts).
+    pub value: Option<f64>,
+    /// Event time of the triggering reading, or the processing time for silence alerts (ms).
+    pub time_ms: i64,
+}
+
+/// Identity of a series as it travels upstream: the key plus its parts, so the central side
+/// never has to parse the key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SeriesInfo {
+    /// The canonical key.
+    pub key: String,
+    /// Metric name.
+    pub metric: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+}
