@@ -20,7 +20,6 @@ pub use config::{ProcessConfig, RuleConfig};
 use crate::ingest::Committed;
 use crate::store::journal::Journal;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -211,28 +210,12 @@ impl Processor {
     /// Writes the checkpoint atomically (temp file, fsync, rename, fsync directory), then
     /// lets the journal be trimmed below the position it reflects.
     pub fn checkpoint(&mut self) -> Result<(), ProcessError> {
-        let io = |source| ProcessError::Io {
-            path: self.path.clone(),
-            source,
-        };
         let body = postcard::to_stdvec(&self.state).expect("window state always encodes");
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(CHECKPOINT_MAGIC).map_err(io)?;
-        f.write_all(&CHECKPOINT_VERSION.to_le_bytes()).map_err(io)?;
-        f.write_all(&(body.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        f.write_all(&crc32fast::hash(&body).to_le_bytes())
-            .map_err(io)?;
-        f.write_all(&body).map_err(io)?;
-        f.sync_data().map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io)?;
-        }
+        crate::util::write_framed(&self.path, CHECKPOINT_MAGIC, CHECKPOINT_VERSION, &body)
+            .map_err(|source| ProcessError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         metrics::gauge!("edgeferry_checkpoint_bytes").set(body.len() as f64);
         self.trim_to
             .store(self.state.applied_lsn, Ordering::Release);
@@ -292,18 +275,6 @@ impl Processor {
 }
 
 fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, String> {
-    if bytes.len() < 18 || &bytes[..4] != CHECKPOINT_MAGIC {
-        return Err("not a checkpoint file".into());
-    }
-    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if version != CHECKPOINT_VERSION {
-        return Err(format!("unknown checkpoint version {version}"));
-    }
-    let len = u64::from_le_bytes(bytes[6..14].try_into().expect("8 bytes")) as usize;
-    let crc = u32::from_le_bytes(bytes[14..18].try_into().expect("4 bytes"));
-    let body = bytes.get(18..18 + len).ok_or("truncated")?;
-    if crc32fast::hash(body) != crc {
-        return Err("checksum mismatch".into());
-    }
+    let body = crate::util::read_framed(bytes, CHECKPOINT_MAGIC, CHECKPOINT_VERSION)?;
     postcard::from_bytes(body).map_err(|e| e.to_string())
 }

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod journal;
+pub mod outbox;
 pub mod seglog;
 
 pub use config::{StoreConfig, WhenFull};

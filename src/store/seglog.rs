@@ -1010,6 +1010,12 @@ impl SegmentLog {
         Ok(freed)
     }
 
+    /// The lsn just past the oldest closed segment, if there is one: `trim_before` of it drops
+    /// exactly that segment (how the outbox drops its oldest data at the disk quota).
+    pub fn oldest_segment_end(&self) -> Option<Lsn> {
+        self.closed.front().map(|s| s.end_lsn)
+    }
+
     /// Sum of the segment files' sizes (the active one's including still-buffered bytes):
     /// what the log costs against the disk quota.
     pub fn disk_bytes(&self) -> u64 {

@@ -1,0 +1,496 @@
+//! The durable outbox: batches waiting for the central side's acknowledgement.
+//!
+//! Two lanes, each its own [`SegmentLog`]: alerts and aggregates. Separate logs are what make
+//! the disk-quota policy honest: dropping the oldest aggregate data deletes whole segments of
+//! the aggregates lane and can never take alerts with it. The forwarder sends the alerts lane
+//! first.
+//!
+//! A batch's sequence number is `lsn << 1 | lane`: unique within the store epoch (a random id
+//! made with the data directory), monotonically increasing per lane, never reused.
+//!
+//! Acknowledgements arrive per batch and out of order (live batches are sent before the
+//! backlog). They are kept as ranges and persisted now and then; segments are deleted once
+//! everything below a lane's low watermark is acknowledged. Losing the latest acknowledgement
+//! state in a crash only causes batches to be resent, which the central side deduplicates by
+//! (gateway, epoch, seq).
+//!
+//! Record layout inside the log: `items: u32 LE | created_ms: i64 LE | payload`; the payload is
+//! an encoded batch the outbox does not interpret.
+
+use super::seglog::{LogConfig, LogError, Lsn, Recovery, SegmentLog};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Which queue a batch waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Lane {
+    /// Closed windows and corrections.
+    Aggregates = 0,
+    /// Raised and cleared alerts; sent first, dropped last.
+    Alerts = 1,
+}
+
+impl Lane {
+    /// Both lanes, in sending priority order.
+    pub const PRIORITY: [Lane; 2] = [Lane::Alerts, Lane::Aggregates];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The lane's name (metric label, directory name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Aggregates => "aggregates",
+            Lane::Alerts => "alerts",
+        }
+    }
+}
+
+/// The batch id sent upstream for `lsn` in `lane`.
+pub fn seq_of(lane: Lane, lsn: Lsn) -> u64 {
+    (lsn << 1) | lane as u64
+}
+
+/// The inverse of [`seq_of`].
+pub fn lane_lsn(seq: u64) -> (Lane, Lsn) {
+    let lane = if seq & 1 == 1 {
+        Lane::Alerts
+    } else {
+        Lane::Aggregates
+    };
+    (lane, seq >> 1)
+}
+
+/// One stored batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredBatch {
+    /// Batch id (see [`seq_of`]).
+    pub seq: u64,
+    /// Items in it.
+    pub items: u32,
+    /// When it was made (ms since epoch).
+    pub created_ms: i64,
+    /// The encoded batch.
+    pub payload: Vec<u8>,
+}
+
+/// A set of disjoint half-open ranges `[start, end)`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RangeSet {
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    /// Adds `[start, end)`, merging with neighbours.
+    pub fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut s, mut e) = (start, end);
+        // Merge with a range that starts at or before `s` and reaches it.
+        if let Some((&ps, &pe)) = self.ranges.range(..=s).next_back()
+            && pe >= s
+        {
+            s = ps;
+            e = e.max(pe);
+        }
+        // Swallow every range starting inside [s, e].
+        let inside: Vec<u64> = self.ranges.range(s..=e).map(|(&k, _)| k).collect();
+        for k in inside {
+            if let Some(v) = self.ranges.remove(&k) {
+                e = e.max(v);
+            }
+        }
+        self.ranges.insert(s, e);
+    }
+
+    /// Is `x` in the set?
+    pub fn contains(&self, x: u64) -> bool {
+        self.ranges
+            .range(..=x)
+            .next_back()
+            .is_some_and(|(_, &e)| x < e)
+    }
+
+    /// The first value `>= from` that is not in the set.
+    pub fn first_gap_from(&self, from: u64) -> u64 {
+        match self.ranges.range(..=from).next_back() {
+            Some((_, &e)) if from < e => e,
+            _ => from,
+        }
+    }
+
+    /// Forgets everything below `floor`.
+    pub fn prune_below(&mut self, floor: u64) {
+        let below: Vec<u64> = self.ranges.range(..floor).map(|(&k, _)| k).collect();
+        for k in below {
+            if let Some(e) = self.ranges.remove(&k)
+                && e > floor
+            {
+                self.ranges.insert(floor, e);
+            }
+        }
+    }
+
+    /// Number of values in the set (for metrics).
+    pub fn len(&self) -> u64 {
+        self.ranges.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The ranges, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(&s, &e)| (s, e))
+    }
+}
+
+const ACKS_MAGIC: &[u8; 4] = b"EFAK";
+const ACKS_VERSION: u16 = 1;
+const RECORD_HEADER: usize = 12;
+
+/// What was dropped at the disk quota.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Batches dropped.
+    pub batches: u64,
+    /// Items in them.
+    pub items: u64,
+    /// Bytes freed.
+    pub bytes: u64,
+}
+
+/// The outbox.
+pub struct Outbox {
+    dir: PathBuf,
+    lanes: [SegmentLog; 2],
+    acked: [RangeSet; 2],
+    acks_dirty: bool,
+}
+
+impl Outbox {
+    /// Opens the outbox in `dir` (lanes in `dir/alerts`, `dir/aggregates`; acknowledgement
+    /// state in `dir/acked.bin`).
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Outbox, [Recovery; 2]), LogError> {
+        let cfg = LogConfig {
+            segment_bytes,
+            max_record: 64 * 1024 * 1024,
+        };
+        let (agg, r0) = SegmentLog::open(&dir.join(Lane::Aggregates.as_str()), cfg.clone())?;
+        let (alr, r1) = SegmentLog::open(&dir.join(Lane::Alerts.as_str()), cfg)?;
+        let acked = match std::fs::read(dir.join("acked.bin")) {
+            Ok(bytes) => match crate::util::read_framed(&bytes, ACKS_MAGIC, ACKS_VERSION)
+                .and_then(|b| postcard::from_bytes::<[RangeSet; 2]>(b).map_err(|e| e.to_string()))
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(
+                        "outbox acknowledgement state unreadable ({e}); unacknowledged batches will be resent"
+                    );
+                    Default::default()
+                }
+            },
+            Err(_) => Default::default(),
+        };
+        let mut o = Outbox {
+            dir: dir.to_path_buf(),
+            lanes: [agg, alr],
+            acked,
+            acks_dirty: false,
+        };
+        for lane in Lane::PRIORITY {
+            o.advance(lane)?;
+        }
+        Ok((o, [r0, r1]))
+    }
+
+    fn log(&mut self, lane: Lane) -> &mut SegmentLog {
+        &mut self.lanes[lane.index()]
+    }
+
+    /// Appends a batch (durable after [`Outbox::sync`]); returns its seq.
+    pub fn append(
+        &mut self,
+        lane: Lane,
+        items: u32,
+        created_ms: i64,
+        payload: &[u8],
+    ) -> Result<u64, LogError> {
+        let mut rec = Vec::with_capacity(RECORD_HEADER + payload.len());
+        rec.extend_from_slice(&items.to_le_bytes());
+        rec.extend_from_slice(&created_ms.to_le_bytes());
+        rec.extend_from_slice(payload);
+        let lsn = self.log(lane).append(&rec)?;
+        Ok(seq_of(lane, lsn))
+    }
+
+    /// Makes every appended batch durable.
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        for l in &mut self.lanes {
+            l.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Next lsn of a lane (the processor's checkpoint records it).
+    pub fn next_lsn(&self, lane: Lane) -> Lsn {
+        self.lanes[lane.index()].next_lsn()
+    }
+
+    /// Oldest lsn still stored in a lane.
+    pub fn first_lsn(&self, lane: Lane) -> Lsn {
+        self.lanes[lane.index()].first_lsn()
+    }
+
+    /// The oldest seq still in the outbox over both lanes (everything older was acknowledged
+    /// or dropped): what the handshake tells the central side.
+    pub fn first_seq(&self) -> u64 {
+        Lane::PRIORITY
+            .iter()
+            .map(|&l| seq_of(l, self.low_watermark(l)))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Marks lsns `[start, end)` of a lane as done without sending them (orphans of a crash:
+    /// appended but never covered by a checkpoint, so never sent, and re-emitted by replay).
+    pub fn forget(&mut self, lane: Lane, start: Lsn, end: Lsn) -> Result<(), LogError> {
+        self.acked[lane.index()].insert(start, end);
+        self.acks_dirty = true;
+        self.advance(lane)
+    }
+
+    /// Records the central side's acknowledgement of `seq`.
+    pub fn ack(&mut self, seq: u64) -> Result<(), LogError> {
+        let (lane, lsn) = lane_lsn(seq);
+        self.acked[lane.index()].insert(lsn, lsn + 1);
+        self.acks_dirty = true;
+        self.advance(lane)
+    }
+
+    /// Is `seq` acknowledged?
+    pub fn is_acked(&self, seq: u64) -> bool {
+        let (lane, lsn) = lane_lsn(seq);
+        lsn < self.first_lsn(lane) || self.acked[lane.index()].contains(lsn)
+    }
+
+    fn low_watermark(&self, lane: Lane) -> Lsn {
+        let first = self.first_lsn(lane);
+        self.acked[lane.index()].first_gap_from(first)
+    }
+
+    /// Deletes segments below the lane's low watermark.
+    fn advance(&mut self, lane: Lane) -> Result<(), LogError> {
+        let low = self.low_watermark(lane);
+        let next = self.next_lsn(lane);
+        self.log(lane).trim_before(low.min(next))?;
+        let first = self.first_lsn(lane);
+        self.acked[lane.index()].prune_below(first);
+        Ok(())
+    }
+
+    /// Persists acknowledgement state if it changed (cheap to lose: see module docs).
+    pub fn persist_acks(&mut self) -> std::io::Result<()> {
+        if !self.acks_dirty {
+            return Ok(());
+        }
+        let body = postcard::to_stdvec(&self.acked).expect("range sets encode");
+        crate::util::write_framed(&self.dir.join("acked.bin"), ACKS_MAGIC, ACKS_VERSION, &body)?;
+        self.acks_dirty = false;
+        Ok(())
+    }
+
+    /// Up to `max` unacknowledged batches of `lane` with lsn in `[from, below)`, oldest first.
+    pub fn unacked(
+        &self,
+        lane: Lane,
+        from: Lsn,
+        below: Lsn,
+        max: usize,
+    ) -> Result<Vec<StoredBatch>, LogError> {
+        let mut out = Vec::new();
+        let log = &self.lanes[lane.index()];
+        let start = from.max(log.first_lsn());
+        if start >= below || max == 0 {
+            return Ok(out);
+        }
+        for r in log.read_from(start)? {
+            let (lsn, rec) = r?;
+            if lsn >= below || out.len() >= max {
+                break;
+            }
+            if self.acked[lane.index()].contains(lsn) || rec.len() < RECORD_HEADER {
+                continue;
+            }
+            out.push(StoredBatch {
+                seq: seq_of(lane, lsn),
+                items: u32::from_le_bytes(rec[0..4].try_into().expect("4 bytes")),
+                created_ms: i64::from_le_bytes(rec[4..12].try_into().expect("8 bytes")),
+                payload: rec[RECORD_HEADER..].to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Backlog of a lane: (batches, items, bytes, oldest created_ms) not yet acknowledged.
+    pub fn backlog(&self, lane: Lane) -> Result<(u64, u64, u64, Option<i64>), LogError> {
+        let log = &self.lanes[lane.index()];
+        let (mut batches, mut items, mut bytes, mut oldest) = (0, 0, 0, None);
+        for r in log.read_from(log.first_lsn())? {
+            let (lsn, rec) = r?;
+            if self.acked[lane.index()].contains(lsn) || rec.len() < RECORD_HEADER {
+                continue;
+            }
+            batches += 1;
+            items += u32::from_le_bytes(rec[0..4].try_into().expect("4 bytes")) as u64;
+            bytes += rec.len() as u64;
+            oldest.get_or_insert(i64::from_le_bytes(rec[4..12].try_into().expect("8 bytes")));
+        }
+        Ok((batches, items, bytes, oldest))
+    }
+
+    /// Bytes on disk over both lanes.
+    pub fn disk_bytes(&self) -> u64 {
+        self.lanes.iter().map(SegmentLog::disk_bytes).sum()
+    }
+
+    /// Drops the oldest closed segment of `lane`, acknowledged or not, counting what was lost.
+    /// Returns `None` when the lane has nothing but its active segment.
+    pub fn drop_oldest(&mut self, lane: Lane) -> Result<Option<Dropped>, LogError> {
+        let Some(end) = self.lanes[lane.index()].oldest_segment_end() else {
+            return Ok(None);
+        };
+        let first = self.first_lsn(lane);
+        let mut d = Dropped::default();
+        for r in self.lanes[lane.index()].read_from(first)? {
+            let (lsn, rec) = r?;
+            if lsn >= end {
+                break;
+            }
+            if !self.acked[lane.index()].contains(lsn) && rec.len() >= RECORD_HEADER {
+                d.batches += 1;
+                d.items += u32::from_le_bytes(rec[0..4].try_into().expect("4 bytes")) as u64;
+            }
+        }
+        d.bytes = self.log(lane).trim_before(end)?;
+        self.acked[lane.index()].prune_below(end);
+        self.acks_dirty = true;
+        Ok(Some(d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn seq_numbers_interleave_lanes_without_collisions() {
+        for lsn in [0u64, 1, 7, 1 << 40] {
+            for lane in Lane::PRIORITY {
+                assert_eq!(lane_lsn(seq_of(lane, lsn)), (lane, lsn));
+            }
+        }
+        assert_ne!(seq_of(Lane::Alerts, 3), seq_of(Lane::Aggregates, 3));
+    }
+
+    proptest! {
+        #[test]
+        fn range_set_behaves_like_a_set(ops in proptest::collection::vec((0u64..200, 1u64..20), 0..60), probe in 0u64..260) {
+            let mut rs = RangeSet::default();
+            let mut model = std::collections::BTreeSet::new();
+            for (s, len) in ops {
+                rs.insert(s, s + len);
+                model.extend(s..s + len);
+            }
+            for x in 0..260 {
+                prop_assert_eq!(rs.contains(x), model.contains(&x), "x = {}", x);
+            }
+            let gap = (probe..).find(|x| !model.contains(x)).unwrap();
+            prop_assert_eq!(rs.first_gap_from(probe), gap);
+            prop_assert_eq!(rs.len(), model.len() as u64);
+            let ranges: Vec<_> = rs.iter().collect();
+            for w in ranges.windows(2) {
+                prop_assert!(w[0].1 < w[1].0, "disjoint and not adjacent: {:?}", ranges);
+            }
+        }
+    }
+
+    #[test]
+    fn out_of_order_acks_free_segments_only_below_the_low_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut o, _) = Outbox::open(dir.path(), 4096).unwrap();
+        let payload = vec![7u8; 1000];
+        let seqs: Vec<u64> = (0..20)
+            .map(|i| o.append(Lane::Aggregates, 3, i, &payload).unwrap())
+            .collect();
+        o.sync().unwrap();
+        let before = o.disk_bytes();
+        // Live-first: the newest half is acknowledged first; nothing can be deleted yet.
+        for &s in &seqs[10..] {
+            o.ack(s).unwrap();
+        }
+        assert_eq!(o.first_lsn(Lane::Aggregates), 0);
+        assert_eq!(o.unacked(Lane::Aggregates, 0, 100, 100).unwrap().len(), 10);
+        // Then the backlog drains, oldest first.
+        for &s in &seqs[..10] {
+            o.ack(s).unwrap();
+        }
+        assert!(o.disk_bytes() < before, "acknowledged segments are deleted");
+        assert!(o.unacked(Lane::Aggregates, 0, 100, 100).unwrap().is_empty());
+        assert_eq!(o.backlog(Lane::Aggregates).unwrap().0, 0);
+    }
+
+    #[test]
+    fn acknowledgement_state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let seqs: Vec<u64>;
+        {
+            let (mut o, _) = Outbox::open(dir.path(), 1 << 20).unwrap();
+            seqs = (0..5)
+                .map(|i| o.append(Lane::Alerts, 1, i, b"x").unwrap())
+                .collect();
+            o.sync().unwrap();
+            o.ack(seqs[1]).unwrap();
+            o.ack(seqs[3]).unwrap();
+            o.persist_acks().unwrap();
+        }
+        let (o, _) = Outbox::open(dir.path(), 1 << 20).unwrap();
+        let left: Vec<u64> = o
+            .unacked(Lane::Alerts, 0, 100, 100)
+            .unwrap()
+            .iter()
+            .map(|b| b.seq)
+            .collect();
+        assert_eq!(left, vec![seqs[0], seqs[2], seqs[4]]);
+        assert_eq!(o.first_seq(), seqs[0].min(seq_of(Lane::Aggregates, 0)));
+    }
+
+    #[test]
+    fn dropping_the_oldest_aggregates_never_touches_alerts_and_counts_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut o, _) = Outbox::open(dir.path(), 4096).unwrap();
+        for i in 0..20 {
+            o.append(Lane::Aggregates, 5, i, &[1u8; 1000]).unwrap();
+            o.append(Lane::Alerts, 1, i, &[2u8; 1000]).unwrap();
+        }
+        o.sync().unwrap();
+        let alerts_before = o.backlog(Lane::Alerts).unwrap();
+        let d = o.drop_oldest(Lane::Aggregates).unwrap().unwrap();
+        assert!(
+            d.batches >= 1 && d.items == d.batches * 5 && d.bytes > 0,
+            "{d:?}"
+        );
+        assert_eq!(o.backlog(Lane::Alerts).unwrap(), alerts_before);
+        assert_eq!(
+            o.backlog(Lane::Aggregates).unwrap().1,
+            20 * 5 - d.items,
+            "what is left is exactly what was not dropped"
+        );
+    }
+}
