@@ -76,6 +76,61 @@ pub struct StatusReport {
     pub ingest: IngestCounters,
     /// The last rejected messages, oldest first.
     pub rejected_recent: Vec<RejectedMessage>,
+    /// Local processing.
+    pub process: ProcessCounters,
+    /// The outbox backlog (not yet acknowledged by the central side).
+    pub backlog: Backlog,
+    /// The upstream link (absent when no `[upstream]` is configured).
+    pub upstream: Option<UpstreamStatus>,
+}
+
+/// Processing counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessCounters {
+    /// Series with state.
+    pub series: u64,
+    /// Alerts currently raised.
+    pub alerts_active: u64,
+    /// Alerts raised or cleared since start.
+    pub alerts: u64,
+    /// Windows emitted since start.
+    pub windows_emitted: u64,
+    /// Times the processing backlog was older than the budget.
+    pub budget_violations: u64,
+    /// Items dropped at the disk quota since start.
+    pub dropped_items: u64,
+    /// Ingest held back at the disk quota (`when_full = "block"`).
+    pub blocked: bool,
+}
+
+/// Outbox backlog.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Backlog {
+    /// Batches waiting.
+    pub batches: u64,
+    /// Items in them.
+    pub items: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Age of the oldest waiting batch, seconds.
+    pub oldest_age_secs: Option<u64>,
+}
+
+/// Upstream link state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    /// `[upstream] url`.
+    pub url: String,
+    /// Connected now.
+    pub connected: bool,
+    /// Batches sent since start (including resends).
+    pub batches_sent: u64,
+    /// Batches acknowledged since start.
+    pub batches_acked: u64,
+    /// Reconnects since start.
+    pub reconnects: u64,
+    /// Why it is down.
+    pub last_error: Option<String>,
 }
 
 /// Broker link state.
@@ -121,6 +176,12 @@ pub struct Admin {
     pub started: Instant,
     /// Prometheus renderer.
     pub prometheus: PrometheusHandle,
+    /// Processing counters.
+    pub process: Arc<crate::process::ProcessStatus>,
+    /// The outbox, for the backlog figures.
+    pub outbox: Arc<std::sync::Mutex<crate::store::outbox::Outbox>>,
+    /// Upstream URL and link state, when configured.
+    pub upstream: Option<(String, Arc<crate::forward::ForwardStatus>)>,
 }
 
 impl Admin {
@@ -138,7 +199,40 @@ impl Admin {
         } else if !i.subscribed.load(Ordering::Relaxed) {
             problems.push("subscriptions not acknowledged by the broker".into());
         }
+        let p = &self.process;
+        let process = ProcessCounters {
+            series: p.series.load(Ordering::Relaxed),
+            alerts_active: p.alerts_active.load(Ordering::Relaxed),
+            alerts: p.alerts.load(Ordering::Relaxed),
+            windows_emitted: p.windows_emitted.load(Ordering::Relaxed),
+            budget_violations: p.budget_violations.load(Ordering::Relaxed),
+            dropped_items: p.dropped_items.load(Ordering::Relaxed),
+            blocked: p.blocked.load(Ordering::Relaxed),
+        };
+        if process.blocked {
+            problems.push("disk quota reached (store.max_disk): ingest is blocked until the upstream drains the outbox".into());
+        }
+        let backlog = self.backlog();
+        let upstream = self.upstream.as_ref().map(|(url, f)| UpstreamStatus {
+            url: url.clone(),
+            connected: f.connected.load(Ordering::Relaxed),
+            batches_sent: f.batches_sent.load(Ordering::Relaxed),
+            batches_acked: f.batches_acked.load(Ordering::Relaxed),
+            reconnects: f.reconnects.load(Ordering::Relaxed),
+            last_error: f.last_error(),
+        });
+        if let Some(u) = &upstream
+            && !u.connected
+        {
+            problems.push(match &u.last_error {
+                Some(e) => format!("upstream {} unreachable: {e}", u.url),
+                None => format!("not connected to upstream {} yet", u.url),
+            });
+        }
         StatusReport {
+            process,
+            backlog,
+            upstream,
             gateway: self.gateway.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -160,6 +254,28 @@ impl Admin {
             },
             rejected_recent: i.recent_rejects(),
         }
+    }
+}
+
+impl Admin {
+    /// Backlog over both outbox lanes (reads the outbox; called on demand only).
+    pub fn backlog(&self) -> Backlog {
+        let ob = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = Backlog::default();
+        let mut oldest: Option<i64> = None;
+        for lane in crate::store::outbox::Lane::PRIORITY {
+            if let Ok((batches, items, bytes, o)) = ob.backlog(lane) {
+                b.batches += batches;
+                b.items += items;
+                b.bytes += bytes;
+                oldest = match (oldest, o) {
+                    (Some(a), Some(c)) => Some(a.min(c)),
+                    (a, c) => a.or(c),
+                };
+            }
+        }
+        b.oldest_age_secs = oldest.map(|t| ((crate::ingest::now_ms() - t).max(0) / 1000) as u64);
+        b
     }
 }
 
@@ -288,6 +404,50 @@ pub fn render_report(r: &StatusReport) -> String {
         "ingest   {} messages, {} readings journaled, {} rejected, {} redeliveries dropped",
         r.ingest.messages, r.ingest.readings, r.ingest.rejected, r.ingest.duplicates_dropped
     );
+    let _ = writeln!(
+        s,
+        "process  {} series, {} windows emitted, {} alerts active ({} events), {} budget violations",
+        r.process.series,
+        r.process.windows_emitted,
+        r.process.alerts_active,
+        r.process.alerts,
+        r.process.budget_violations
+    );
+    let _ = writeln!(
+        s,
+        "backlog  {} batches, {} items, {} bytes, oldest {}{}",
+        r.backlog.batches,
+        r.backlog.items,
+        r.backlog.bytes,
+        r.backlog
+            .oldest_age_secs
+            .map(|a| format!("{a} s ago"))
+            .unwrap_or_else(|| "-".into()),
+        if r.process.dropped_items > 0 {
+            format!(
+                ", {} items DROPPED at the disk quota",
+                r.process.dropped_items
+            )
+        } else {
+            String::new()
+        }
+    );
+    match &r.upstream {
+        Some(u) => {
+            let _ = writeln!(
+                s,
+                "upstream {} — {}, {} batches sent, {} acknowledged, {} reconnects",
+                u.url,
+                if u.connected { "connected" } else { "DOWN" },
+                u.batches_sent,
+                u.batches_acked,
+                u.reconnects
+            );
+        }
+        None => {
+            let _ = writeln!(s, "upstream none configured (batches stay in the outbox)");
+        }
+    }
     for p in &r.problems {
         let _ = writeln!(s, "PROBLEM  {p}");
     }

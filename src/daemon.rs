@@ -12,10 +12,11 @@
 
 use crate::config::Config;
 use crate::ingest::{self, IngestStatus};
-use crate::process::Processor;
+use crate::process::{ProcessLimits, ProcessShared, ProcessStatus, Processor};
 use crate::store::journal::Journal;
-use std::sync::Arc;
+use crate::store::outbox::Outbox;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -112,19 +113,47 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         data_dir.join("journal").display()
     );
 
-    let mut processor = Processor::open(&cfg.process, &data_dir.join("state"))?;
+    let epoch = load_or_create_epoch(&data_dir)?;
+    let (outbox, _) = Outbox::open(&data_dir.join("outbox"), cfg.store.segment_size.as_u64())
+        .map_err(crate::store::StoreError::from)?;
+    let outbox = Arc::new(Mutex::new(outbox));
+    let (watermark_tx, watermark_rx) = watch::channel([0u64, 0u64]);
+    let pstatus = Arc::new(ProcessStatus::default());
+    let shared = ProcessShared {
+        outbox: outbox.clone(),
+        watermark: watermark_tx,
+        trim_to: Arc::new(AtomicU64::new(0)),
+        journal_bytes: Arc::new(AtomicU64::new(journal.disk_bytes())),
+        status: pstatus.clone(),
+    };
+    let limits = ProcessLimits {
+        batch_max: cfg.upstream.as_ref().map(|u| u.batch_max).unwrap_or(500),
+        linger: cfg
+            .upstream
+            .as_ref()
+            .map(|u| u.linger)
+            .unwrap_or(Duration::from_secs(1)),
+        store: cfg.store.clone(),
+    };
+    let mut processor = Processor::open(
+        &cfg.process,
+        &cfg.rules,
+        limits,
+        &data_dir.join("state"),
+        shared.clone(),
+    )?;
+    let (pub_tx, pub_rx) = mpsc::channel(1024);
+    processor.set_publications(pub_tx);
     let replayed = processor.replay(&journal)?;
-    tracing::info!(
-        replayed,
-        checkpoint_lsn = processor.checkpoint_lsn(),
-        "state recovered"
-    );
+    tracing::info!(replayed, checkpoint_lsn = processor.checkpoint_lsn(), epoch = %format!("{epoch:016x}"), "state recovered");
+    let known_series = processor.known_series();
 
     let status = Arc::new(IngestStatus::default());
     let progress = Arc::new(AtomicU64::new(crate::ingest::now_ms() as u64));
-    let trim_to = processor.trim_handle();
     let (tx, rx) = mpsc::channel(4096);
     let (ready_tx, mut ready_rx) = watch::channel(false);
+    let forward_status = Arc::new(crate::forward::ForwardStatus::default());
+    let _ = &watermark_rx;
 
     let proc_shutdown = CancellationToken::new();
     let proc_task = tokio::spawn(processor.run(rx, proc_shutdown.clone()));
@@ -134,11 +163,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         cfg.client_id(),
         ingest::session::IngestParams {
             max_series: cfg.process.max_series,
-            known_series: Vec::new(),
-            trim_to,
+            known_series,
+            trim_to: shared.trim_to.clone(),
+            journal_bytes: shared.journal_bytes.clone(),
+            blocked: pstatus.blocked.clone(),
         },
         journal,
         tx,
+        pub_rx,
         status.clone(),
         ready_tx,
         progress.clone(),
@@ -164,6 +196,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             ready: ready_rx.clone(),
             started,
             prometheus,
+            process: pstatus.clone(),
+            outbox: outbox.clone(),
+            upstream: cfg
+                .upstream
+                .as_ref()
+                .map(|u| (u.url.clone(), forward_status.clone())),
         },
         shutdown.clone(),
     ));
@@ -171,8 +209,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let notify = tokio::spawn(systemd_loop(status.clone(), progress, shutdown.clone()));
     tokio::select! {
         _ = ready_rx.wait_for(|r| *r) => {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             tracing::info!("ready: state recovered and subscriptions acknowledged");
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         }
         _ = shutdown.cancelled() => {}
     }
@@ -233,6 +271,32 @@ async fn systemd_loop(
             IngestStatus::get(&status.duplicates),
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
+    }
+}
+
+/// The store epoch: a random id made when the data directory is created. Batch ids are
+/// (gateway, epoch, seq), so a wiped or replaced gateway never reuses ids the central side has
+/// already seen.
+pub fn load_or_create_epoch(data_dir: &std::path::Path) -> Result<u64, DaemonError> {
+    let path = data_dir.join("epoch");
+    let err = |source| DaemonError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) => u64::from_str_radix(s.trim(), 16).map_err(|e| {
+            err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not a hexadecimal epoch: {e}"),
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let epoch: u64 = rand::random();
+            crate::util::write_atomic(&path, format!("{epoch:016x}\n").as_bytes()).map_err(err)?;
+            tracing::info!("new data directory: store epoch {epoch:016x}");
+            Ok(epoch)
+        }
+        Err(e) => Err(err(e)),
     }
 }
 

@@ -23,6 +23,21 @@ mod tests {
     }
 }
 
+/// Replaces `path` atomically with `bytes`: temp file, `fdatasync`, rename, directory `fsync`.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Writes `body` to `path` atomically inside a small envelope (magic, version, length, CRC32):
 /// temp file, `fdatasync`, rename, directory `fsync`. A reader sees the old or the new file,
 /// never a mix, and can tell a damaged file from a valid one.
@@ -32,21 +47,13 @@ pub fn write_framed(
     version: u16,
     body: &[u8],
 ) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(magic)?;
-    f.write_all(&version.to_le_bytes())?;
-    f.write_all(&(body.len() as u64).to_le_bytes())?;
-    f.write_all(&crc32fast::hash(body).to_le_bytes())?;
-    f.write_all(body)?;
-    f.sync_data()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    let mut framed = Vec::with_capacity(18 + body.len());
+    framed.extend_from_slice(magic);
+    framed.extend_from_slice(&version.to_le_bytes());
+    framed.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    framed.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    framed.extend_from_slice(body);
+    write_atomic(path, &framed)
 }
 
 /// Checks the envelope written by [`write_framed`] and returns the body.

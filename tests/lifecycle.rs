@@ -45,7 +45,11 @@ fn ready_is_sent_after_subscription_and_watchdog_pings_follow_progress() {
         .unwrap();
     let got = notifications(&sock, Duration::from_secs(15), "READY=1");
     assert!(got.iter().any(|m| m.contains("READY=1")), "{got:?}");
-    let logs = std::fs::read_to_string(gw.dir.path().join("lifecycle.log")).unwrap();
+    let log_path = gw.dir.path().join("lifecycle.log");
+    wait_for("the ready log line", Duration::from_secs(5), || {
+        read_all(&log_path).contains("ready: state recovered")
+    });
+    let logs = read_all(&log_path);
     let subscribed = logs.find("subscribed with QoS 1").expect("subscribed");
     let ready = logs.find("ready: state recovered").expect("ready");
     assert!(subscribed < ready, "READY only after the SUBACK:\n{logs}");

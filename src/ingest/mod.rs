@@ -39,6 +39,19 @@ pub struct Committed {
     pub lsn: u64,
     /// The record.
     pub entry: crate::store::journal::JournalEntry,
+    /// When the message arrived (live records only; replayed ones have none).
+    pub received_at: Option<std::time::Instant>,
+}
+
+/// A message edgeferry publishes on the local broker (alerts), with QoS 1.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    /// Topic.
+    pub topic: String,
+    /// Payload (JSON).
+    pub payload: Vec<u8>,
+    /// When the reading that caused it was received (for the publish→alert latency).
+    pub received_at: Option<std::time::Instant>,
 }
 
 /// Checks an MQTT topic filter: non-empty, `+` and `#` alone in their level, `#` last.

@@ -61,6 +61,11 @@ pub struct IngestParams {
     /// Processing publishes here the lowest journal position it still needs (its checkpoint);
     /// the committer deletes whole segments below it, keeping the dedup tail.
     pub trim_to: Arc<AtomicU64>,
+    /// The committer publishes the journal's size here (for the disk quota).
+    pub journal_bytes: Arc<AtomicU64>,
+    /// While set (disk quota reached with `when_full = "block"`), nothing more is committed
+    /// or acknowledged: the broker keeps the messages.
+    pub blocked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One message received from the broker, on its way to the journal.
@@ -103,6 +108,7 @@ pub async fn run(
     params: IngestParams,
     journal: Journal,
     out: mpsc::Sender<Committed>,
+    publications: mpsc::Receiver<super::Publication>,
     status: Arc<IngestStatus>,
     ready: watch::Sender<bool>,
     progress: Arc<AtomicU64>,
@@ -139,6 +145,7 @@ pub async fn run(
     recent.seed(journal.tail_keys(recent_cap as u64)?);
 
     let ack_task = tokio::spawn(ack_loop(client.clone(), ack_rx, generation.clone()));
+    let publish_task = tokio::spawn(publish_loop(client.clone(), publications));
     // The poll loop stops on shutdown, or when the committer dies (a journal error): then
     // nothing more can be made durable, so nothing more may be read or acknowledged.
     let stop = shutdown.child_token();
@@ -158,6 +165,8 @@ pub async fn run(
                 filters: cfg.subscribe.iter().map(|s| s.filter.clone()).collect(),
                 log_limit: RateLimit::new(Duration::from_secs(5)),
                 trim_to: params.trim_to,
+                journal_bytes: params.journal_bytes,
+                blocked: params.blocked,
                 keep_tail: recent_cap as u64,
                 commits: 0,
                 dups_in_group: 0,
@@ -186,6 +195,7 @@ pub async fn run(
     drop(eventloop);
     let (journal, result) = committer.await.expect("committer task panicked");
     let _ = ack_task.await;
+    publish_task.abort();
     result?;
     Ok(journal)
 }
@@ -511,6 +521,26 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Publishes alerts on the local broker (QoS 1). A separate task because `publish` can wait
+/// for room in rumqttc's request queue, which must never stall the poll loop.
+async fn publish_loop(client: AsyncClient, mut rx: mpsc::Receiver<super::Publication>) {
+    while let Some(p) = rx.recv().await {
+        match client
+            .publish(p.topic.clone(), QoS::AtLeastOnce, false, p.payload)
+            .await
+        {
+            Ok(()) => {
+                metrics::counter!("edgeferry_alerts_published_total").increment(1);
+                if let Some(t) = p.received_at {
+                    metrics::histogram!("edgeferry_alert_latency_seconds")
+                        .record(t.elapsed().as_secs_f64());
+                }
+            }
+            Err(e) => tracing::warn!(topic = %p.topic, "alert not published: {e}"),
+        }
+    }
+}
+
 async fn ack_loop(
     client: AsyncClient,
     mut rx: mpsc::UnboundedReceiver<AckRequest>,
@@ -570,6 +600,8 @@ struct Committer {
     filters: Vec<String>,
     log_limit: RateLimit,
     trim_to: Arc<AtomicU64>,
+    journal_bytes: Arc<AtomicU64>,
+    blocked: Arc<std::sync::atomic::AtomicBool>,
     keep_tail: u64,
     commits: u64,
     dups_in_group: u64,
@@ -605,6 +637,17 @@ impl Committer {
         let mut closed = false;
         while !closed {
             progress.store(now_ms() as u64, Ordering::Relaxed);
+            if self.blocked.load(Ordering::Relaxed) {
+                // Backpressure: stop taking messages; the channel fills, the poll task stops
+                // reading and the broker queues for us.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if rx.is_closed() {
+                    // Shutting down: what is still queued was never acknowledged and the
+                    // broker redelivers it to the next session.
+                    break;
+                }
+                continue;
+            }
             let first = tokio::select! {
                 m = rx.recv() => m,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -628,7 +671,11 @@ impl Committer {
                 if let Some(entry) = self.accept(&m, &mut readings) {
                     let lsn = tokio::task::block_in_place(|| self.journal.append(&entry))?;
                     self.recent.insert(entry.dedup);
-                    committed.push(Committed { lsn, entry });
+                    committed.push(Committed {
+                        lsn,
+                        entry,
+                        received_at: Some(m.received_at),
+                    });
                     appended += 1;
                 }
                 acks.push(AckRequest {
@@ -657,7 +704,9 @@ impl Committer {
             self.trim()?;
             let commit_latency = oldest.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
             metrics::histogram!("edgeferry_ingest_commit_seconds").record(commit_latency);
-            metrics::gauge!("edgeferry_journal_bytes").set(self.journal.disk_bytes() as f64);
+            let jb = self.journal.disk_bytes();
+            self.journal_bytes.store(jb, Ordering::Relaxed);
+            metrics::gauge!("edgeferry_journal_bytes").set(jb as f64);
             // Durable now: acknowledge in order, then hand on to processing.
             for a in acks.drain(..) {
                 let _ = ack_tx.send(a);

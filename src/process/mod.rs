@@ -1,10 +1,26 @@
-//! Local processing: windowed aggregates per series, checkpointed with the journal position.
+//! Local processing: windowed aggregates and alert rules, checkpointed with the journal position.
 //!
-//! Readings arrive as [`Committed`](crate::ingest::Committed) journal records. The processor
-//! folds them into tumbling windows ([`window`]), whose statistics ([`aggregate`]) include a
-//! mergeable quantile sketch ([`sketch`]). Its whole state is checkpointed atomically together
-//! with the journal position it reflects; on start the journal is replayed from that
-//! position, so every reading is applied exactly once to the windows whatever crashed when.
+//! Readings arrive as [`Committed`](crate::ingest::Committed) journal records. For each
+//! reading the alert rules ([`rules`]) are evaluated first (an alert is published on the local
+//! broker right away: publish→alert is the latency that must stay inside the budget), then the
+//! reading is folded into tumbling windows ([`window`]) whose statistics ([`aggregate`]) include
+//! a mergeable quantile sketch ([`sketch`]).
+//!
+//! Closed windows and alerts are gathered into batches and appended to the outbox. The whole
+//! state (windows, rules, pending items, outbox positions) is checkpointed atomically with the
+//! journal position it reflects:
+//!
+//! ```text
+//!  apply records ─▶ append batches to outbox ─▶ outbox.sync ─▶ write checkpoint ─▶ publish
+//!                                                               {journal lsn,      watermark
+//!                                                                outbox next lsns,  to forwarder,
+//!                                                                state}             trim journal
+//! ```
+//!
+//! The forwarder only sends outbox batches below the checkpointed watermark. After a crash,
+//! batches appended beyond the checkpoint were therefore never sent; they are forgotten, and
+//! replaying the journal from the checkpoint emits them again. So every window reaches the
+//! outbox exactly once per version, with the content an uninterrupted run would give.
 //!
 //! The processing clock is the journal's: a record is applied with `now` = its arrival time,
 //! which makes replay after a crash see the same lateness decisions as the live run did.
@@ -12,19 +28,25 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod rules;
 pub mod sketch;
 pub mod window;
 
 pub use config::{ProcessConfig, RuleConfig};
 
-use crate::ingest::Committed;
+use crate::forward::batch::{BatchKind, OutboxBatch, OutboxItem};
+use crate::ingest::{Committed, Publication};
+use crate::model::{Alert, AlertState, SeriesInfo};
 use crate::store::journal::Journal;
+use crate::store::outbox::{Lane, Outbox};
+use crate::store::{StoreConfig, WhenFull};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use window::{WindowAggregate, WindowSpec, Windows};
 
@@ -42,37 +64,110 @@ pub enum ProcessError {
     /// The journal could not be replayed.
     #[error("replaying the journal: {0}")]
     Replay(#[from] crate::store::StoreError),
+    /// The outbox failed.
+    #[error("outbox: {0}")]
+    Outbox(#[from] crate::store::seglog::LogError),
 }
 
-/// What is checkpointed: the window state and the journal position it reflects.
+/// What is checkpointed: all processing state and the positions it reflects.
 #[derive(Debug, Serialize, Deserialize)]
 struct Checkpoint {
-    /// Every journal record below this lsn is reflected in `windows`.
+    /// Every journal record below this lsn is reflected here.
     applied_lsn: u64,
     /// The processing clock (ms since epoch).
     clock_ms: i64,
     /// Window state.
     windows: Windows,
+    /// Alert rule state.
+    rules: rules::Rules,
+    /// Metric and tags of every series with state (bounded by `max_series`).
+    series: BTreeMap<String, SeriesInfo>,
+    /// Closed windows not yet in an outbox batch.
+    pending: Vec<OutboxItem>,
+    /// Processing time of the oldest pending item (for `linger`).
+    pending_since_ms: Option<i64>,
+    /// Outbox next lsn per lane (aggregates, alerts) when this checkpoint was taken: batches
+    /// at or beyond it after a crash were never sent and are forgotten.
+    outbox_next: [u64; 2],
 }
 
 const CHECKPOINT_MAGIC: &[u8; 4] = b"EFCK";
-const CHECKPOINT_VERSION: u16 = 1;
+const CHECKPOINT_VERSION: u16 = 2;
+
+/// Counters of the processing stage, shared with status.
+#[derive(Debug, Default)]
+pub struct ProcessStatus {
+    /// Series with state.
+    pub series: AtomicU64,
+    /// Alerts currently raised.
+    pub alerts_active: AtomicU64,
+    /// Alerts raised or cleared since start.
+    pub alerts: AtomicU64,
+    /// Windows emitted (including corrections).
+    pub windows_emitted: AtomicU64,
+    /// Times the processing backlog was older than the budget.
+    pub budget_violations: AtomicU64,
+    /// Items dropped at the disk quota.
+    pub dropped_items: AtomicU64,
+    /// Ingest is held back because the disk quota is reached and `when_full = "block"`
+    /// (shared with the committer, which stops taking messages while it is set).
+    pub blocked: Arc<AtomicBool>,
+}
+
+/// Handles the processor shares with other stages.
+#[derive(Clone)]
+pub struct ProcessShared {
+    /// The outbox (the forwarder reads and acknowledges through it).
+    pub outbox: Arc<Mutex<Outbox>>,
+    /// Outbox lsns (aggregates, alerts) covered by the last checkpoint: the forwarder sends
+    /// only below them.
+    pub watermark: watch::Sender<[u64; 2]>,
+    /// Lowest journal position still needed: the committer trims below it.
+    pub trim_to: Arc<AtomicU64>,
+    /// Journal bytes on disk (kept up to date by the committer) for the quota.
+    pub journal_bytes: Arc<AtomicU64>,
+    /// Live counters.
+    pub status: Arc<ProcessStatus>,
+}
+
+/// Limits and policies the processor applies that live in other sections.
+#[derive(Debug, Clone)]
+pub struct ProcessLimits {
+    /// `[upstream] batch_max`.
+    pub batch_max: usize,
+    /// `[upstream] linger`.
+    pub linger: Duration,
+    /// `[store]`.
+    pub store: StoreConfig,
+}
 
 /// The processing stage.
 pub struct Processor {
     cfg: ProcessConfig,
+    limits: ProcessLimits,
     path: PathBuf,
     state: Checkpoint,
-    /// lsn covered by the last checkpoint on disk: the journal may be trimmed below it.
-    trim_to: Arc<AtomicU64>,
+    shared: ProcessShared,
+    rule_cfgs: Vec<RuleConfig>,
     dirty: bool,
+    appended: bool,
     emitted: Vec<WindowAggregate>,
+    alerts: Vec<Alert>,
+    publications: Option<mpsc::Sender<Publication>>,
+    log_limit: crate::telemetry::RateLimit,
 }
 
 impl Processor {
-    /// Loads the checkpoint from `state_dir` (a fresh state when there is none; a damaged
-    /// one is moved aside with an error log, and the journal is replayed from its start).
-    pub fn open(cfg: &ProcessConfig, state_dir: &Path) -> Result<Processor, ProcessError> {
+    /// Loads the checkpoint from `state_dir` (a fresh state when there is none; a damaged one
+    /// is moved aside with an error log, and the journal is replayed from its start), and
+    /// forgets outbox batches appended after it (see the module docs).
+    pub fn open(
+        cfg: &ProcessConfig,
+        rule_cfgs: &[RuleConfig],
+        limits: ProcessLimits,
+        state_dir: &Path,
+        shared: ProcessShared,
+    ) -> Result<Processor, ProcessError> {
         std::fs::create_dir_all(state_dir).map_err(|source| ProcessError::Io {
             path: state_dir.to_path_buf(),
             source,
@@ -87,16 +182,22 @@ impl Processor {
             applied_lsn: 0,
             clock_ms: 0,
             windows: Windows::new(spec.clone()),
+            rules: rules::Rules::new(rule_cfgs),
+            series: BTreeMap::new(),
+            pending: Vec::new(),
+            pending_since_ms: None,
+            outbox_next: [0, 0],
         };
-        let state = match std::fs::read(&path) {
+        let (state, found) = match std::fs::read(&path) {
             Ok(bytes) => match decode_checkpoint(&bytes) {
-                Ok(c) if c.windows.spec() == &spec => c,
-                Ok(_) => {
+                Ok(c) if c.windows.spec() == &spec => (c, true),
+                Ok(mut c) => {
                     tracing::warn!(
                         "window configuration changed since the last checkpoint; \
-                         rebuilding window state from the journal"
+                         windows start afresh from the current position"
                     );
-                    fresh()
+                    c.windows = Windows::new(spec.clone());
+                    (c, true)
                 }
                 Err(why) => {
                     let aside =
@@ -107,21 +208,62 @@ impl Processor {
                         path.display(),
                         aside.display()
                     );
-                    fresh()
+                    (fresh(), false)
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fresh(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (fresh(), false),
             Err(source) => return Err(ProcessError::Io { path, source }),
         };
-        let trim_to = Arc::new(AtomicU64::new(state.applied_lsn));
-        Ok(Processor {
+        let mut p = Processor {
             cfg: cfg.clone(),
+            limits,
             path,
             state,
-            trim_to,
+            shared,
+            rule_cfgs: rule_cfgs.to_vec(),
             dirty: false,
+            appended: false,
             emitted: Vec::new(),
-        })
+            alerts: Vec::new(),
+            publications: None,
+            log_limit: crate::telemetry::RateLimit::new(Duration::from_secs(10)),
+        };
+        // Rule configuration may have changed: keep state of rules that still exist (alerts of
+        // removed rules are cleared, and those clears forwarded like any alert).
+        let clock = p.state.clock_ms;
+        p.state
+            .rules
+            .reconfigure(&p.rule_cfgs, clock, &mut p.alerts);
+        if found {
+            let mut ob = p.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            for lane in Lane::PRIORITY {
+                let at_checkpoint = p.state.outbox_next[lane as usize];
+                let now = ob.next_lsn(lane);
+                if now > at_checkpoint {
+                    tracing::info!(
+                        lane = lane.as_str(),
+                        from = at_checkpoint,
+                        to = now,
+                        "forgetting outbox batches written after the last checkpoint (never sent; replay re-emits them)"
+                    );
+                    ob.forget(lane, at_checkpoint, now)?;
+                }
+            }
+            ob.persist_acks().map_err(|source| ProcessError::Io {
+                path: state_dir.to_path_buf(),
+                source,
+            })?;
+        }
+        p.publish_watermark();
+        p.shared
+            .trim_to
+            .store(p.state.applied_lsn, Ordering::Release);
+        Ok(p)
+    }
+
+    /// Where alerts are published on the local broker (none in replay-only uses).
+    pub fn set_publications(&mut self, tx: mpsc::Sender<Publication>) {
+        self.publications = Some(tx);
     }
 
     /// The journal position the checkpoint reflects.
@@ -129,17 +271,13 @@ impl Processor {
         self.state.applied_lsn
     }
 
-    /// Where the processor publishes how far the journal may be trimmed.
-    pub fn trim_handle(&self) -> Arc<AtomicU64> {
-        self.trim_to.clone()
-    }
-
-    /// Number of series with open or retained windows.
-    pub fn series_count(&self) -> usize {
-        self.state.windows.series_count()
+    /// Series with state (ingest's series guard starts from them).
+    pub fn known_series(&self) -> Vec<String> {
+        self.state.series.keys().cloned().collect()
     }
 
     /// Applies every journal record from the checkpoint on. Returns how many were applied.
+    /// Alerts re-derived here are published again (local alert delivery is at-least-once).
     pub fn replay(&mut self, journal: &Journal) -> Result<u64, ProcessError> {
         let mut n = 0;
         let from = self.state.applied_lsn.max(journal.first_lsn());
@@ -149,11 +287,17 @@ impl Processor {
                 first = journal.first_lsn(),
                 "journal starts after the checkpoint position; the records in between are gone"
             );
+            self.state.applied_lsn = from;
         }
         for r in journal.read_from(from)? {
             match r {
                 Ok((lsn, entry)) => {
-                    self.apply(&Committed { lsn, entry });
+                    self.apply(&Committed {
+                        lsn,
+                        entry,
+                        received_at: None,
+                    });
+                    self.flush_batches(false)?;
                     n += 1;
                 }
                 Err(e) => {
@@ -168,7 +312,7 @@ impl Processor {
         Ok(n)
     }
 
-    /// Folds one committed record into the windows.
+    /// Folds one committed record in: rules first, then windows.
     pub fn apply(&mut self, c: &Committed) {
         if c.lsn < self.state.applied_lsn {
             return; // already reflected (replay overlap)
@@ -177,60 +321,252 @@ impl Processor {
         let now = self.state.clock_ms;
         for r in &c.entry.readings {
             let key = r.series_key();
+            if !self.state.series.contains_key(&key) {
+                self.state.series.insert(
+                    key.clone(),
+                    SeriesInfo {
+                        key: key.clone(),
+                        metric: r.metric.clone(),
+                        tags: r.tags.clone(),
+                    },
+                );
+            }
+            let info = &self.state.series[&key];
+            self.state
+                .rules
+                .on_reading(info, r.value, r.time_ms, now, &mut self.alerts);
             match self.state.windows.apply(&key, r.value, r.time_ms, now) {
                 window::Applied::TooLate => {
-                    metrics::counter!("edgeferry_process_too_late_total").increment(1)
+                    metrics::counter!("edgeferry_process_too_late_total").increment(1);
+                    if let Some(n) = self.log_limit.check("too_late") {
+                        tracing::warn!(
+                            series = %key,
+                            suppressed = n,
+                            "reading at {} is older than every window still kept (correction_horizon); dropped",
+                            crate::util::rfc3339_ms(r.time_ms)
+                        );
+                    }
                 }
                 window::Applied::Correction => {
                     metrics::counter!("edgeferry_process_late_corrections_total").increment(1)
                 }
-                _ => {}
+                window::Applied::Rejected => {
+                    metrics::counter!("edgeferry_process_rejected_total").increment(1)
+                }
+                window::Applied::Open => {}
             }
         }
         self.state.applied_lsn = c.lsn + 1;
         self.dirty = true;
+        self.emit_alerts(c.received_at);
         self.close_due(now);
     }
 
-    fn close_due(&mut self, now: i64) {
-        let before = self.emitted.len();
-        self.state.windows.close_due(now, &mut self.emitted);
-        let n = self.emitted.len() - before;
-        if n > 0 {
-            metrics::counter!("edgeferry_process_windows_emitted_total").increment(n as u64);
-            self.dirty = true;
+    fn emit_alerts(&mut self, received_at: Option<Instant>) {
+        for a in self.alerts.drain(..) {
+            self.shared.status.alerts.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("edgeferry_alerts_total", "rule" => a.rule.clone(),
+                "state" => match a.state { AlertState::Raised => "raised", AlertState::Cleared => "cleared" })
+            .increment(1);
+            tracing::info!(rule = %a.rule, series = %a.series, state = ?a.state, value = ?a.value, "alert");
+            if let Some(tx) = &self.publications {
+                let payload = serde_json::to_vec(&serde_json::json!({
+                    "rule": a.rule,
+                    "series": a.series,
+                    "metric": a.metric,
+                    "tags": a.tags,
+                    "state": a.state,
+                    "value": a.value,
+                    "time": crate::util::rfc3339_ms(a.time_ms),
+                }))
+                .expect("alert JSON");
+                let p = Publication {
+                    topic: self.state.rules.topic(&a),
+                    payload,
+                    received_at,
+                };
+                if tx.try_send(p).is_err() {
+                    metrics::counter!("edgeferry_alerts_publish_dropped_total").increment(1);
+                    if let Some(n) = self.log_limit.check("alert_queue_full") {
+                        tracing::warn!(
+                            suppressed = n,
+                            "local alert publish queue full; alert only forwarded upstream"
+                        );
+                    }
+                }
+            }
+            // Alerts jump the queue: their batch is made at once (see flush_batches).
+            self.state.pending.push(OutboxItem::Alert(a));
         }
+        self.shared
+            .status
+            .alerts_active
+            .store(self.state.rules.active() as u64, Ordering::Relaxed);
     }
 
-    /// Closed windows emitted since the last call (the forwarder's input).
-    pub fn take_emitted(&mut self) -> Vec<WindowAggregate> {
-        std::mem::take(&mut self.emitted)
+    fn close_due(&mut self, now: i64) {
+        self.state.windows.close_due(now, &mut self.emitted);
+        if self.emitted.is_empty() {
+            return;
+        }
+        let n = self.emitted.len() as u64;
+        metrics::counter!("edgeferry_process_windows_emitted_total").increment(n);
+        self.shared
+            .status
+            .windows_emitted
+            .fetch_add(n, Ordering::Relaxed);
+        for w in self.emitted.drain(..) {
+            let Some(series) = self.state.series.get(&w.series).cloned() else {
+                continue;
+            };
+            self.state.pending.push(OutboxItem::Aggregate {
+                series,
+                window_start_ms: w.window_start_ms,
+                window_secs: w.window_secs,
+                version: w.version,
+                agg: w.agg,
+            });
+        }
+        self.state.pending_since_ms.get_or_insert(now);
+        self.dirty = true;
     }
 
-    /// Writes the checkpoint atomically (temp file, fsync, rename, fsync directory), then
-    /// lets the journal be trimmed below the position it reflects.
+    /// Moves pending items into outbox batches: alerts at once, aggregates when `batch_max`
+    /// are pending or the oldest waited `linger` (on the processing clock), or when `force`.
+    fn flush_batches(&mut self, force: bool) -> Result<(), ProcessError> {
+        if self.state.pending.is_empty() {
+            return Ok(());
+        }
+        let (alerts, aggregates): (Vec<_>, Vec<_>) = self
+            .state
+            .pending
+            .drain(..)
+            .partition(|i| matches!(i, OutboxItem::Alert(_)));
+        let now = self.state.clock_ms;
+        let linger_over = self
+            .state
+            .pending_since_ms
+            .is_some_and(|t| now - t >= self.limits.linger.as_millis() as i64);
+        let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        for chunk in alerts.chunks(self.limits.batch_max.max(1)) {
+            append(&mut ob, Lane::Alerts, BatchKind::Alerts, now, chunk)?;
+            self.appended = true;
+        }
+        let mut rest = aggregates;
+        while rest.len() >= self.limits.batch_max.max(1)
+            || (!rest.is_empty() && (linger_over || force))
+        {
+            let take = rest.len().min(self.limits.batch_max.max(1));
+            let chunk: Vec<_> = rest.drain(..take).collect();
+            append(
+                &mut ob,
+                Lane::Aggregates,
+                BatchKind::Aggregates,
+                now,
+                &chunk,
+            )?;
+            self.appended = true;
+        }
+        drop(ob);
+        self.state.pending_since_ms = if rest.is_empty() {
+            None
+        } else {
+            self.state.pending_since_ms
+        };
+        self.state.pending = rest;
+        Ok(())
+    }
+
+    /// Syncs the outbox, writes the checkpoint atomically, then lets the forwarder send up to
+    /// it and the journal be trimmed below it.
     pub fn checkpoint(&mut self) -> Result<(), ProcessError> {
-        let body = postcard::to_stdvec(&self.state).expect("window state always encodes");
+        {
+            let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            ob.sync()?;
+            self.state.outbox_next = [ob.next_lsn(Lane::Aggregates), ob.next_lsn(Lane::Alerts)];
+        }
+        let body = postcard::to_stdvec(&self.state).expect("processing state always encodes");
         crate::util::write_framed(&self.path, CHECKPOINT_MAGIC, CHECKPOINT_VERSION, &body)
             .map_err(|source| ProcessError::Io {
                 path: self.path.clone(),
                 source,
             })?;
         metrics::gauge!("edgeferry_checkpoint_bytes").set(body.len() as f64);
-        self.trim_to
+        self.shared
+            .trim_to
             .store(self.state.applied_lsn, Ordering::Release);
+        self.publish_watermark();
+        self.shared
+            .status
+            .series
+            .store(self.state.series.len() as u64, Ordering::Relaxed);
         self.dirty = false;
+        self.appended = false;
+        Ok(())
+    }
+
+    fn publish_watermark(&self) {
+        self.shared.watermark.send_replace(self.state.outbox_next);
+    }
+
+    /// Applies the disk quota to journal + outbox.
+    fn enforce_quota(&mut self) -> Result<(), ProcessError> {
+        let max = self.limits.store.max_disk.as_u64();
+        let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        let used =
+            |ob: &Outbox| ob.disk_bytes() + self.shared.journal_bytes.load(Ordering::Relaxed);
+        let full = used(&ob) > max;
+        metrics::gauge!("edgeferry_store_bytes").set(used(&ob) as f64);
+        match self.limits.store.when_full {
+            WhenFull::Block => {
+                let was = self.shared.status.blocked.swap(full, Ordering::Relaxed);
+                if full && !was {
+                    tracing::warn!(
+                        "store.max_disk ({}) reached: no longer acknowledging the broker until the upstream drains the outbox",
+                        self.limits.store.max_disk
+                    );
+                } else if !full && was {
+                    tracing::info!("below store.max_disk again: ingest resumes");
+                }
+            }
+            WhenFull::DropOldest => {
+                while used(&ob) > max {
+                    // Oldest aggregates first; alerts only when no aggregate segment is left.
+                    let d = match ob.drop_oldest(Lane::Aggregates)? {
+                        Some(d) => d,
+                        None => match ob.drop_oldest(Lane::Alerts)? {
+                            Some(d) => d,
+                            None => break,
+                        },
+                    };
+                    metrics::counter!("edgeferry_outbox_dropped_items_total").increment(d.items);
+                    metrics::counter!("edgeferry_outbox_dropped_batches_total")
+                        .increment(d.batches);
+                    self.shared
+                        .status
+                        .dropped_items
+                        .fetch_add(d.items, Ordering::Relaxed);
+                    tracing::warn!(
+                        batches = d.batches,
+                        items = d.items,
+                        "store.max_disk ({}) reached: dropped the oldest unsent batches",
+                        self.limits.store.max_disk
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
     /// Runs until the channel closes (ingest finished) or `shutdown`, checkpointing every
-    /// `checkpoint_interval` while something changed, and once more at the end.
+    /// `checkpoint_interval` while something changed (sooner when batches wait for the
+    /// forwarder), and once more at the end.
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<Committed>,
         shutdown: CancellationToken,
     ) -> Result<(), ProcessError> {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_checkpoint = Instant::now();
         loop {
@@ -240,38 +576,63 @@ impl Processor {
                         let age = crate::ingest::now_ms() - c.entry.received_ms;
                         metrics::histogram!("edgeferry_process_lag_seconds").record(age.max(0) as f64 / 1000.0);
                         if age > self.cfg.budget.as_millis() as i64 {
+                            self.shared.status.budget_violations.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!("edgeferry_budget_violations_total").increment(1);
+                            if let Some(n) = self.log_limit.check("budget") {
+                                tracing::warn!(suppressed = n, "processing backlog is {age} ms old, beyond process.budget ({:?})", self.cfg.budget);
+                            }
                         }
+                        let started = Instant::now();
                         self.apply(&c);
+                        metrics::histogram!("edgeferry_process_seconds").record(started.elapsed().as_secs_f64());
                     }
                     None => break,
                 },
                 _ = tick.tick() => {
-                    // Idle: let the wall clock close windows (never moving the clock back).
+                    // Idle: let the wall clock close windows and silence rules fire
+                    // (never moving the clock back).
                     let now = crate::ingest::now_ms();
                     if now > self.state.clock_ms {
                         self.state.clock_ms = now;
+                        self.state.rules.on_tick(now, &mut self.alerts);
+                        self.emit_alerts(None);
                         self.close_due(now);
                     }
+                    self.enforce_quota()?;
                 }
                 _ = shutdown.cancelled() => break,
             }
-            for w in self.take_emitted() {
-                tracing::debug!(
-                    series = %w.series, start = w.window_start_ms, secs = w.window_secs,
-                    version = w.version, count = w.agg.count(), "window closed"
-                );
-            }
-            if self.dirty && last_checkpoint.elapsed() >= self.cfg.checkpoint_interval {
+            self.flush_batches(false)?;
+            let since = last_checkpoint.elapsed();
+            if (self.dirty && since >= self.cfg.checkpoint_interval)
+                || (self.appended && since >= Duration::from_millis(100))
+            {
                 tokio::task::block_in_place(|| self.checkpoint())?;
                 last_checkpoint = Instant::now();
             }
         }
-        if self.dirty {
+        if self.dirty || self.appended {
             self.checkpoint()?;
         }
         Ok(())
     }
+}
+
+fn append(
+    ob: &mut Outbox,
+    lane: Lane,
+    kind: BatchKind,
+    now: i64,
+    items: &[OutboxItem],
+) -> Result<u64, ProcessError> {
+    let batch = OutboxBatch {
+        kind,
+        created_ms: now,
+        items: items.to_vec(),
+    };
+    let bytes = postcard::to_stdvec(&batch).expect("batches always encode");
+    metrics::counter!("edgeferry_outbox_batches_total", "lane" => lane.as_str()).increment(1);
+    Ok(ob.append(lane, items.len() as u32, now, &bytes)?)
 }
 
 fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, String> {
