@@ -37,3 +37,72 @@ impl ForwardStatus {
             .clone()
     }
 }
+
+use crate::store::outbox::{Lane, Outbox, StoredBatch, lane_lsn};
+use std::sync::Arc;
+
+/// Why a link could not hand out the next batch.
+pub type OutboxResult<T> = Result<T, crate::store::seglog::LogError>;
+
+/// Per-connection send positions (lsns) per lane (index 0 aggregates, 1 alerts).
+///
+/// "Live first": what the processor checkpoints after the connection started is sent before
+/// the backlog; the backlog drains oldest first with the capacity left. Nothing waits for new
+/// traffic to start the drain.
+#[derive(Debug, Clone)]
+pub struct Cursors {
+    backlog: [u64; 2],
+    live: [u64; 2],
+    live_start: [u64; 2],
+}
+
+impl Cursors {
+    /// Cursors for a connection that starts when the checkpointed watermark is `live_start`.
+    pub fn new(live_start: [u64; 2]) -> Self {
+        Self {
+            backlog: [0, 0],
+            live: live_start,
+            live_start,
+        }
+    }
+}
+
+/// The next unacknowledged batch to send below the watermark `wm`: alerts first, then live
+/// aggregates, then the aggregate backlog.
+pub fn next_batch(
+    outbox: &Arc<Mutex<Outbox>>,
+    c: &mut Cursors,
+    wm: [u64; 2],
+) -> OutboxResult<Option<StoredBatch>> {
+    let ob = outbox.lock().unwrap_or_else(|e| e.into_inner());
+    let order = [
+        (Lane::Alerts, true),
+        (Lane::Alerts, false),
+        (Lane::Aggregates, true),
+        (Lane::Aggregates, false),
+    ];
+    for (lane, live) in order {
+        let i = lane as usize;
+        let (from, below) = if live {
+            (c.live[i], wm[i])
+        } else {
+            (c.backlog[i], c.live_start[i].min(wm[i]))
+        };
+        if let Some(b) = ob.unacked(lane, from, below, 1)?.into_iter().next() {
+            let next = lane_lsn(b.seq).1 + 1;
+            if live {
+                c.live[i] = next;
+            } else {
+                c.backlog[i] = next;
+            }
+            return Ok(Some(b));
+        }
+        // Nothing left in this range: remember so it is not scanned again.
+        if live {
+            c.live[i] = c.live[i].max(below);
+        } else {
+            c.backlog[i] = c.backlog[i].max(below);
+        }
+    }
+    Ok(None)
+}

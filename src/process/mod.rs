@@ -559,8 +559,8 @@ impl Processor {
     }
 
     /// Runs until the channel closes (ingest finished) or `shutdown`, checkpointing every
-    /// `checkpoint_interval` while something changed (sooner when batches wait for the
-    /// forwarder), and once more at the end.
+    /// `checkpoint_interval` while something changed (within a second when batches wait for
+    /// the forwarder), and once more at the end.
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<Committed>,
@@ -605,7 +605,7 @@ impl Processor {
             self.flush_batches(false)?;
             let since = last_checkpoint.elapsed();
             if (self.dirty && since >= self.cfg.checkpoint_interval)
-                || (self.appended && since >= Duration::from_millis(100))
+                || (self.appended && since >= Duration::from_secs(1).min(self.cfg.checkpoint_interval))
             {
                 tokio::task::block_in_place(|| self.checkpoint())?;
                 last_checkpoint = Instant::now();
