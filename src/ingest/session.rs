@@ -83,11 +83,14 @@ struct Incoming {
 }
 
 /// An acknowledgement to send once everything before it is durable.
+///
+/// It carries no permit: the permit (the memory bound on undecided messages) is returned as
+/// soon as the message is durable. Tying it to the acknowledgement instead would deadlock:
+/// acks leave only while the event loop is polled, and the poll task waits for permits.
 struct AckRequest {
     generation: u64,
     pkid: u16,
     qos: QoS,
-    _permit: OwnedSemaphorePermit,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -138,19 +141,28 @@ pub async fn run(
     let permits = Arc::new(Semaphore::new(cfg.max_unacked));
     let (in_tx, in_rx) = mpsc::channel::<Incoming>(cfg.max_unacked);
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<AckRequest>();
+    // Acknowledgements handed to the ack task but not yet queued in rumqttc: shutdown keeps
+    // the event loop turning until this is zero, so the last acks reach the broker.
+    let acks_pending = Arc::new(AtomicU64::new(0));
     let generation = Arc::new(AtomicU64::new(0));
 
     let recent_cap = cfg.max_unacked * 2 + cfg.commit_max;
     let mut recent = RecentCommits::new(recent_cap);
     recent.seed(journal.tail_keys(recent_cap as u64)?);
 
-    let ack_task = tokio::spawn(ack_loop(client.clone(), ack_rx, generation.clone()));
+    let ack_task = tokio::spawn(ack_loop(
+        client.clone(),
+        ack_rx,
+        generation.clone(),
+        acks_pending.clone(),
+    ));
     let publish_task = tokio::spawn(publish_loop(client.clone(), publications));
     // The poll loop stops on shutdown, or when the committer dies (a journal error): then
     // nothing more can be made durable, so nothing more may be read or acknowledged.
     let stop = shutdown.child_token();
     let committer = tokio::spawn({
         let stop = stop.clone();
+        let pending = acks_pending.clone();
         let status = status.clone();
         let cfg = cfg.clone();
         async move {
@@ -174,7 +186,10 @@ pub async fn run(
                     .ok()
                     .and_then(|v| v.parse().ok()),
             };
-            let r = c.run(in_rx, ack_tx, out, &cfg, &progress).await.map(|_| ());
+            let r = c
+                .run(in_rx, ack_tx, out, &cfg, &progress, &pending)
+                .await
+                .map(|_| ());
             stop.cancel();
             (c.journal, r)
         }
@@ -190,6 +205,7 @@ pub async fn run(
         status.clone(),
         ready,
         stop,
+        acks_pending,
     )
     .await;
     drop(eventloop);
@@ -277,6 +293,7 @@ async fn poll_loop(
     status: Arc<IngestStatus>,
     ready: watch::Sender<bool>,
     shutdown: CancellationToken,
+    acks_pending: Arc<AtomicU64>,
 ) {
     let filters: Vec<String> = cfg.subscribe.iter().map(|s| s.filter.clone()).collect();
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.reconnect_max);
@@ -437,7 +454,9 @@ async fn poll_loop(
     // and the broker redelivers it to the next session.
     drop(in_tx);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while permits.available_permits() < cfg.max_unacked && tokio::time::Instant::now() < deadline {
+    while (permits.available_permits() < cfg.max_unacked || acks_pending.load(Ordering::SeqCst) > 0)
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::select! {
             ev = eventloop.poll() => if ev.is_err() { break },
             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
@@ -545,20 +564,21 @@ async fn ack_loop(
     client: AsyncClient,
     mut rx: mpsc::UnboundedReceiver<AckRequest>,
     generation: Arc<AtomicU64>,
+    pending: Arc<AtomicU64>,
 ) {
     while let Some(a) = rx.recv().await {
-        if a.qos == QoS::AtMostOnce {
-            continue;
+        if a.qos != QoS::AtMostOnce {
+            if a.generation != generation.load(Ordering::SeqCst) {
+                metrics::counter!("edgeferry_ingest_stale_acks_dropped_total").increment(1);
+            } else {
+                let mut p = rumqttc::Publish::new("", a.qos, Vec::new());
+                p.pkid = a.pkid;
+                if let Err(e) = client.ack(&p).await {
+                    tracing::debug!("ack not queued: {e}");
+                }
+            }
         }
-        if a.generation != generation.load(Ordering::SeqCst) {
-            metrics::counter!("edgeferry_ingest_stale_acks_dropped_total").increment(1);
-            continue;
-        }
-        let mut p = rumqttc::Publish::new("", a.qos, Vec::new());
-        p.pkid = a.pkid;
-        if let Err(e) = client.ack(&p).await {
-            tracing::debug!("ack not queued: {e}");
-        }
+        pending.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -629,11 +649,13 @@ impl Committer {
         out: mpsc::Sender<Committed>,
         cfg: &MqttConfig,
         progress: &AtomicU64,
+        acks_pending: &AtomicU64,
     ) -> Result<(), IngestError> {
         let mut group: Vec<Incoming> = Vec::with_capacity(cfg.commit_max);
         let mut acks: Vec<AckRequest> = Vec::with_capacity(cfg.commit_max);
         let mut committed: Vec<Committed> = Vec::with_capacity(cfg.commit_max);
         let mut readings: Vec<Reading> = Vec::new();
+        let mut permits: Vec<OwnedSemaphorePermit> = Vec::with_capacity(cfg.commit_max);
         let mut closed = false;
         while !closed {
             progress.store(now_ms() as u64, Ordering::Relaxed);
@@ -682,8 +704,8 @@ impl Committer {
                     generation: m.generation,
                     pkid: m.pkid,
                     qos: m.qos,
-                    _permit: m.permit,
                 });
+                permits.push(m.permit);
             }
             if appended > 0 {
                 tokio::task::block_in_place(|| self.journal.sync())?;
@@ -707,7 +729,10 @@ impl Committer {
             let jb = self.journal.disk_bytes();
             self.journal_bytes.store(jb, Ordering::Relaxed);
             metrics::gauge!("edgeferry_journal_bytes").set(jb as f64);
-            // Durable now: acknowledge in order, then hand on to processing.
+            // Durable now: the memory they held is free, acknowledge in order, then hand on
+            // to processing.
+            permits.clear();
+            acks_pending.fetch_add(acks.len() as u64, Ordering::SeqCst);
             for a in acks.drain(..) {
                 let _ = ack_tx.send(a);
             }

@@ -605,7 +605,8 @@ impl Processor {
             self.flush_batches(false)?;
             let since = last_checkpoint.elapsed();
             if (self.dirty && since >= self.cfg.checkpoint_interval)
-                || (self.appended && since >= Duration::from_secs(1).min(self.cfg.checkpoint_interval))
+                || (self.appended
+                    && since >= Duration::from_secs(1).min(self.cfg.checkpoint_interval))
             {
                 tokio::task::block_in_place(|| self.checkpoint())?;
                 last_checkpoint = Instant::now();

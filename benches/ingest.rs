@@ -1,0 +1,900 @@
+//! Ingest benchmark: edgeferry against a bare rumqttc subscriber, through one real Mosquitto.
+//!
+//! `cargo bench --bench ingest` runs the full benchmark (N = `EDGEFERRY_BENCH_N`, default
+//! 200,000; live phases of 10 s at 10,000 readings/s). Without `--bench` (as `cargo test
+//! --all-targets` runs it) it is a smoke run: N = 2,000 and 1 s live phases; it checks that
+//! every reading arrived, never how fast.
+//!
+//! Phases, all through the same broker:
+//! 1. bare drain: a rumqttc QoS 1 subscriber (persistent session, auto-ack, TCP_NODELAY) drains
+//!    N messages queued while it was away;
+//! 2. edgeferry drain: the same for the real daemon (journal + group commit + ack after sync);
+//!    the ratio edgeferry ÷ bare is the figure that matters;
+//! 3. live latency at 10,000 msg/s: publish → receive from the journal (`received_ms - ts`),
+//!    receive → commit from `/metrics` when it exists, and a bare subscriber for comparison;
+//! 4. resident memory during the live phase and during a live phase over 10,000 series.
+//!
+//! Every message's `ts` is the publisher's clock at publish time; everything runs on one host,
+//! so `received_ms - ts` is a latency (1 ms resolution on both sides).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{Gateway, Mosquitto, wait_for};
+use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const FILTER: &str = "bench/#";
+const LIVE_RATE: usize = 10_000;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// ~50-byte payload: `{"value":i,"ts":<publish epoch ms>}`.
+fn payload(i: usize) -> String {
+    format!(r#"{{"value":{i},"ts":{}}}"#, now_ms())
+}
+
+/// 100 series: 10 sites × 100 devices, one metric.
+fn topic(i: usize) -> String {
+    format!("bench/s{}/d{}/temp", i % 10, i % 100)
+}
+
+/// 10,000 distinct series: (site, device) = (i mod 100, (i / 100) mod 100).
+fn series_topic(i: usize) -> String {
+    format!("bench/s{}/d{}/temp", i % 100, (i / 100) % 100)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn options(port: u16, id: &str, clean: bool) -> MqttOptions {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(clean)
+        .set_max_packet_size(16 << 20, 16 << 20)
+        .set_inflight(200);
+    o
+}
+
+fn nodelay() -> NetworkOptions {
+    let mut n = NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
+/// Connects, optionally subscribes to `bench/#` (QoS 1), and disconnects cleanly.
+/// With `clean = true` and no subscription this deletes a persistent session of that id.
+fn session_op(port: u16, id: &str, clean: bool, subscribe: bool) {
+    let rt = runtime();
+    rt.block_on(async {
+        let (client, mut el) = AsyncClient::new(options(port, id, clean), 100);
+        el.set_network_options(nodelay());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let Ok(ev) = tokio::time::timeout_at(deadline, el.poll()).await else {
+                panic!("session setup for {id} timed out");
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) if subscribe => {
+                    client.subscribe(FILTER, QoS::AtLeastOnce).await.unwrap();
+                }
+                Ok(Event::Incoming(Packet::ConnAck(_)))
+                | Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    client.disconnect().await.unwrap();
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                Ok(_) => {}
+                Err(e) => panic!("session setup for {id}: {e}"),
+            }
+        }
+    });
+}
+
+/// A QoS 1 publisher (TCP_NODELAY) that counts PUBACKs.
+struct Publisher {
+    rt: tokio::runtime::Runtime,
+    client: AsyncClient,
+    acked: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    fn connect(port: u16, id: &str) -> Publisher {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (client, mut el) = AsyncClient::new(options(port, id, true), 10_000);
+        el.set_network_options(nodelay());
+        let acked = Arc::new(AtomicUsize::new(0));
+        let a = acked.clone();
+        let task = rt.spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Publisher {
+            rt,
+            client,
+            acked,
+            task,
+        }
+    }
+
+    fn publish(&self, topic: String, payload: String) {
+        let c = self.client.clone();
+        self.rt.block_on(async move {
+            c.publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        });
+    }
+
+    fn wait_acked(&self, n: usize, timeout: Duration) {
+        wait_for(&format!("{n} PUBACKs"), timeout, || {
+            self.acked.load(Ordering::SeqCst) >= n
+        });
+    }
+
+    /// Publishes `n` messages as fast as the broker acknowledges them.
+    fn queue(port: u16, n: usize, id: &str) {
+        let p = Publisher::connect(port, id);
+        for i in 0..n {
+            p.publish(topic(i), payload(i));
+        }
+        p.wait_acked(n, Duration::from_secs(300));
+    }
+
+    /// Publishes at `rate` msg/s for `secs` seconds; returns (messages, achieved rate).
+    fn paced(
+        port: u16,
+        id: &str,
+        rate: usize,
+        secs: f64,
+        topic: fn(usize) -> String,
+    ) -> (usize, f64) {
+        let p = Publisher::connect(port, id);
+        let total = (rate as f64 * secs) as usize;
+        let period = Duration::from_secs_f64(1.0 / rate as f64);
+        let start = Instant::now();
+        for i in 0..total {
+            let due = start + period * i as u32;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            p.publish(topic(i), payload(i));
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        p.wait_acked(total, Duration::from_secs(120));
+        (total, total as f64 / elapsed)
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reconnects the persistent session `id` and receives `n` messages (auto-ack); returns the
+/// time from the start of the connection to the n-th message.
+fn bare_drain(port: u16, id: &str, n: usize) -> Duration {
+    let rt = runtime();
+    rt.block_on(async {
+        let (client, mut el) = AsyncClient::new(options(port, id, false), 1000);
+        el.set_network_options(nodelay());
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        let mut got = 0usize;
+        while got < n {
+            match tokio::time::timeout_at(deadline, el.poll()).await {
+                Err(_) => panic!("bare drain: {got} of {n} after 300 s"),
+                Ok(Ok(Event::Incoming(Packet::Publish(_)))) => got += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("bare drain: {e}"),
+            }
+        }
+        let t = start.elapsed();
+        // Let the last acks go out, then leave.
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        t
+    })
+}
+
+/// A live bare subscriber recording publish → receive latency (ms) of each message.
+fn bare_live(port: u16, rate: usize, secs: f64) -> (Vec<i64>, usize) {
+    let ready = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let expect = (rate as f64 * secs) as usize;
+    let sub = {
+        let (ready, done) = (ready.clone(), done.clone());
+        std::thread::spawn(move || {
+            let rt = runtime();
+            rt.block_on(async move {
+                let (client, mut el) =
+                    AsyncClient::new(options(port, "bench-bare-live", true), 1000);
+                el.set_network_options(nodelay());
+                let mut lat = Vec::with_capacity(expect);
+                while lat.len() < expect && !done.load(Ordering::SeqCst) {
+                    match tokio::time::timeout(Duration::from_millis(200), el.poll()).await {
+                        Err(_) => {}
+                        Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                            client.subscribe(FILTER, QoS::AtLeastOnce).await.unwrap();
+                        }
+                        Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                            ready.store(true, Ordering::SeqCst)
+                        }
+                        Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                            let recv = now_ms();
+                            let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                            lat.push(recv - v["ts"].as_i64().unwrap());
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => panic!("bare live subscriber: {e}"),
+                    }
+                }
+                let _ = client.disconnect().await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
+                lat
+            })
+        })
+    };
+    wait_for("bare live subscriber", Duration::from_secs(10), || {
+        ready.load(Ordering::SeqCst)
+    });
+    let (sent, _) = Publisher::paced(port, "bench-pub-bare-live", rate, secs, topic);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) && !sub.is_finished() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    done.store(true, Ordering::SeqCst);
+    (sub.join().unwrap(), sent)
+}
+
+// ---------------------------------------------------------------------------------------------
+// edgeferry side
+
+fn bench_gateway(broker: &Mosquitto, id: &str, max_series: usize) -> Gateway {
+    let gw = Gateway::with_config(&broker.url(), "", "");
+    let cfg = format!(
+        r#"
+[gateway]
+id = "{id}"
+data_dir = "{data}"
+
+[mqtt]
+url = "{url}"
+
+[[mqtt.subscribe]]
+filter = "bench/#"
+template = "bench/{{site}}/{{device}}/{{metric}}"
+format = "json"
+value = "value"
+timestamp = "ts"
+
+[process]
+max_series = {max_series}
+
+[store]
+# Large segments: nothing is trimmed, so the whole run can be read back from the journal.
+segment_size = "256MiB"
+max_disk = "4GiB"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+level = "info"
+"#,
+        data = gw.dir.path().join("data").display(),
+        url = broker.url(),
+    );
+    std::fs::write(&gw.config, cfg).unwrap();
+    gw
+}
+
+fn client_id(gw_id: &str) -> String {
+    format!("edgeferry-{gw_id}")
+}
+
+/// The admin address from the log line `admin listening on ADDR`, if the daemon has one.
+fn admin_addr(gw: &Gateway) -> Option<String> {
+    let log = gw.current_log();
+    let rest = &log[log.find("admin listening on ")? + "admin listening on ".len()..];
+    let addr = rest.split_whitespace().next()?.trim_end_matches(',');
+    Some(
+        addr.trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string(),
+    )
+}
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.")
+        .then_some(())
+        .filter(|_| head.split_whitespace().nth(1) == Some("200"))?;
+    Some(body.to_string())
+}
+
+/// Value of a Prometheus sample line `name{labels} value` or `name value`.
+fn sample_value(line: &str) -> Option<f64> {
+    line.rsplit_once(' ')?.1.parse().ok()
+}
+
+/// Sum of every series of a counter.
+fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines() {
+        let is = l
+            .strip_prefix(name)
+            .is_some_and(|r| r.starts_with('{') || r.starts_with(' '));
+        if is && let Some(v) = sample_value(l) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+fn quantile(text: &str, name: &str, q: &str) -> Option<f64> {
+    let want = format!("quantile=\"{q}\"");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(&want))
+        .find_map(sample_value)
+}
+
+struct Metrics {
+    addr: Option<String>,
+}
+
+impl Metrics {
+    fn of(gw: &Gateway) -> Metrics {
+        // The admin line comes before "ready"; allow a moment in case it is logged after.
+        let mut addr = admin_addr(gw);
+        let t = Instant::now();
+        while addr.is_none() && t.elapsed() < Duration::from_millis(300) {
+            std::thread::sleep(Duration::from_millis(20));
+            addr = admin_addr(gw);
+        }
+        // Empty until the first metric is recorded; a 200 is enough.
+        let addr = addr.filter(|a| http_get(a, "/metrics").is_some());
+        Metrics { addr }
+    }
+
+    fn scrape(&self) -> Option<String> {
+        http_get(self.addr.as_ref()?, "/metrics")
+    }
+
+    fn readings(&self) -> Option<f64> {
+        metric_sum(&self.scrape()?, "edgeferry_ingest_readings_total")
+    }
+}
+
+/// Peak VmRSS seen by a sampler thread, and the final VmHWM.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<u64>,
+    pid: u32,
+}
+
+fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let l = s.lines().find(|l| l.starts_with(key))?;
+    l.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !s.load(Ordering::SeqCst) {
+                if let Some(v) = proc_status_kib(pid, "VmRSS:") {
+                    peak = peak.max(v);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        RssSampler { stop, handle, pid }
+    }
+
+    /// (peak sampled VmRSS, VmHWM) in KiB.
+    fn finish(self) -> (u64, u64) {
+        let hwm = proc_status_kib(self.pid, "VmHWM:").unwrap_or(0);
+        self.stop.store(true, Ordering::SeqCst);
+        (self.handle.join().unwrap(), hwm)
+    }
+}
+
+/// One journaled reading, as much as the benchmark needs.
+struct Rec {
+    received_ms: i64,
+    value: f64,
+    time_ms: i64,
+    series: (String, String),
+}
+
+fn journal(gw: &Gateway) -> Vec<Rec> {
+    let (st, out, err) = gw.command(&["dump-journal"]);
+    assert!(st.success(), "dump-journal failed: {err}");
+    let mut v = Vec::new();
+    for line in out.lines() {
+        let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+        let received_ms = rec["received_ms"].as_i64().unwrap();
+        for r in rec["readings"].as_array().unwrap() {
+            v.push(Rec {
+                received_ms,
+                value: r["value"].as_f64().unwrap(),
+                time_ms: r["time_ms"].as_i64().unwrap(),
+                series: (
+                    r["tags"]["site"].as_str().unwrap_or("").to_string(),
+                    r["tags"]["device"].as_str().unwrap_or("").to_string(),
+                ),
+            });
+        }
+    }
+    v
+}
+
+/// Missing and duplicated values among 0..n.
+fn check_once(values: impl Iterator<Item = f64>, n: usize) -> (usize, usize) {
+    let mut seen = vec![0u32; n];
+    let mut extra = 0;
+    for v in values {
+        match seen.get_mut(v as usize) {
+            Some(c) if v >= 0.0 && v.fract() == 0.0 => *c += 1,
+            _ => extra += 1,
+        }
+    }
+    let missing = seen.iter().filter(|&&c| c == 0).count();
+    let dups = seen.iter().filter(|&&c| c > 1).count() + extra;
+    (missing, dups)
+}
+
+/// Epoch ms of an RFC 3339 timestamp at the start of a log line.
+fn log_line_ms(line: &str) -> Option<i64> {
+    let tok = line.split_whitespace().next()?;
+    let t =
+        time::OffsetDateTime::parse(tok, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// Latest modification time (epoch ms) of any file under `dir`.
+fn newest_mtime_ms(dir: &Path) -> Option<i64> {
+    let mut best = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let m = e.metadata().ok()?;
+        let t = if m.is_dir() {
+            newest_mtime_ms(&e.path())
+        } else {
+            m.modified()
+                .ok()
+                .map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64)
+        };
+        best = best.max(t);
+    }
+    best
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn pct(sorted: &[i64], p: f64) -> Option<i64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    Some(sorted[i])
+}
+
+fn fmt_ms(v: Option<i64>) -> String {
+    v.map(|v| format!("{v} ms")).unwrap_or_else(|| "n/a".into())
+}
+
+fn fmt_mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct DrainResult {
+    rate_from_connect: f64,
+    rate_from_spawn: f64,
+    completion: &'static str,
+    missing: usize,
+    dups: usize,
+    peak_rss_kib: u64,
+}
+
+fn edgeferry_drain(broker: &Mosquitto, n: usize) -> DrainResult {
+    let id = "bench-drain";
+    let mut gw = bench_gateway(broker, id, 20_000);
+    // First run: creates the persistent session and its subscription.
+    gw.start();
+    assert!(gw.stop().success(), "{}", gw.current_log());
+    Publisher::queue(broker.port, n, "bench-pub-drain-ef");
+
+    let spawn_ms = now_ms();
+    let spawned = Instant::now();
+    gw.spawn();
+    let rss = RssSampler::start(gw.pid().unwrap());
+    gw.wait_ready();
+    let metrics = Metrics::of(&gw);
+    let journal_dir = gw.dir.path().join("data").join("journal");
+    // Completion: the readings counter of /metrics when the daemon serves it; otherwise the
+    // journal not growing for 1 s (checked by stopping and reading the journal below).
+    // Either way the drain ended at the journal's last write (its mtime).
+    let completion = if metrics.addr.is_some() {
+        while !metrics.readings().is_some_and(|r| r >= n as f64) {
+            if spawned.elapsed() > Duration::from_secs(60) {
+                let text = metrics.scrape().unwrap_or_default();
+                let status = metrics
+                    .addr
+                    .as_deref()
+                    .and_then(|a| http_get(a, "/status"))
+                    .unwrap_or_default();
+                let ss = std::process::Command::new("ss")
+                    .args([
+                        "-tn",
+                        format!("( sport = :{} or dport = :{} )", broker.port, broker.port)
+                            .as_str(),
+                    ])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                eprintln!("--- /status:\n{status}\n--- sockets:\n{ss}");
+                let ours: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.starts_with("edgeferry_"))
+                    .collect();
+                panic!(
+                    "edgeferry drain stalled: {:?} of {n} readings after 60 s\n{}\n--- log:\n{}",
+                    metrics.readings(),
+                    ours.join("\n"),
+                    gw.current_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        "/metrics edgeferry_ingest_readings_total = N; end = journal's last write"
+    } else {
+        let (mut last, mut since) = (0, Instant::now());
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let b = dir_bytes(&journal_dir);
+            if b != last {
+                (last, since) = (b, Instant::now());
+            } else if b > 0 && since.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+            assert!(
+                spawned.elapsed() < Duration::from_secs(300),
+                "drain stalled"
+            );
+        }
+        "no /metrics: journal stopped growing, then stop + dump-journal; end = journal's last write"
+    };
+    let done_ms = newest_mtime_ms(&journal_dir).unwrap_or_else(now_ms);
+    let (peak, hwm) = rss.finish();
+    let log = gw.current_log();
+    let connected_ms = log
+        .lines()
+        .find(|l| l.contains("connected to MQTT broker"))
+        .and_then(log_line_ms)
+        .unwrap_or(spawn_ms);
+    assert!(gw.stop().success(), "{}", gw.current_log());
+    let j = journal(&gw);
+    let (missing, dups) = check_once(j.iter().map(|r| r.value), n);
+    drop(gw);
+    session_op(broker.port, &client_id(id), true, false);
+    DrainResult {
+        rate_from_connect: n as f64 / ((done_ms - connected_ms).max(1) as f64 / 1000.0),
+        rate_from_spawn: n as f64 / ((done_ms - spawn_ms).max(1) as f64 / 1000.0),
+        completion,
+        missing,
+        dups,
+        peak_rss_kib: peak.max(hwm),
+    }
+}
+
+struct LiveResult {
+    sent: usize,
+    rate: f64,
+    journaled: usize,
+    distinct_series: usize,
+    lat: Vec<i64>,
+    commit_p50: Option<f64>,
+    commit_p99: Option<f64>,
+    peak_rss_kib: u64,
+    hwm_kib: u64,
+}
+
+fn edgeferry_live(
+    broker: &Mosquitto,
+    id: &str,
+    secs: f64,
+    max_series: usize,
+    topic: fn(usize) -> String,
+) -> LiveResult {
+    let mut gw = bench_gateway(broker, id, max_series);
+    gw.start();
+    let metrics = Metrics::of(&gw);
+    let rss = RssSampler::start(gw.pid().unwrap());
+    let (sent, rate) = Publisher::paced(
+        broker.port,
+        &format!("bench-pub-{id}"),
+        LIVE_RATE,
+        secs,
+        topic,
+    );
+    if metrics.addr.is_some() {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30)
+            && !metrics.readings().is_some_and(|r| r >= sent as f64)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    } else {
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let text = metrics.scrape().unwrap_or_default();
+    let commit_p50 = quantile(&text, "edgeferry_ingest_commit_seconds", "0.5");
+    let commit_p99 = quantile(&text, "edgeferry_ingest_commit_seconds", "0.99");
+    let (peak, hwm) = rss.finish();
+    assert!(gw.stop().success(), "{}", gw.current_log());
+    let j = journal(&gw);
+    drop(gw);
+    session_op(broker.port, &client_id(id), true, false);
+    let mut lat: Vec<i64> = j.iter().map(|r| r.received_ms - r.time_ms).collect();
+    lat.sort_unstable();
+    let series: HashSet<&(String, String)> = j.iter().map(|r| &r.series).collect();
+    LiveResult {
+        sent,
+        rate,
+        journaled: j.len(),
+        distinct_series: series.len(),
+        lat,
+        commit_p50,
+        commit_p99,
+        peak_rss_kib: peak,
+        hwm_kib: hwm,
+    }
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let n: usize = if full {
+        std::env::var("EDGEFERRY_BENCH_N")
+            .ok()
+            .and_then(|v| v.replace('_', "").parse().ok())
+            .unwrap_or(200_000)
+    } else {
+        2_000
+    };
+    let secs = if full { 10.0 } else { 1.0 };
+    let bin = env!("CARGO_BIN_EXE_edgeferry");
+    println!(
+        "edgeferry ingest benchmark ({}): N = {n}, live {secs} s at {LIVE_RATE} msg/s\n  daemon binary: {bin}",
+        if full {
+            "full"
+        } else {
+            "smoke run; pass --bench for the real one"
+        }
+    );
+
+    let broker = Mosquitto::start();
+    let port = broker.port;
+
+    // 1. bare subscriber drain
+    println!("[1/5] bare subscriber drain of {n} queued messages");
+    session_op(port, "bench-bare-drain", false, true);
+    Publisher::queue(port, n, "bench-pub-drain-bare");
+    let bare_t = bare_drain(port, "bench-bare-drain", n);
+    session_op(port, "bench-bare-drain", true, false);
+    let bare_rate = n as f64 / bare_t.as_secs_f64();
+
+    // 2. edgeferry drain
+    println!("[2/5] edgeferry drain of {n} queued messages");
+    let ef = edgeferry_drain(&broker, n);
+    let ratio = ef.rate_from_connect / bare_rate;
+
+    // 3. live latency through edgeferry, 100 series
+    println!("[3/5] edgeferry live, {LIVE_RATE} msg/s for {secs} s");
+    let live = edgeferry_live(&broker, "bench-live", secs, 20_000, topic);
+
+    // 3b. the same rate to a bare subscriber
+    println!("[4/5] bare subscriber live, {LIVE_RATE} msg/s for {secs} s");
+    let (mut bare_lat, bare_sent) = bare_live(port, LIVE_RATE, secs);
+    bare_lat.sort_unstable();
+
+    // 4. 10,000 series
+    println!("[5/5] edgeferry live over 10,000 series, {LIVE_RATE} msg/s for {secs} s");
+    let many = edgeferry_live(&broker, "bench-series", secs, 20_000, series_topic);
+
+    // ---- report
+    let ms = |s: Option<f64>| {
+        s.map(|v| format!("{:.2} ms", v * 1000.0))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let sum = |a: Option<i64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.1} ms", a as f64 + b * 1000.0),
+        _ => "n/a (no /metrics)".into(),
+    };
+    let p50 = pct(&live.lat, 0.50);
+    let p99 = pct(&live.lat, 0.99);
+    let max = live.lat.last().copied();
+    println!();
+    println!("| measurement | result |");
+    println!("|---|---|");
+    println!("| N (queued messages per drain) | {n} |");
+    println!(
+        "| bare rumqttc drain | {bare_rate:.0} msg/s ({:.3} s) |",
+        bare_t.as_secs_f64()
+    );
+    println!(
+        "| edgeferry drain, from MQTT connect | {:.0} msg/s |",
+        ef.rate_from_connect
+    );
+    println!(
+        "| edgeferry drain, from process start | {:.0} msg/s |",
+        ef.rate_from_spawn
+    );
+    println!("| **ratio edgeferry ÷ bare** (from connect) | **{ratio:.2}** |");
+    println!("| drain completion signal | {} |", ef.completion);
+    println!(
+        "| drain exactly-once check | {} missing, {} duplicated |",
+        ef.missing, ef.dups
+    );
+    println!(
+        "| edgeferry peak RSS while draining | {} |",
+        fmt_mib(ef.peak_rss_kib)
+    );
+    println!(
+        "| live publish rate achieved | {:.0} msg/s ({} messages, {} journaled) |",
+        live.rate, live.sent, live.journaled
+    );
+    println!(
+        "| edgeferry publish → receive (journal) p50 / p99 / max | {} / {} / {} |",
+        fmt_ms(p50),
+        fmt_ms(p99),
+        fmt_ms(max)
+    );
+    println!(
+        "| edgeferry receive → commit (/metrics) p50 / p99 | {} / {} |",
+        ms(live.commit_p50),
+        ms(live.commit_p99)
+    );
+    println!(
+        "| **publish → durable commit, p99 estimate** (p99 + p99) | **{}** |",
+        sum(p99, live.commit_p99)
+    );
+    println!(
+        "| bare subscriber publish → receive p50 / p99 / max | {} / {} / {} ({} of {bare_sent}) |",
+        fmt_ms(pct(&bare_lat, 0.5)),
+        fmt_ms(pct(&bare_lat, 0.99)),
+        fmt_ms(bare_lat.last().copied()),
+        bare_lat.len()
+    );
+    println!(
+        "| edgeferry RSS, live 100 series: peak VmRSS / VmHWM | {} / {} |",
+        fmt_mib(live.peak_rss_kib),
+        fmt_mib(live.hwm_kib)
+    );
+    println!(
+        "| 10k-series phase: rate, journaled, distinct series | {:.0} msg/s, {} of {}, {} series |",
+        many.rate, many.journaled, many.sent, many.distinct_series
+    );
+    println!(
+        "| 10k-series phase publish → receive p50 / p99 / max | {} / {} / {} |",
+        fmt_ms(pct(&many.lat, 0.5)),
+        fmt_ms(pct(&many.lat, 0.99)),
+        fmt_ms(many.lat.last().copied())
+    );
+    println!(
+        "| 10k-series phase receive → commit p50 / p99 | {} / {} |",
+        ms(many.commit_p50),
+        ms(many.commit_p99)
+    );
+    println!(
+        "| **edgeferry RSS, 10k series: peak VmRSS / VmHWM** | **{} / {}** |",
+        fmt_mib(many.peak_rss_kib),
+        fmt_mib(many.hwm_kib)
+    );
+    println!();
+    let goal = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!("goals (full run only are meaningful):");
+    println!("  drain ratio >= 0.9: {ratio:.2} -> {}", goal(ratio >= 0.9));
+    match (p99, live.commit_p99) {
+        (Some(a), Some(b)) => {
+            let e = a as f64 + b * 1000.0;
+            println!(
+                "  p99 publish -> commit <= 50 ms: {e:.1} ms -> {}",
+                goal(e <= 50.0)
+            )
+        }
+        _ => println!(
+            "  p99 publish -> commit <= 50 ms: n/a (no /metrics); publish -> receive p99 {}",
+            fmt_ms(p99)
+        ),
+    }
+    let rss = many.peak_rss_kib.max(many.hwm_kib);
+    println!(
+        "  RSS < 64 MiB with 10k series: {} -> {}",
+        fmt_mib(rss),
+        goal(rss < 64 * 1024)
+    );
+
+    // Correctness is checked in both modes (never speed).
+    assert_eq!(
+        (ef.missing, ef.dups),
+        (0, 0),
+        "drain lost or duplicated readings"
+    );
+    assert_eq!(
+        live.journaled, live.sent,
+        "live phase: every reading journaled once"
+    );
+    assert_eq!(
+        many.journaled, many.sent,
+        "10k-series phase: every reading journaled once"
+    );
+    let want_series = many.sent.min(10_000);
+    assert_eq!(
+        many.distinct_series, want_series,
+        "10k-series phase: distinct series"
+    );
+    assert_eq!(
+        bare_lat.len(),
+        bare_sent,
+        "bare live subscriber received everything"
+    );
+    println!("\nbench ingest: all readings accounted for");
+}
