@@ -2,5 +2,6 @@
 //! what is built and what is not).
 
 pub mod config;
+pub mod protocol;
 
 pub use config::UpstreamConfig;
