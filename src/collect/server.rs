@@ -304,6 +304,8 @@ impl Shared {
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit));
         let tokens = self.tokens.as_deref();
+        // The signature is tungstenite's `Callback`; the large error type is theirs.
+        #[allow(clippy::result_large_err)]
         let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
             if authorized(tokens, req) {
                 Ok(resp)

@@ -974,17 +974,28 @@ mod tests {
     }
 
     #[test]
-    fn heartbeat_envelope_matches_the_documented_hex_example() {
-        // docs/PROTOCOL.md, "Worked example".
-        let msg = encode(&Frame::Heartbeat(Heartbeat {
+    fn envelopes_match_the_documented_hex_examples() {
+        // docs/PROTOCOL.md, "Worked examples".
+        let hex = |f: &Frame| -> String { encode(f).iter().map(|b| format!("{b:02x}")).collect() };
+        let heartbeat = Frame::Heartbeat(Heartbeat {
             time_ms: 1_764_000_000_000,
-        }));
-        let hex: String = msg.iter().map(|b| format!("{b:02x}")).collect();
-        println!("heartbeat envelope: {hex}");
-        assert_eq!(&msg[..4], b"EF\x01\x06");
-        let ack = encode(&Frame::Ack(Ack { seqs: vec![5, 300] }));
-        let hex: String = ack.iter().map(|b| format!("{b:02x}")).collect();
-        println!("ack envelope: {hex}");
+        });
+        assert_eq!(hex(&heartbeat), "4546010606000000fa39c44f80a0bfe9d666");
+        let ack = Frame::Ack(Ack { seqs: vec![5, 300] });
+        assert_eq!(hex(&ack), "4546010504000000b5473a610205ac02");
+        let hello = Frame::Hello(Hello {
+            gateway: "gw-1".into(),
+            epoch: 7,
+            versions: vec![1],
+            first_seq: 42,
+            software: "ef/0.1".into(),
+        });
+        assert_eq!(
+            hex(&hello),
+            "4546010110000000fe6b85070467772d310701012a0665662f302e31"
+        );
+        let body = &encode(&hello)[HEADER_LEN..];
+        assert_eq!(body, b"\x04gw-1\x07\x01\x01\x2a\x06ef/0.1");
     }
 
     #[test]
