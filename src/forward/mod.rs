@@ -1,5 +1,6 @@
-//! Forwarding to the central system (configuration only so far; see docs/ARCHITECTURE.md for
-//! what is built and what is not).
+//! Forwarding to the central system: the `[upstream]` configuration and the wire protocol
+//! ([`protocol`], specified in docs/PROTOCOL.md). The forwarder loop itself is not built yet;
+//! see docs/ARCHITECTURE.md.
 
 pub mod config;
 pub mod protocol;
