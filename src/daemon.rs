@@ -153,7 +153,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let (tx, rx) = mpsc::channel(4096);
     let (ready_tx, mut ready_rx) = watch::channel(false);
     let forward_status = Arc::new(crate::forward::ForwardStatus::default());
-    let _ = &watermark_rx;
 
     let proc_shutdown = CancellationToken::new();
     let proc_task = tokio::spawn(processor.run(rx, proc_shutdown.clone()));
@@ -206,6 +205,39 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         shutdown.clone(),
     ));
 
+    // The upstream link stops with the processor (its watermark channel closes) or on shutdown.
+    let forward_shutdown = CancellationToken::new();
+    let forward_task = cfg.upstream.clone().map(|up| {
+        let mqtt = up.url.starts_with("mqtt");
+        if mqtt {
+            let link = crate::forward::mqtt::MqttLink {
+                cfg: up,
+                gateway: cfg.gateway.id.clone(),
+                epoch,
+                outbox: outbox.clone(),
+                watermark: watermark_rx.clone(),
+                status: forward_status.clone(),
+            };
+            tokio::spawn(link.run(forward_shutdown.clone()))
+        } else {
+            let link = crate::forward::ws::Link {
+                cfg: up,
+                gateway: cfg.gateway.id.clone(),
+                epoch,
+                outbox: outbox.clone(),
+                watermark: watermark_rx.clone(),
+                status: forward_status.clone(),
+            };
+            tokio::spawn(link.run(forward_shutdown.clone()))
+        }
+    });
+    if forward_task.is_none() {
+        tracing::warn!(
+            "no [upstream] configured: batches stay in the outbox (bounded by store.max_disk)"
+        );
+    }
+    drop(watermark_rx);
+
     let notify = tokio::spawn(systemd_loop(status.clone(), progress, shutdown.clone()));
     tokio::select! {
         _ = ready_rx.wait_for(|r| *r) => {
@@ -220,6 +252,29 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     // so processing sees the end of its channel after the last committed record.
     let proc_result = proc_task.await.expect("processing task panicked");
     proc_shutdown.cancel();
+    // Processing wrote its final checkpoint; give the link a moment to send what it covers.
+    if let Some(t) = forward_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                let (b, ..) = outbox
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .backlog(crate::store::outbox::Lane::Alerts)
+                    .unwrap_or((0, 0, 0, None));
+                if b == 0
+                    || !forward_status
+                        .connected
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        forward_shutdown.cancel();
+        let _ = t.await;
+    }
     notify.abort();
     let _ = admin_task.await;
     let _journal = ingest_result?;

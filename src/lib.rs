@@ -30,6 +30,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod collect;
 pub mod config;
 pub mod daemon;
 pub mod forward;

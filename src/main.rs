@@ -40,6 +40,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the reference central receiver: accept gateways over WebSocket(+TLS) and write
+    /// their batches to DIR/out/<gateway>.jsonl (docs/PROTOCOL.md).
+    Collect {
+        /// Address to listen on, e.g. 0.0.0.0:9443 (port 0: ephemeral; the bound address is
+        /// written to DIR/collect.addr).
+        #[arg(long)]
+        listen: String,
+        /// Directory for out/*.jsonl and the dedup marks.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Accepted bearer tokens, one per line; without it every client is accepted.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Server certificate chain (PEM); enables TLS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// Server private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// CA (PEM) for client certificates; enables mutual TLS.
+        #[arg(long, requires = "tls_cert")]
+        client_ca: Option<PathBuf>,
+        /// Most concurrent connections.
+        #[arg(long, default_value_t = 1024)]
+        max_connections: usize,
+        /// Largest frame body accepted, bytes.
+        #[arg(long, hide = true, default_value_t = edgeferry::forward::protocol::DEFAULT_MAX_FRAME)]
+        max_frame: u32,
+        /// Heartbeat interval (whole seconds).
+        #[arg(long, hide = true, default_value = "15s", value_parser = humantime::parse_duration)]
+        heartbeat: std::time::Duration,
+        /// Timeout of each of TLS handshake, WebSocket upgrade and Hello.
+        #[arg(long, hide = true, default_value = "10s", value_parser = humantime::parse_duration)]
+        handshake_timeout: std::time::Duration,
+    },
     /// Print the journal's contents (offline; for checks and tests), one JSON object per line.
     DumpJournal {
         /// Configuration file (its gateway.data_dir is read).
@@ -94,6 +129,37 @@ fn main() -> ExitCode {
             };
             status(&cfg, json)
         }
+        Command::Collect {
+            listen,
+            data_dir,
+            token_file,
+            tls_cert,
+            tls_key,
+            client_ca,
+            max_connections,
+            max_frame,
+            heartbeat,
+            handshake_timeout,
+        } => {
+            edgeferry::telemetry::init(&edgeferry::telemetry::LogConfig::default());
+            let mut cfg = edgeferry::collect::CollectConfig::new(listen, data_dir);
+            cfg.token_file = token_file;
+            cfg.tls_cert = tls_cert;
+            cfg.tls_key = tls_key;
+            cfg.client_ca = client_ca;
+            cfg.max_connections = max_connections;
+            cfg.max_frame = max_frame;
+            cfg.heartbeat = heartbeat;
+            cfg.handshake_timeout = handshake_timeout;
+            match collect(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("edgeferry collect: {e:#}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
         Command::DumpJournal { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -126,6 +192,20 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         edgeferry::daemon::run(cfg, shutdown).await
     })?;
     Ok(())
+}
+
+fn collect(cfg: edgeferry::collect::CollectConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("edgeferry-collect")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(edgeferry::daemon::watch_signals(shutdown.clone()));
+        edgeferry::collect::run(cfg, shutdown).await
+    })
 }
 
 /// `edgeferry status`: 0 healthy, 3 unhealthy, 2 daemon unreachable.

@@ -1,7 +1,12 @@
-//! Forwarding to the central system: what the outbox stores ([`batch`]) and the link.
+//! Forwarding to the central system: what the outbox stores ([`batch`]), the wire protocol
+//! ([`protocol`], specified in docs/PROTOCOL.md) and the two links: WebSocket(+TLS) ([`ws`])
+//! and MQTT ([`mqtt`]).
 
 pub mod batch;
 pub mod config;
+pub mod mqtt;
+pub mod protocol;
+pub mod ws;
 
 pub use config::UpstreamConfig;
 

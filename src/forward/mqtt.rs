@@ -12,7 +12,9 @@ use super::{Cursors, ForwardStatus, UpstreamConfig, next_batch};
 use crate::backoff::Backoff;
 use crate::forward::batch::OutboxBatch;
 use crate::store::outbox::Outbox;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -40,7 +42,13 @@ pub struct MqttLink {
 }
 
 /// Encodes one batch as a self-contained MQTT payload (Hello + Dict + Batch envelopes).
-pub fn encode_message(gateway: &str, epoch: u64, first_seq: u64, seq: u64, batch: &OutboxBatch) -> Vec<u8> {
+pub fn encode_message(
+    gateway: &str,
+    epoch: u64,
+    first_seq: u64,
+    seq: u64,
+    batch: &OutboxBatch,
+) -> Vec<u8> {
     let hello = Frame::Hello(Hello {
         gateway: gateway.to_string(),
         epoch,
@@ -86,7 +94,9 @@ impl MqttLink {
                 self.cfg.key_file.as_deref(),
             )
             .map_err(|e| e.to_string())?;
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(c))));
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(c),
+            )));
         }
         Ok(o)
     }
@@ -102,13 +112,20 @@ impl MqttLink {
                 _ = shutdown.cancelled() => break,
             };
             self.status.connected.store(false, Ordering::Relaxed);
-            let _ = self.outbox.lock().unwrap_or_else(|e| e.into_inner()).persist_acks();
+            let _ = self
+                .outbox
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .persist_acks();
             let msg = r.err().unwrap_or_else(|| "closed".into());
             self.status.set_error(Some(msg.clone()));
             self.status.reconnects.fetch_add(1, Ordering::Relaxed);
             let key: String = msg.chars().filter(|c| !c.is_ascii_digit()).collect();
             if last_logged.as_deref() != Some(&key) {
-                tracing::warn!("upstream {} link down: {msg}; retrying with backoff", self.cfg.url);
+                tracing::warn!(
+                    "upstream {} link down: {msg}; retrying with backoff",
+                    self.cfg.url
+                );
                 last_logged = Some(key);
             }
             tokio::select! {
@@ -116,7 +133,11 @@ impl MqttLink {
                 _ = shutdown.cancelled() => break,
             }
         }
-        let _ = self.outbox.lock().unwrap_or_else(|e| e.into_inner()).persist_acks();
+        let _ = self
+            .outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .persist_acks();
     }
 
     /// One connection: publish, map packet ids to seqs, acknowledge on PUBACK.
@@ -143,18 +164,28 @@ impl MqttLink {
         loop {
             while queued.len() + in_flight.len() < MAX_IN_FLIGHT {
                 let wm = *self.watermark.borrow();
-                let Some(b) = next_batch(&self.outbox, &mut cursors, wm).map_err(|e| e.to_string())? else {
+                let Some(b) =
+                    next_batch(&self.outbox, &mut cursors, wm).map_err(|e| e.to_string())?
+                else {
                     break;
                 };
                 let batch: OutboxBatch = match postcard::from_bytes(&b.payload) {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::error!(seq = b.seq, "undecodable outbox batch skipped: {e}");
-                        let _ = self.outbox.lock().unwrap_or_else(|e| e.into_inner()).ack(b.seq);
+                        let _ = self
+                            .outbox
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .ack(b.seq);
                         continue;
                     }
                 };
-                let first_seq = self.outbox.lock().unwrap_or_else(|e| e.into_inner()).first_seq();
+                let first_seq = self
+                    .outbox
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .first_seq();
                 let payload = encode_message(&self.gateway, self.epoch, first_seq, b.seq, &batch);
                 client
                     .try_publish(topic, QoS::AtLeastOnce, false, payload)

@@ -89,7 +89,10 @@ impl Link {
             self.status.reconnects.fetch_add(1, Ordering::Relaxed);
             let key: String = msg.chars().filter(|c| !c.is_ascii_digit()).collect();
             if last_logged.as_deref() != Some(&key) {
-                tracing::warn!("upstream {} link down: {msg}; retrying with backoff", self.cfg.url);
+                tracing::warn!(
+                    "upstream {} link down: {msg}; retrying with backoff",
+                    self.cfg.url
+                );
                 last_logged = Some(key);
             }
             if started.elapsed() > Duration::from_secs(30) {
@@ -134,11 +137,12 @@ impl Link {
             .into_client_request()
             .map_err(|e| LinkError::Connect(format!("bad upstream.url: {e}")))?;
         if let Some(tf) = &self.cfg.token_file {
-            let token = std::fs::read_to_string(tf)
-                .map_err(|e| LinkError::Connect(format!("upstream.token_file {}: {e}", tf.display())))?;
-            let value = format!("Bearer {}", token.trim())
-                .parse()
-                .map_err(|e| LinkError::Connect(format!("token is not a valid header value: {e}")))?;
+            let token = std::fs::read_to_string(tf).map_err(|e| {
+                LinkError::Connect(format!("upstream.token_file {}: {e}", tf.display()))
+            })?;
+            let value = format!("Bearer {}", token.trim()).parse().map_err(|e| {
+                LinkError::Connect(format!("token is not a valid header value: {e}"))
+            })?;
             request.headers_mut().insert("authorization", value);
         }
         let connector = if self.cfg.url.starts_with("wss://") {
@@ -160,7 +164,11 @@ impl Link {
         .map_err(|_| LinkError::Connect("connect timed out".into()))?
         .map_err(|e| LinkError::Connect(e.to_string()))?;
 
-        let first_seq = self.outbox.lock().unwrap_or_else(|e| e.into_inner()).first_seq();
+        let first_seq = self
+            .outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first_seq();
         let hello = Frame::Hello(Hello {
             gateway: self.gateway.clone(),
             epoch: self.epoch,
@@ -191,7 +199,9 @@ impl Link {
                     }
                 },
                 Message::Close(c) => {
-                    return Err(LinkError::Connect(format!("closed during handshake: {c:?}")));
+                    return Err(LinkError::Connect(format!(
+                        "closed during handshake: {c:?}"
+                    )));
                 }
                 _ => {}
             }
@@ -242,7 +252,10 @@ impl Link {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::error!(seq = b.seq, "undecodable outbox batch skipped: {e}");
-                        self.outbox.lock().unwrap_or_else(|e| e.into_inner()).ack(b.seq)?;
+                        self.outbox
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .ack(b.seq)?;
                         continue;
                     }
                 };

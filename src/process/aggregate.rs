@@ -34,6 +34,31 @@ use serde::{Deserialize, Serialize};
 
 use crate::process::sketch::Sketch;
 
+/// The complete state of an [`Aggregate`], field by field, for encodings that lay the
+/// fields out themselves (the upstream wire protocol delta-encodes the event times).
+/// [`Aggregate::from_parts`]`(a.to_parts())` is bit-identical to `a`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateParts {
+    /// Number of readings.
+    pub count: u64,
+    /// Sum of the readings.
+    pub sum: f64,
+    /// Smallest reading (`0.0` when empty).
+    pub min: f64,
+    /// Largest reading (`0.0` when empty).
+    pub max: f64,
+    /// `(time_ms, value)` of the reading with the earliest event time (`(0, 0.0)` when empty).
+    pub first: (i64, f64),
+    /// `(time_ms, value)` of the reading with the latest event time (`(0, 0.0)` when empty).
+    pub last: (i64, f64),
+    /// Running mean (Welford).
+    pub mean: f64,
+    /// Sum of squared deviations from the mean.
+    pub m2: f64,
+    /// The quantile sketch.
+    pub sketch: Sketch,
+}
+
 /// Statistics of the readings of one series in one window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Aggregate {
@@ -215,6 +240,38 @@ impl Aggregate {
     /// The quantile sketch.
     pub fn sketch(&self) -> &Sketch {
         &self.sketch
+    }
+
+    /// The raw state, for compact encodings (see [`AggregateParts`]).
+    pub fn to_parts(&self) -> AggregateParts {
+        AggregateParts {
+            count: self.count,
+            sum: self.sum,
+            min: self.min,
+            max: self.max,
+            first: self.first,
+            last: self.last,
+            mean: self.mean,
+            m2: self.m2,
+            sketch: self.sketch.clone(),
+        }
+    }
+
+    /// Rebuilds an aggregate from [`to_parts`](Self::to_parts) output. The parts are taken
+    /// as they are: a decoder of untrusted input checks them first (at least that
+    /// `sketch.count() == count`).
+    pub fn from_parts(parts: AggregateParts) -> Self {
+        Aggregate {
+            count: parts.count,
+            sum: parts.sum,
+            min: parts.min,
+            max: parts.max,
+            first: parts.first,
+            last: parts.last,
+            mean: parts.mean,
+            m2: parts.m2,
+            sketch: parts.sketch,
+        }
     }
 }
 

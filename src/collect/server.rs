@@ -1,0 +1,603 @@
+//! The collector's network side: listener, connection cap, TLS, bearer-token check on the
+//! WebSocket upgrade, and the per-connection protocol state machine.
+//!
+//! A connection never affects another: every failure (bad TLS, bad token, malformed or
+//! oversized frame, wrong first frame, silence, slow reader) ends that connection only,
+//! after an [`ErrorFrame`](protocol::ErrorFrame) where the protocol allows one, and is logged
+//! through a rate limiter.
+
+use super::CollectConfig;
+use super::store::{Store, Stored};
+use crate::forward::protocol::{
+    self, Ack, ErrorCode, Frame, HEADER_LEN, Heartbeat, MAX_STORED_RANGES, SUPPORTED_VERSIONS,
+    Welcome,
+};
+use crate::telemetry::RateLimit;
+use anyhow::{Context, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message, http};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Extra room above `max_frame` for the WebSocket message limit, so that a frame slightly
+/// above the limit is read whole and answered with `TooLarge` by the envelope check.
+const WS_SLACK: usize = 64 * 1024;
+
+/// Name of the file (in the data directory) holding the bound listen address.
+pub const ADDR_FILE: &str = "collect.addr";
+
+struct Shared {
+    cfg: CollectConfig,
+    tokens: Option<Vec<String>>,
+    tls: Option<TlsAcceptor>,
+    store: Arc<Store>,
+    log: RateLimit,
+    shutdown: CancellationToken,
+}
+
+/// Why a connection ended, for the log.
+struct End {
+    /// Rate-limiter key and short reason.
+    key: &'static str,
+    detail: String,
+    /// Whether this is a problem worth a warning (vs. a normal close).
+    problem: bool,
+}
+
+impl End {
+    fn ok(key: &'static str, detail: impl Into<String>) -> End {
+        End {
+            key,
+            detail: detail.into(),
+            problem: false,
+        }
+    }
+    fn bad(key: &'static str, detail: impl Into<String>) -> End {
+        End {
+            key,
+            detail: detail.into(),
+            problem: true,
+        }
+    }
+}
+
+/// Reads the token file: one token per line, blank lines and `#` comments ignored.
+pub fn load_tokens(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    if tokens.is_empty() {
+        bail!("the token file {} holds no token", path.display());
+    }
+    Ok(tokens)
+}
+
+fn tls_acceptor(cfg: &CollectConfig) -> Result<Option<TlsAcceptor>> {
+    let (cert, key) = match (&cfg.tls_cert, &cfg.tls_key) {
+        (None, None) => {
+            if cfg.client_ca.is_some() {
+                bail!("--client-ca needs --tls-cert and --tls-key");
+            }
+            return Ok(None);
+        }
+        (Some(c), Some(k)) => (c, k),
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &cfg.client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in crate::tls::load_certs(ca)? {
+                roots.add(c)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .context("cannot build the client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder
+        .with_single_cert(crate::tls::load_certs(cert)?, crate::tls::load_key(key)?)
+        .context("the server certificate and key do not make a TLS configuration")?;
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+/// Constant-time comparison (the token check should not leak how much of a token matched).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(tokens: Option<&[String]>, req: &Request) -> bool {
+    let Some(tokens) = tokens else {
+        return true;
+    };
+    let Some(given) = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let given = given.trim().as_bytes();
+    // Compare against every token, so timing does not reveal which one matched.
+    tokens
+        .iter()
+        .fold(false, |ok, t| ct_eq(t.as_bytes(), given) | ok)
+}
+
+fn unauthorized() -> ErrorResponse {
+    let mut resp = http::Response::new(Some("missing or invalid bearer token\n".to_string()));
+    *resp.status_mut() = http::StatusCode::UNAUTHORIZED;
+    resp.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer"),
+    );
+    resp
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Runs the collector until `shutdown` is cancelled: then stops accepting, lets every
+/// connection finish the batch it is storing (its ack included), and returns.
+pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> {
+    let tokens = match &cfg.token_file {
+        Some(p) => Some(load_tokens(p)?),
+        None => {
+            tracing::warn!("no --token-file: every client is accepted without authentication");
+            None
+        }
+    };
+    let tls = tls_acceptor(&cfg)?;
+    if cfg.heartbeat < Duration::from_secs(1) {
+        bail!("the heartbeat interval must be at least one second");
+    }
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+    let data_dir = cfg.data_dir.clone();
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || Store::open(&data_dir))
+            .await
+            .context("store recovery panicked")??,
+    );
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let addr_file = cfg.data_dir.join(ADDR_FILE);
+    let tmp = cfg.data_dir.join(format!("{ADDR_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{addr}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &addr_file))
+        .with_context(|| format!("cannot write {}", addr_file.display()))?;
+    tracing::info!(
+        %addr,
+        tls = tls.is_some(),
+        mutual_tls = cfg.client_ca.is_some(),
+        auth = tokens.is_some(),
+        data_dir = %cfg.data_dir.display(),
+        "collector listening"
+    );
+    let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    let shared = Arc::new(Shared {
+        cfg,
+        tokens,
+        tls,
+        store: store.clone(),
+        log: RateLimit::new(Duration::from_secs(5)),
+        shutdown: shutdown.clone(),
+    });
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        shared.warn("connection_cap", &format!(
+                            "refusing {peer}: {} connections already open",
+                            shared.cfg.max_connections
+                        ));
+                        drop(tcp);
+                        continue;
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    let sh = shared.clone();
+                    tracker.spawn(async move {
+                        sh.connection(tcp, peer).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // E.g. EMFILE: back off a little instead of spinning.
+                    shared.warn("accept", &format!("accept failed: {e}"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    let open = tracker.len();
+    if open > 0 {
+        tracing::info!(
+            connections = open,
+            "waiting for connections to finish their batch"
+        );
+    }
+    if timeout(shared.cfg.shutdown_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections did not finish in time; unacknowledged batches will be resent");
+    }
+    tokio::task::spawn_blocking(move || store.flush())
+        .await
+        .context("flush panicked")??;
+    tracing::info!("collector stopped");
+    Ok(())
+}
+
+impl Shared {
+    fn warn(&self, key: &'static str, msg: &str) {
+        if let Some(suppressed) = self.log.check(key) {
+            if suppressed > 0 {
+                tracing::warn!("{msg} ({suppressed} similar messages suppressed)");
+            } else {
+                tracing::warn!("{msg}");
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let hs = self.cfg.handshake_timeout;
+        let end = match &self.tls {
+            Some(acceptor) => match timeout(hs, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => self.websocket(stream, peer).await,
+                Ok(Err(e)) => End::bad("tls", format!("TLS handshake failed: {e}")),
+                Err(_) => End::bad("tls_timeout", "TLS handshake timed out"),
+            },
+            None => self.websocket(tcp, peer).await,
+        };
+        if end.problem {
+            self.warn(
+                end.key,
+                &format!("connection from {peer} dropped: {}", end.detail),
+            );
+        } else {
+            tracing::debug!(%peer, reason = end.key, "{}", end.detail);
+        }
+    }
+
+    async fn websocket<S>(&self, stream: S, peer: SocketAddr) -> End
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let limit = self.cfg.max_frame as usize + HEADER_LEN + WS_SLACK;
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(limit))
+            .max_frame_size(Some(limit));
+        let tokens = self.tokens.as_deref();
+        // The signature is tungstenite's `Callback`; the large error type is theirs.
+        #[allow(clippy::result_large_err)]
+        let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+            if authorized(tokens, req) {
+                Ok(resp)
+            } else {
+                Err(unauthorized())
+            }
+        };
+        let accepted = timeout(
+            self.cfg.handshake_timeout,
+            tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config)),
+        )
+        .await;
+        let ws = match accepted {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(tungstenite::Error::Http(resp))) => {
+                return End::bad(
+                    "unauthorized",
+                    format!("upgrade refused with HTTP {}", resp.status()),
+                );
+            }
+            Ok(Err(e)) => return End::bad("upgrade", format!("WebSocket upgrade failed: {e}")),
+            Err(_) => return End::bad("upgrade_timeout", "WebSocket upgrade timed out"),
+        };
+        Session {
+            shared: self,
+            peer,
+            ws,
+            gateway: None,
+            epoch: 0,
+            dict: protocol::DictDecoder::new(),
+        }
+        .run()
+        .await
+    }
+}
+
+/// One connection after the upgrade.
+struct Session<'a, S> {
+    shared: &'a Shared,
+    peer: SocketAddr,
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    /// Set by Hello.
+    gateway: Option<String>,
+    epoch: u64,
+    dict: protocol::DictDecoder,
+}
+
+/// What processing one frame asks for.
+enum Next {
+    Continue,
+    Reply(Frame),
+    /// Send an Error frame and close.
+    Fail(ErrorCode, String, &'static str),
+}
+
+impl<S> Session<'_, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async fn send(&mut self, frame: &Frame) -> Result<(), End> {
+        let msg = Message::Binary(protocol::encode(frame).into());
+        match timeout(self.shared.cfg.write_timeout, self.ws.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::bad("send", format!("send failed: {e}"))),
+            Err(_) => Err(End::bad(
+                "slow_reader",
+                "client does not read (write timeout)",
+            )),
+        }
+    }
+
+    /// Sends an Error frame, closes, and drains what the client still sends for a moment so
+    /// it can read the Error before the connection goes.
+    async fn fail(&mut self, code: ErrorCode, message: String, key: &'static str) -> End {
+        let detail = format!(
+            "{code:?}: {message}{}",
+            self.gateway
+                .as_deref()
+                .map(|g| format!(" (gateway {g})"))
+                .unwrap_or_default()
+        );
+        let frame = Frame::error(code, message);
+        if self.send(&frame).await.is_ok() {
+            let wt = self.shared.cfg.write_timeout;
+            let _ = timeout(wt, self.ws.close(None)).await;
+            let _ = timeout(Duration::from_secs(1), async {
+                while let Some(Ok(_)) = self.ws.next().await {}
+            })
+            .await;
+        }
+        End::bad(key, detail)
+    }
+
+    async fn run(mut self) -> End {
+        let hb = self.shared.cfg.heartbeat;
+        let idle = hb * 3;
+        let hello_deadline = Instant::now() + self.shared.cfg.handshake_timeout;
+        let mut last_rx = Instant::now();
+        let mut next_heartbeat = Instant::now() + hb;
+        loop {
+            let deadline = if self.gateway.is_none() {
+                hello_deadline
+            } else {
+                last_rx + idle
+            };
+            let msg = tokio::select! {
+                biased;
+                () = self.shared.shutdown.cancelled() => {
+                    let _ = timeout(Duration::from_secs(2), self.ws.close(None)).await;
+                    return End::ok("shutdown", "closed for shutdown");
+                }
+                () = sleep_until(deadline) => {
+                    return if self.gateway.is_none() {
+                        End::bad("hello_timeout", "no Hello within the handshake timeout")
+                    } else {
+                        End::bad("idle", format!("silent for {idle:?}"))
+                    };
+                }
+                () = sleep_until(next_heartbeat), if self.gateway.is_some() => {
+                    next_heartbeat = Instant::now() + hb;
+                    if let Err(end) = self.send(&Frame::Heartbeat(Heartbeat { time_ms: now_ms() })).await {
+                        return end;
+                    }
+                    continue;
+                }
+                m = self.ws.next() => m,
+            };
+            let bytes = match msg {
+                None => return End::ok("closed", "connection closed"),
+                Some(Err(tungstenite::Error::Capacity(e))) => {
+                    return self
+                        .fail(
+                            ErrorCode::TooLarge,
+                            format!("message too large: {e}"),
+                            "too_large",
+                        )
+                        .await;
+                }
+                Some(Err(e)) => return End::bad("read", format!("read failed: {e}")),
+                Some(Ok(Message::Binary(b))) => b,
+                Some(Ok(Message::Close(_))) => return End::ok("closed", "client closed"),
+                Some(Ok(Message::Text(_))) => {
+                    return self
+                        .fail(
+                            ErrorCode::Malformed,
+                            "text messages are not part of the protocol".into(),
+                            "malformed",
+                        )
+                        .await;
+                }
+                Some(Ok(_)) => {
+                    // Ping/pong: tungstenite answers pings itself; counts as a sign of life.
+                    last_rx = Instant::now();
+                    continue;
+                }
+            };
+            last_rx = Instant::now();
+            match self.handle(&bytes).await {
+                Next::Continue => {}
+                Next::Reply(frame) => {
+                    if let Err(end) = self.send(&frame).await {
+                        return end;
+                    }
+                }
+                Next::Fail(code, message, key) => return self.fail(code, message, key).await,
+            }
+        }
+    }
+
+    async fn handle(&mut self, bytes: &[u8]) -> Next {
+        let frame = match protocol::decode(bytes, self.shared.cfg.max_frame) {
+            Ok(f) => f,
+            Err(e) => {
+                let key = match e.code() {
+                    ErrorCode::TooLarge => "too_large",
+                    ErrorCode::UnsupportedVersion => "version",
+                    _ => "malformed",
+                };
+                return Next::Fail(e.code(), e.to_string(), key);
+            }
+        };
+        let Some(gateway) = self.gateway.clone() else {
+            let Frame::Hello(hello) = frame else {
+                return Next::Fail(
+                    ErrorCode::Malformed,
+                    format!("expected Hello first, got {:?}", frame.kind()),
+                    "no_hello",
+                );
+            };
+            return self.hello(hello).await;
+        };
+        match frame {
+            Frame::Dict(d) => match self.dict.apply(&d) {
+                Ok(()) => Next::Continue,
+                Err(e) => Next::Fail(e.code(), e.to_string(), "dict"),
+            },
+            Frame::Batch(b) => {
+                let items = match self.dict.decode_batch(&b) {
+                    Ok(items) => items,
+                    Err(e) => return Next::Fail(e.code(), e.to_string(), "batch"),
+                };
+                let store = self.shared.store.clone();
+                let (epoch, seq) = (self.epoch, b.seq);
+                // Runs to completion even if this task is dropped; the ack is sent only
+                // after it returned Ok (lines and mark durable).
+                let stored = tokio::task::spawn_blocking(move || {
+                    store.store_batch(&gateway, epoch, seq, &items)
+                })
+                .await;
+                match stored {
+                    Ok(Ok(outcome)) => {
+                        if outcome != Stored::Written(b.items.len()) {
+                            tracing::debug!(peer = %self.peer, seq, ?outcome, "batch not written again");
+                        }
+                        Next::Reply(Frame::Ack(Ack { seqs: vec![seq] }))
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!("{e:#}");
+                        Next::Fail(ErrorCode::Internal, "storage failure".into(), "storage")
+                    }
+                    Err(e) => {
+                        tracing::error!("storing a batch panicked: {e}");
+                        Next::Fail(ErrorCode::Internal, "storage failure".into(), "storage")
+                    }
+                }
+            }
+            Frame::Heartbeat(_) => Next::Continue,
+            Frame::Error(e) => Next::Fail(
+                ErrorCode::Malformed,
+                format!("client sent an error: {:?} {}", e.code, e.message),
+                "client_error",
+            ),
+            other => Next::Fail(
+                ErrorCode::Malformed,
+                format!("unexpected {:?} frame", other.kind()),
+                "unexpected",
+            ),
+        }
+    }
+
+    async fn hello(&mut self, hello: protocol::Hello) -> Next {
+        if !protocol::valid_gateway_id(&hello.gateway) {
+            return Next::Fail(
+                ErrorCode::Malformed,
+                "gateway id must be 1..=128 bytes of [A-Za-z0-9._-], not starting with '.'".into(),
+                "gateway_id",
+            );
+        }
+        let Some(version) = protocol::negotiate(SUPPORTED_VERSIONS, &hello.versions) else {
+            return Next::Fail(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "no common protocol version: client {:?}, server {:?}",
+                    hello.versions, SUPPORTED_VERSIONS
+                ),
+                "version",
+            );
+        };
+        let store = self.shared.store.clone();
+        let (gw, epoch, first) = (hello.gateway.clone(), hello.epoch, hello.first_seq);
+        let stored =
+            tokio::task::spawn_blocking(move || store.hello(&gw, epoch, first, MAX_STORED_RANGES))
+                .await;
+        let stored = match stored {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::error!("{e:#}");
+                return Next::Fail(ErrorCode::Internal, "storage failure".into(), "storage");
+            }
+            Err(e) => {
+                tracing::error!("reading the dedup marks panicked: {e}");
+                return Next::Fail(ErrorCode::Internal, "storage failure".into(), "storage");
+            }
+        };
+        tracing::info!(
+            peer = %self.peer,
+            gateway = %hello.gateway,
+            epoch = hello.epoch,
+            first_seq = hello.first_seq,
+            software = %hello.software,
+            stored_ranges = stored.len(),
+            "gateway connected"
+        );
+        self.gateway = Some(hello.gateway);
+        self.epoch = hello.epoch;
+        let cfg = &self.shared.cfg;
+        Next::Reply(Frame::Welcome(Welcome {
+            version,
+            stored,
+            max_in_flight: cfg.max_in_flight,
+            max_frame: cfg.max_frame,
+            heartbeat_secs: u32::try_from(cfg.heartbeat.as_secs()).unwrap_or(u32::MAX),
+        }))
+    }
+}
