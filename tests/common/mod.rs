@@ -480,3 +480,146 @@ pub fn read_all(p: &Path) -> String {
     }
     s
 }
+
+/// A reference collector (`edgeferry collect`) on a fixed loopback port, so a gateway's
+/// `[upstream] url` stays valid across collector restarts.
+pub struct Collector {
+    child: Option<Child>,
+    pub dir: TempDir,
+    pub port: u16,
+    args: Vec<String>,
+}
+
+impl Collector {
+    /// A collector that is not running yet (the upstream is "down").
+    pub fn new(args: &[&str]) -> Collector {
+        Collector {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("collect.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+            .arg("collect")
+            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
+            .arg(self.dir.path())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("the collector to listen", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "TERM");
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn log(&self) -> String {
+        read_all(&self.dir.path().join("collect.log"))
+    }
+
+    /// Every JSON line written under out/, in file order.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        let mut v = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.dir.path().join("out")) else {
+            return v;
+        };
+        let mut files: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+        files.sort();
+        for f in files {
+            for line in read_all(&f).lines() {
+                if let Ok(j) = serde_json::from_str::<serde_json::Value>(line) {
+                    v.push(j);
+                }
+            }
+        }
+        v
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// What the central side concludes from aggregate lines: per window length, the sum of `count`
+/// over the highest version of each (series, window_start); panics if one (window, version)
+/// appears with two different contents.
+pub fn central_counts(lines: &[serde_json::Value]) -> BTreeMap<u64, u64> {
+    let mut best: BTreeMap<(String, String, u64), (u64, serde_json::Value)> = BTreeMap::new();
+    let mut seen: BTreeMap<(String, String, u64, u64), serde_json::Value> = BTreeMap::new();
+    for l in lines.iter().filter(|l| l["kind"] == "aggregate") {
+        let key = (
+            l["series"].as_str().unwrap().to_string(),
+            l["window_start"].as_str().unwrap().to_string(),
+            l["window_secs"].as_u64().unwrap(),
+        );
+        let version = l["version"].as_u64().unwrap();
+        let mut content = l.clone();
+        if let Some(o) = content.as_object_mut() {
+            o.remove("batch");
+            o.remove("epoch");
+        }
+        let vk = (key.0.clone(), key.1.clone(), key.2, version);
+        if let Some(prev) = seen.get(&vk) {
+            assert_eq!(prev, &content, "window {vk:?} emitted twice with different contents");
+        }
+        seen.insert(vk, content);
+        let e = best.entry(key).or_insert((0, serde_json::Value::Null));
+        if version >= e.0 {
+            *e = (version, l.clone());
+        }
+    }
+    let mut per_len = BTreeMap::new();
+    for ((_, _, secs), (_, l)) in best {
+        *per_len.entry(secs).or_insert(0) += l["count"].as_u64().unwrap();
+    }
+    per_len
+}
+
+/// Epoch milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A JSON reading for value `i` stamped with the current time (so windows close in real time).
+pub fn live_payload(i: usize) -> String {
+    format!(r#"{{"value":{i},"ts":{}}}"#, now_ms())
+}
