@@ -514,7 +514,11 @@ impl Collector {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
             .arg("collect")
-            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--data-dir",
+            ])
             .arg(self.dir.path())
             .args(&self.args)
             .env("RUST_LOG", "info")
@@ -596,7 +600,10 @@ pub fn central_counts(lines: &[serde_json::Value]) -> BTreeMap<u64, u64> {
         }
         let vk = (key.0.clone(), key.1.clone(), key.2, version);
         if let Some(prev) = seen.get(&vk) {
-            assert_eq!(prev, &content, "window {vk:?} emitted twice with different contents");
+            assert_eq!(
+                prev, &content,
+                "window {vk:?} emitted twice with different contents"
+            );
         }
         seen.insert(vk, content);
         let e = best.entry(key).or_insert((0, serde_json::Value::Null));
