@@ -38,9 +38,22 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// ~50-byte payload: `{"value":i,"ts":<publish epoch ms>}`.
+/// ~50-byte payload: `{"value":20.xxxxxx,"ts":<publish epoch ms>}`: a realistic sensor value
+/// (a narrow range, like a temperature) that still identifies reading `i` (see [`index_of`]),
+/// so every reading can be counted exactly once at the end.
 fn payload(i: usize) -> String {
-    format!(r#"{{"value":{i},"ts":{}}}"#, now_ms())
+    format!(r#"{{"value":{},"ts":{}}}"#, value_of(i), now_ms())
+}
+
+/// The value published for reading `i`: 20 + i·10⁻⁶, printed with 6 decimals.
+fn value_of(i: usize) -> String {
+    format!("{}.{:06}", 20 + i / 1_000_000, i % 1_000_000)
+}
+
+/// The reading number a journaled value stands for.
+fn index_of(v: f64) -> Option<usize> {
+    let x = ((v - 20.0) * 1e6).round();
+    (x >= 0.0 && ((20.0 + x / 1e6) - v).abs() < 1e-7).then_some(x as usize)
 }
 
 /// 100 series: 10 sites × 100 devices, one metric.
@@ -479,9 +492,9 @@ fn check_once(values: impl Iterator<Item = f64>, n: usize) -> (usize, usize) {
     let mut seen = vec![0u32; n];
     let mut extra = 0;
     for v in values {
-        match seen.get_mut(v as usize) {
-            Some(c) if v >= 0.0 && v.fract() == 0.0 => *c += 1,
-            _ => extra += 1,
+        match index_of(v).and_then(|i| seen.get_mut(i)) {
+            Some(c) => *c += 1,
+            None => extra += 1,
         }
     }
     let missing = seen.iter().filter(|&&c| c == 0).count();
