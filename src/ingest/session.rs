@@ -140,29 +140,23 @@ pub async fn run(
 
     let permits = Arc::new(Semaphore::new(cfg.max_unacked));
     let (in_tx, in_rx) = mpsc::channel::<Incoming>(cfg.max_unacked);
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<AckRequest>();
-    // Acknowledgements handed to the ack task but not yet queued in rumqttc: shutdown keeps
-    // the event loop turning until this is zero, so the last acks reach the broker.
-    let acks_pending = Arc::new(AtomicU64::new(0));
+    // One message per commit group: the poll task writes the whole group's PUBACKs into the
+    // socket buffer and flushes once (rumqttc's own ack path flushes after every single ack).
+    // Unbounded by type, bounded in practice: at most one entry per commit group not yet
+    // written, each a few bytes per message.
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Vec<AckRequest>>();
     let generation = Arc::new(AtomicU64::new(0));
 
     let recent_cap = cfg.max_unacked * 2 + cfg.commit_max;
     let mut recent = RecentCommits::new(recent_cap);
     recent.seed(journal.tail_keys(recent_cap as u64)?);
 
-    let ack_task = tokio::spawn(ack_loop(
-        client.clone(),
-        ack_rx,
-        generation.clone(),
-        acks_pending.clone(),
-    ));
     let publish_task = tokio::spawn(publish_loop(client.clone(), publications));
     // The poll loop stops on shutdown, or when the committer dies (a journal error): then
     // nothing more can be made durable, so nothing more may be read or acknowledged.
     let stop = shutdown.child_token();
     let committer = tokio::spawn({
         let stop = stop.clone();
-        let pending = acks_pending.clone();
         let status = status.clone();
         let cfg = cfg.clone();
         async move {
@@ -175,6 +169,13 @@ pub async fn run(
                 future_skew_ms: cfg.future_skew.as_millis() as i64,
                 max_payload: cfg.max_payload.as_u64() as usize,
                 filters: cfg.subscribe.iter().map(|s| s.filter.clone()).collect(),
+                readings_counters: cfg
+                    .subscribe
+                    .iter()
+                    .map(|s| {
+                        metrics::counter!("edgeferry_ingest_readings_total", "subscription" => s.filter.clone())
+                    })
+                    .collect(),
                 log_limit: RateLimit::new(Duration::from_secs(5)),
                 trim_to: params.trim_to,
                 journal_bytes: params.journal_bytes,
@@ -186,10 +187,7 @@ pub async fn run(
                     .ok()
                     .and_then(|v| v.parse().ok()),
             };
-            let r = c
-                .run(in_rx, ack_tx, out, &cfg, &progress, &pending)
-                .await
-                .map(|_| ());
+            let r = c.run(in_rx, ack_tx, out, &cfg, &progress).await.map(|_| ());
             stop.cancel();
             (c.journal, r)
         }
@@ -205,12 +203,11 @@ pub async fn run(
         status.clone(),
         ready,
         stop,
-        acks_pending,
+        ack_rx,
     )
     .await;
     drop(eventloop);
     let (journal, result) = committer.await.expect("committer task panicked");
-    let _ = ack_task.await;
     publish_task.abort();
     result?;
     Ok(journal)
@@ -293,7 +290,7 @@ async fn poll_loop(
     status: Arc<IngestStatus>,
     ready: watch::Sender<bool>,
     shutdown: CancellationToken,
-    acks_pending: Arc<AtomicU64>,
+    mut acks: mpsc::UnboundedReceiver<Vec<AckRequest>>,
 ) {
     let filters: Vec<String> = cfg.subscribe.iter().map(|s| s.filter.clone()).collect();
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.reconnect_max);
@@ -303,14 +300,16 @@ async fn poll_loop(
     let mut ever_connected = false;
     loop {
         if in_tx.is_none() {
-            // Stopping: keep the event loop turning so queued acknowledgements are written,
-            // until the ack task has sent the last one (it drops its client clone then).
             break;
         }
         let ev = tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
                 in_tx = None;
+                continue;
+            }
+            Some(group) = acks.recv() => {
+                write_acks(eventloop, group, &generation).await;
                 continue;
             }
             ev = eventloop.poll() => ev,
@@ -448,23 +447,22 @@ async fn poll_loop(
             }
         }
     }
-    // Flush: keep polling until every acknowledgement has been handed to rumqttc (the permits
-    // come back as the ack task queues them), then until the queue is written, bounded by a
-    // deadline; then say goodbye. Anything received but not committed stays unacknowledged
-    // and the broker redelivers it to the next session.
+    // Flush: the committer commits what it already has and then drops its sender; write
+    // every acknowledgement it sends until then (bounded by a deadline), then say goodbye.
+    // Anything received but not committed stays unacknowledged and the broker redelivers it
+    // to the next session.
     drop(in_tx);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while (permits.available_permits() < cfg.max_unacked || acks_pending.load(Ordering::SeqCst) > 0)
-        && tokio::time::Instant::now() < deadline
-    {
+    let deadline = tokio::time::sleep(Duration::from_secs(5));
+    tokio::pin!(deadline);
+    loop {
         tokio::select! {
+            biased;
+            _ = &mut deadline => break,
+            g = acks.recv() => match g {
+                Some(group) => write_acks(eventloop, group, &generation).await,
+                None => break,
+            },
             ev = eventloop.poll() => if ev.is_err() { break },
-            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-        }
-    }
-    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(100), eventloop.poll()).await {
-        if tokio::time::Instant::now() >= deadline {
-            break;
         }
     }
     let _ = client.try_disconnect();
@@ -560,25 +558,48 @@ async fn publish_loop(client: AsyncClient, mut rx: mpsc::Receiver<super::Publica
     }
 }
 
-async fn ack_loop(
-    client: AsyncClient,
-    mut rx: mpsc::UnboundedReceiver<AckRequest>,
-    generation: Arc<AtomicU64>,
-    pending: Arc<AtomicU64>,
-) {
-    while let Some(a) = rx.recv().await {
-        if a.qos != QoS::AtMostOnce {
-            if a.generation != generation.load(Ordering::SeqCst) {
-                metrics::counter!("edgeferry_ingest_stale_acks_dropped_total").increment(1);
-            } else {
-                let mut p = rumqttc::Publish::new("", a.qos, Vec::new());
-                p.pkid = a.pkid;
-                if let Err(e) = client.ack(&p).await {
-                    tracing::debug!("ack not queued: {e}");
-                }
-            }
+/// Writes a commit group's PUBACKs straight into the connection's write buffer and flushes
+/// once. Acks of an older connection generation (the broker lost the session) are dropped:
+/// their messages are durable, and the packet ids now belong to new messages. Without a
+/// connection they are dropped too: the broker redelivers those messages (DUP) and the
+/// committer recognises them.
+async fn write_acks(eventloop: &mut EventLoop, group: Vec<AckRequest>, generation: &AtomicU64) {
+    let current = generation.load(Ordering::SeqCst);
+    let Some(net) = eventloop.network.as_mut() else {
+        metrics::counter!("edgeferry_ingest_acks_unsent_total").increment(group.len() as u64);
+        return;
+    };
+    let mut written = 0usize;
+    for a in group {
+        if a.qos == QoS::AtMostOnce {
+            continue;
         }
-        pending.fetch_sub(1, Ordering::SeqCst);
+        if a.generation != current {
+            metrics::counter!("edgeferry_ingest_stale_acks_dropped_total").increment(1);
+            continue;
+        }
+        let req = rumqttc::Request::PubAck(rumqttc::PubAck::new(a.pkid));
+        match eventloop.state.handle_outgoing_packet(req) {
+            Ok(Some(packet)) => {
+                if let Err(e) = net.write(packet).await {
+                    tracing::debug!("ack not written: {e}");
+                    return;
+                }
+                written += 1;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!("ack refused by client state: {e}"),
+        }
+    }
+    // handle_outgoing_packet queues an "outgoing PubAck" event per ack; nobody needs them.
+    eventloop
+        .state
+        .events
+        .retain(|e| !matches!(e, Event::Outgoing(rumqttc::Outgoing::PubAck(_))));
+    if written > 0
+        && let Err(e) = net.flush().await
+    {
+        tracing::debug!("acks not flushed: {e}");
     }
 }
 
@@ -618,6 +639,9 @@ struct Committer {
     future_skew_ms: i64,
     max_payload: usize,
     filters: Vec<String>,
+    /// Per-subscription counters, registered once (a registry lookup per message is not free
+    /// at 100k+ messages/s).
+    readings_counters: Vec<metrics::Counter>,
     log_limit: RateLimit,
     trim_to: Arc<AtomicU64>,
     journal_bytes: Arc<AtomicU64>,
@@ -645,11 +669,10 @@ impl Committer {
     async fn run(
         &mut self,
         mut rx: mpsc::Receiver<Incoming>,
-        ack_tx: mpsc::UnboundedSender<AckRequest>,
+        ack_tx: mpsc::UnboundedSender<Vec<AckRequest>>,
         out: mpsc::Sender<Committed>,
         cfg: &MqttConfig,
         progress: &AtomicU64,
-        acks_pending: &AtomicU64,
     ) -> Result<(), IngestError> {
         let mut group: Vec<Incoming> = Vec::with_capacity(cfg.commit_max);
         let mut acks: Vec<AckRequest> = Vec::with_capacity(cfg.commit_max);
@@ -732,9 +755,9 @@ impl Committer {
             // Durable now: the memory they held is free, acknowledge in order, then hand on
             // to processing.
             permits.clear();
-            acks_pending.fetch_add(acks.len() as u64, Ordering::SeqCst);
-            for a in acks.drain(..) {
-                let _ = ack_tx.send(a);
+            if !acks.is_empty() {
+                let group = std::mem::replace(&mut acks, Vec::with_capacity(cfg.commit_max));
+                let _ = ack_tx.send(group);
             }
             for c in committed.drain(..) {
                 let n = c.entry.readings.len() as u64;
@@ -819,8 +842,7 @@ impl Committer {
         if kept.is_empty() {
             return None;
         }
-        metrics::counter!("edgeferry_ingest_readings_total", "subscription" => self.filters[sub].clone())
-            .increment(kept.len() as u64);
+        self.readings_counters[sub].increment(kept.len() as u64);
         Some(JournalEntry {
             dedup,
             received_ms: m.received_ms,
