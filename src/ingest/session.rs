@@ -168,7 +168,6 @@ pub async fn run(
                 status,
                 future_skew_ms: cfg.future_skew.as_millis() as i64,
                 max_payload: cfg.max_payload.as_u64() as usize,
-                filters: cfg.subscribe.iter().map(|s| s.filter.clone()).collect(),
                 readings_counters: cfg
                     .subscribe
                     .iter()
@@ -638,7 +637,6 @@ struct Committer {
     status: Arc<IngestStatus>,
     future_skew_ms: i64,
     max_payload: usize,
-    filters: Vec<String>,
     /// Per-subscription counters, registered once (a registry lookup per message is not free
     /// at 100k+ messages/s).
     readings_counters: Vec<metrics::Counter>,
