@@ -23,9 +23,10 @@ fn topic(i: usize) -> String {
     format!("sensors/site{}/dev{}/temperature", i % 2, i % 8)
 }
 
-/// 200 series: enough one-window batches that the backlog takes seconds to drain.
+/// 400 series: enough one-window batches (thousands) that the backlog takes the collector
+/// several seconds to store, longer than the first live window takes to close.
 fn wide_topic(i: usize) -> String {
-    format!("sensors/site{}/dev{}/temperature", i % 2, i % 200)
+    format!("sensors/site{}/dev{}/temperature", i % 2, i % 400)
 }
 
 /// Waits until the collector's view counts `n` readings in every window length.
@@ -58,7 +59,7 @@ fn upstream_outage_then_recovery_delivers_every_window_exactly_once_live_first()
     );
     gw.start();
     let p = Publisher::connect(broker.port, "pub-outage");
-    // Phase 1, upstream down: about 4 s of readings become a backlog of one-window batches.
+    // Phase 1, upstream down: about 8 s of readings become a backlog of one-window batches.
     let mut i = 0;
     loop {
         for _ in 0..20 {
@@ -66,20 +67,36 @@ fn upstream_outage_then_recovery_delivers_every_window_exactly_once_live_first()
             i += 1;
         }
         std::thread::sleep(Duration::from_millis(50));
-        if i >= 1600 {
+        if i >= 3200 {
             break;
         }
     }
     let (_, out, _) = gw.command(&["status"]);
     assert!(out.contains("upstream") && out.contains("DOWN"), "{out}");
     collector.start();
-    // Phase 2, upstream back: live readings keep flowing while the backlog drains.
-    for _ in 0..60 {
+    // Phase 2, upstream back: live readings keep flowing while the backlog drains, from the
+    // moment the gateway has reconnected (its backoff decides when) for another 4 s.
+    let mut connected_at: Option<Instant> = None;
+    let phase2 = Instant::now();
+    while connected_at.is_none_or(|t| t.elapsed() < Duration::from_secs(4)) {
+        assert!(
+            phase2.elapsed() < Duration::from_secs(40),
+            "gateway never reconnected"
+        );
         for _ in 0..10 {
             p.publish(&wide_topic(i), live_payload(i));
             i += 1;
         }
         std::thread::sleep(Duration::from_millis(50));
+        if connected_at.is_none() && i % 100 == 0 {
+            let (_, out, _) = gw.command(&["status"]);
+            if out
+                .lines()
+                .any(|l| l.starts_with("upstream") && l.contains("connected"))
+            {
+                connected_at = Some(Instant::now());
+            }
+        }
     }
     let n = i as u64;
     p.wait_acked(i, Duration::from_secs(30));

@@ -28,6 +28,11 @@ pub struct UpstreamConfig {
     /// Longest an item waits for its batch to fill.
     #[serde(default = "default_linger", with = "humantime_serde")]
     pub linger: Duration,
+    /// Longest pause between reconnect attempts (exponential backoff with full jitter, so a
+    /// fleet that lost the same central system does not come back in lockstep). It is also
+    /// how long fresh data may wait after the link returns.
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
     /// MQTT upstream only: topic the batches are published on (`{gateway}` placeholder).
     #[serde(default = "default_topic")]
     pub topic: String,
@@ -38,6 +43,9 @@ fn default_batch_max() -> usize {
 }
 fn default_linger() -> Duration {
     Duration::from_secs(1)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(15)
 }
 fn default_topic() -> String {
     "edgeferry/{gateway}/batches".to_string()

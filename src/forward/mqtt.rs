@@ -104,7 +104,7 @@ impl MqttLink {
     /// Runs until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let topic = self.cfg.topic.replace("{gateway}", &self.gateway);
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        let mut backoff = Backoff::new(Duration::from_millis(500), self.cfg.reconnect_max);
         let mut last_logged: Option<String> = None;
         loop {
             let r = tokio::select! {

@@ -71,7 +71,7 @@ pub struct Link {
 impl Link {
     /// Runs until `shutdown`: connect, forward, reconnect with backoff.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        let mut backoff = Backoff::new(Duration::from_millis(500), self.cfg.reconnect_max);
         let mut last_logged: Option<String> = None;
         loop {
             let started = Instant::now();

@@ -1,0 +1,379 @@
+//! The MQTT upstream (`mqtts://`, mutual TLS) against a real "cloud" Mosquitto: every message
+//! is self-contained (Hello + Dict + Batch envelopes), every aggregate reaches a subscriber,
+//! and a cloud broker outage loses nothing (consumers deduplicate by (epoch, seq)).
+
+mod common;
+
+use common::*;
+use edgeferry::forward::protocol::{self, DictDecoder, Frame, HEADER_LEN, OutboxItem};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TOPIC: &str = "edgeferry/gw-test/batches";
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.self_signed(&key).unwrap();
+    Ca {
+        pem: cert.pem(),
+        issuer: Issuer::new(p, key),
+    }
+}
+
+/// A leaf certificate signed by `ca`: (cert PEM, key PEM).
+fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
+    let p =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca.issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// The cloud: a broker with a plain listener (the test subscriber) and a TLS listener that
+/// requires a client certificate (the gateway).
+struct Cloud {
+    broker: Mosquitto,
+    tls_port: u16,
+    certs: tempfile::TempDir,
+    server_ca: Ca,
+    client_ca: Ca,
+}
+
+impl Cloud {
+    fn start() -> Cloud {
+        let server_ca = ca("cloud-server-ca");
+        let client_ca = ca("cloud-client-ca");
+        let certs = tempfile::tempdir().unwrap();
+        let (cert, key) = leaf(&server_ca, &["localhost"]);
+        let cert = write(certs.path(), "server.pem", &cert);
+        let key = write(certs.path(), "server.key", &key);
+        let cafile = write(certs.path(), "client-ca.pem", &client_ca.pem);
+        let tls_port = free_port();
+        let broker = Mosquitto::start_with(&format!(
+            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            cafile.display(),
+            cert.display(),
+            key.display()
+        ));
+        let c = Cloud {
+            broker,
+            tls_port,
+            certs,
+            server_ca,
+            client_ca,
+        };
+        c.wait_tls();
+        c
+    }
+
+    fn wait_tls(&self) {
+        let port = self.tls_port;
+        wait_for("the cloud TLS listener", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// `[upstream]` for the gateway: mqtts with the cloud's CA and a client certificate.
+    fn upstream_section(&self) -> String {
+        let (cert, key) = leaf(&self.client_ca, &["gw-test"]);
+        let ca = write(self.certs.path(), "trust.pem", &self.server_ca.pem);
+        let cert = write(self.certs.path(), "client.pem", &cert);
+        let key = write(self.certs.path(), "client.key", &key);
+        format!(
+            "[upstream]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nlinger = \"200ms\"\n",
+            self.tls_port,
+            ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+    }
+}
+
+fn gateway(local: &Mosquitto, cloud: &Cloud) -> Gateway {
+    Gateway::with_config(
+        &local.url(),
+        "",
+        &format!(
+            "[process]\nwindows = [\"1s\"]\nallowed_lateness = \"200ms\"\ncheckpoint_interval = \"500ms\"\n\n{}",
+            cloud.upstream_section()
+        ),
+    )
+}
+
+/// What the consumer concluded from every message it received.
+#[derive(Default)]
+struct Consumed {
+    messages: usize,
+    /// (epoch, seq) of every batch taken (first copy only).
+    batches: BTreeSet<(u64, u64)>,
+    /// Copies of a batch already taken (resends after a lost PUBACK).
+    duplicates: usize,
+    /// (series, window_start_ms, window_secs) → (highest version, its count).
+    windows: BTreeMap<(String, i64, u32), (u32, u64)>,
+    /// (series, window_start_ms, window_secs, version) → count: one version, one content.
+    versions: BTreeMap<(String, i64, u32, u32), u64>,
+    errors: Vec<String>,
+}
+
+impl Consumed {
+    /// Sum of `count` over the highest version of every window.
+    fn total(&self) -> u64 {
+        self.windows.values().map(|&(_, c)| c).sum()
+    }
+
+    /// Decodes one MQTT message: Hello, Dict, Batch envelopes back to back.
+    fn take(&mut self, msg: &[u8]) {
+        self.messages += 1;
+        if let Err(e) = self.try_take(msg) {
+            self.errors.push(e);
+        }
+    }
+
+    fn try_take(&mut self, msg: &[u8]) -> Result<(), String> {
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < msg.len() {
+            let rest = &msg[at..];
+            if rest.len() < HEADER_LEN {
+                return Err(format!("{} trailing bytes", rest.len()));
+            }
+            let len = u32::from_le_bytes(rest[4..8].try_into().unwrap()) as usize;
+            let end = HEADER_LEN + len;
+            if rest.len() < end {
+                return Err(format!("envelope of {end} bytes, {} left", rest.len()));
+            }
+            frames.push(protocol::decode(&rest[..end], u32::MAX).map_err(|e| e.to_string())?);
+            at += end;
+        }
+        let mut it = frames.into_iter();
+        let Some(Frame::Hello(hello)) = it.next() else {
+            return Err("message does not start with Hello".into());
+        };
+        if hello.gateway != "gw-test" {
+            return Err(format!("gateway {:?}", hello.gateway));
+        }
+        // Each message is self-contained: a fresh dictionary per message.
+        let mut dict = DictDecoder::new();
+        let mut batch = None;
+        for f in it {
+            match f {
+                Frame::Dict(d) => dict.apply(&d).map_err(|e| e.to_string())?,
+                Frame::Batch(b) if batch.is_none() => batch = Some(b),
+                other => return Err(format!("unexpected frame {:?}", other.kind())),
+            }
+        }
+        let b = batch.ok_or("no Batch frame")?;
+        let items = dict.decode_batch(&b).map_err(|e| e.to_string())?;
+        if !self.batches.insert((hello.epoch, b.seq)) {
+            self.duplicates += 1;
+            return Ok(());
+        }
+        for item in items {
+            if let OutboxItem::Aggregate {
+                series,
+                window_start_ms,
+                window_secs,
+                version,
+                agg,
+            } = item
+            {
+                let count = agg.count();
+                let vk = (series.key.clone(), window_start_ms, window_secs, version);
+                if let Some(&prev) = self.versions.get(&vk)
+                    && prev != count
+                {
+                    return Err(format!("{vk:?} seen with counts {prev} and {count}"));
+                }
+                self.versions.insert(vk, count);
+                let e = self
+                    .windows
+                    .entry((series.key, window_start_ms, window_secs))
+                    .or_insert((0, 0));
+                if version >= e.0 {
+                    *e = (version, count);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A QoS 1 subscriber on the cloud broker's plain listener, with a persistent session (so
+/// what is published while it reconnects after a broker restart is queued for it).
+struct Subscriber {
+    consumed: Arc<Mutex<Consumed>>,
+    /// Runs the event loop; dropped (and the task with it) with the subscriber.
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Subscriber {
+    /// Connects and returns once the subscription is acknowledged.
+    fn connect(port: u16) -> Subscriber {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut o = rumqttc::MqttOptions::new("cloud-consumer", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(false)
+            .set_max_packet_size(64 << 20, 64 << 20);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+        let consumed = Arc::new(Mutex::new(Consumed::default()));
+        let c = consumed.clone();
+        let (subacked_tx, subacked_rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            // Subscribe on every connection without a stored session (the first one).
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                        if !a.session_present {
+                            client
+                                .subscribe(TOPIC, rumqttc::QoS::AtLeastOnce)
+                                .await
+                                .unwrap();
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = subacked_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        c.lock().unwrap().take(&p.payload);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        subacked_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("SUBACK from the cloud broker");
+        Subscriber { consumed, _rt: rt }
+    }
+
+    fn total(&self) -> u64 {
+        self.consumed.lock().unwrap().total()
+    }
+
+    /// Waits until the consumer's count reaches `n`, then a little longer, and returns what
+    /// it concluded.
+    fn wait_total(&self, n: u64, timeout: Duration) -> std::sync::MutexGuard<'_, Consumed> {
+        let start = Instant::now();
+        while self.total() < n && start.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Anything late (a resend, a stray correction) would show now.
+        std::thread::sleep(Duration::from_secs(2));
+        self.consumed.lock().unwrap()
+    }
+}
+
+fn topic(i: usize) -> String {
+    format!("sensors/site{}/dev{}/temperature", i % 2, i % 10)
+}
+
+fn assert_consumed(c: &Consumed, n: u64, gw: &Gateway) {
+    let problem = format!(
+        "messages {}, batches {}, duplicates {}, windows {}, errors {:?}\nlog:\n{}",
+        c.messages,
+        c.batches.len(),
+        c.duplicates,
+        c.windows.len(),
+        &c.errors[..c.errors.len().min(5)],
+        gw.current_log()
+    );
+    eprintln!(
+        "consumed: messages {}, batches {}, duplicates {}, windows {}",
+        c.messages,
+        c.batches.len(),
+        c.duplicates,
+        c.windows.len()
+    );
+    assert!(c.errors.is_empty(), "{problem}");
+    assert_eq!(c.total(), n, "{problem}");
+    assert!(c.windows.keys().all(|(_, _, secs)| *secs == 1), "{problem}");
+}
+
+#[test]
+fn mqtt_upstream_with_mutual_tls_delivers_every_aggregate_once() {
+    let local = Mosquitto::start();
+    let cloud = Cloud::start();
+    let sub = Subscriber::connect(cloud.broker.port);
+    let mut gw = gateway(&local, &cloud);
+    gw.start();
+    wait_for("the upstream MQTT link", Duration::from_secs(15), || {
+        gw.current_log().contains("upstream (MQTT) connected")
+    });
+    let n = 500;
+    let p = Publisher::connect(local.port, "pub-up-mqtt");
+    for i in 0..n {
+        p.publish(&topic(i), live_payload(i));
+        std::thread::sleep(Duration::from_millis(6));
+    }
+    p.wait_acked(n, Duration::from_secs(20));
+    let c = sub.wait_total(n as u64, Duration::from_secs(30));
+    assert_consumed(&c, n as u64, &gw);
+    assert!(c.messages >= 2, "windows of ~3 s come in several batches");
+    drop(c);
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn cloud_broker_outage_then_recovery_loses_nothing() {
+    let local = Mosquitto::start();
+    let mut cloud = Cloud::start();
+    let sub = Subscriber::connect(cloud.broker.port);
+    let mut gw = gateway(&local, &cloud);
+    gw.start();
+    wait_for("the upstream MQTT link", Duration::from_secs(15), || {
+        gw.current_log().contains("upstream (MQTT) connected")
+    });
+    let n = 1500;
+    let p = Publisher::connect(local.port, "pub-up-mqtt-outage");
+    let mut before_outage = 0;
+    for i in 0..n {
+        if i == 400 {
+            // Something has gone through before the outage.
+            wait_for("batches before the outage", Duration::from_secs(10), || {
+                sub.total() > 0
+            });
+            before_outage = sub.total();
+            cloud.broker.stop();
+        }
+        if i == 900 {
+            cloud.broker.restart();
+            cloud.wait_tls();
+        }
+        p.publish(&topic(i), live_payload(i));
+        std::thread::sleep(Duration::from_millis(6));
+    }
+    p.wait_acked(n, Duration::from_secs(20));
+    let c = sub.wait_total(n as u64, Duration::from_secs(40));
+    assert!(before_outage > 0);
+    assert_consumed(&c, n as u64, &gw);
+    drop(c);
+    let log = gw.current_log();
+    assert!(
+        log.matches("upstream (MQTT) connected").count() >= 2,
+        "the link came back:\n{log}"
+    );
+    assert!(gw.stop().success());
+}
