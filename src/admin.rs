@@ -307,10 +307,39 @@ pub async fn serve(listener: tokio::net::TcpListener, admin: Admin, shutdown: Ca
 }
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
+    a.refresh_gauges();
     (
         [("content-type", "text/plain; version=0.0.4")],
         a.prometheus.render(),
     )
+}
+
+impl Admin {
+    /// Sets the gauges that are cheaper to compute when scraped than on every change
+    /// (the outbox backlog reads the outbox's files).
+    pub fn refresh_gauges(&self) {
+        let r = self.report();
+        let b = &r.backlog;
+        metrics::gauge!("edgeferry_series").set(r.process.series as f64);
+        metrics::gauge!("edgeferry_alerts_active").set(r.process.alerts_active as f64);
+        metrics::gauge!("edgeferry_outbox_batches").set(b.batches as f64);
+        metrics::gauge!("edgeferry_outbox_items").set(b.items as f64);
+        metrics::gauge!("edgeferry_outbox_bytes").set(b.bytes as f64);
+        metrics::gauge!("edgeferry_outbox_oldest_age_seconds")
+            .set(b.oldest_age_secs.unwrap_or(0) as f64);
+        metrics::gauge!("edgeferry_ingest_blocked").set(if r.process.blocked { 1.0 } else { 0.0 });
+        metrics::gauge!("edgeferry_mqtt_connected").set(if r.broker.connected { 1.0 } else { 0.0 });
+        metrics::counter!("edgeferry_mqtt_reconnects_total").absolute(r.broker.reconnects);
+        if let Some(u) = &r.upstream {
+            metrics::gauge!("edgeferry_upstream_connected").set(if u.connected {
+                1.0
+            } else {
+                0.0
+            });
+            metrics::counter!("edgeferry_upstream_reconnects_total").absolute(u.reconnects);
+        }
+        metrics::gauge!("edgeferry_uptime_seconds").set(r.uptime_secs as f64);
+    }
 }
 
 async fn status(State(a): State<Admin>) -> Json<StatusReport> {

@@ -328,6 +328,10 @@ impl Processor {
         for r in &c.entry.readings {
             let key = r.series_key();
             if !self.state.series.contains_key(&key) {
+                self.shared
+                    .status
+                    .series
+                    .store(self.state.series.len() as u64 + 1, Ordering::Relaxed);
                 self.state.series.insert(
                     key.clone(),
                     SeriesInfo {
