@@ -1,0 +1,155 @@
+//! Local alerts end to end: rules evaluated on the ingest path, published on the local broker
+//! (received here by a separate subscriber), and forwarded upstream ahead of aggregates.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+const RULES: &str = r#"
+[[rules]]
+name = "overheat"
+metric = "temperature"
+above = 80.0
+clear_below = 75.0
+publish = "alerts/{site}/{device}/{rule}"
+"#;
+
+/// Subscribes to `filter` on the broker and collects (topic, payload, arrival ms).
+fn subscriber(
+    port: u16,
+    filter: &str,
+) -> std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value, u64)>>> {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let filter = filter.to_string();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let o = rumqttc::MqttOptions::new("alert-watcher", "127.0.0.1", port);
+            let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+            client
+                .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let v = serde_json::from_slice(&p.payload).unwrap();
+                        g.lock().unwrap().push((p.topic.clone(), v, now_ms()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    got
+}
+
+#[test]
+fn a_value_over_the_limit_raises_exactly_one_alert_and_hysteresis_clears_it_once() {
+    let broker = Mosquitto::start();
+    let mut gw = Gateway::with_config(&broker.url(), "", RULES);
+    gw.start();
+    let alerts = subscriber(broker.port, "alerts/#");
+    let p = Publisher::connect(broker.port, "pub-alerts");
+    // Hovering around the limit must not produce a storm of alerts.
+    let values = [
+        70.0, 79.0, 81.0, 80.5, 79.9, 80.2, 81.5, 76.0, 80.1, 74.0, 74.5, 76.0,
+    ];
+    for v in values {
+        p.publish(
+            "sensors/plant/boiler/temperature",
+            format!(r#"{{"value":{v},"ts":{}}}"#, now_ms()),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.wait_acked(values.len(), Duration::from_secs(10));
+    wait_for("two alert messages", Duration::from_secs(10), || {
+        alerts.lock().unwrap().len() >= 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let got = alerts.lock().unwrap().clone();
+    assert_eq!(got.len(), 2, "exactly one raise and one clear: {got:?}");
+    assert_eq!(got[0].0, "alerts/plant/boiler/overheat");
+    assert_eq!(got[0].1["state"], "raised");
+    assert_eq!(got[0].1["value"], 81.0);
+    assert_eq!(got[0].1["rule"], "overheat");
+    assert_eq!(got[0].1["series"], "temperature{device=boiler,site=plant}");
+    assert_eq!(got[1].1["state"], "cleared");
+    assert_eq!(got[1].1["value"], 74.0);
+    let (_, out, _) = gw.command(&["status"]);
+    assert!(out.contains("0 alerts active (2 events)"), "{out}");
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn alerts_reach_the_central_side_ahead_of_the_aggregate_backlog() {
+    let broker = Mosquitto::start();
+    let mut collector = Collector::new(&[]);
+    let mut gw = Gateway::with_config(
+        &broker.url(),
+        "",
+        &format!(
+            "{RULES}\n[process]\nwindows = [\"1s\"]\nallowed_lateness = \"200ms\"\ncheckpoint_interval = \"500ms\"\n\
+             [upstream]\nurl = \"{}\"\nbatch_max = 1\nlinger = \"100ms\"\n",
+            collector.url()
+        ),
+    );
+    gw.start();
+    let p = Publisher::connect(broker.port, "pub-alert-up");
+    // A backlog of aggregates while the upstream is down (200 series, 3 s) ...
+    for i in 0..1200 {
+        p.publish(
+            &format!("sensors/s/dev{}/temperature", i % 200),
+            live_payload(20),
+        );
+        if i % 100 == 99 {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    // ... then an alert.
+    p.publish(
+        "sensors/plant/boiler/temperature",
+        format!(r#"{{"value":95,"ts":{}}}"#, now_ms()),
+    );
+    p.wait_acked(1201, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(1500));
+    collector.start();
+    let start = Instant::now();
+    wait_for(
+        "the alert at the collector",
+        Duration::from_secs(30),
+        || collector.lines().iter().any(|l| l["kind"] == "alert"),
+    );
+    let lines = collector.lines();
+    let alert_at = lines.iter().position(|l| l["kind"] == "alert").unwrap();
+    let aggregates_before = lines[..alert_at]
+        .iter()
+        .filter(|l| l["kind"] == "aggregate")
+        .count();
+    let aggregates_total = lines.iter().filter(|l| l["kind"] == "aggregate").count();
+    eprintln!(
+        "alert arrived after {:?}, behind {aggregates_before} of {aggregates_total} aggregates so far",
+        start.elapsed()
+    );
+    assert!(
+        aggregates_before < 100,
+        "the alert jumps the aggregate backlog ({aggregates_before} aggregates were stored before it)"
+    );
+    let a = &lines[alert_at];
+    assert_eq!(a["rule"], "overheat");
+    assert_eq!(a["state"], "raised");
+    assert_eq!(a["value"], 95.0);
+    assert_eq!(a["gateway"], "gw-test");
+    assert!(gw.stop().success());
+}
