@@ -722,6 +722,87 @@ fn edgeferry_live(
     }
 }
 
+/// Publish → alert latency: readings at `rate`/s whose values cross an `above = 80,
+/// clear_below = 75` rule on every reading of a series (90, 70, 90, ...), so each reading raises
+/// or clears an alert; a separate subscriber receives the alerts from the broker and measures
+/// arrival − the triggering reading's publish time (the alert's `time`). Returns the sorted
+/// latencies (ms) and how many alerts were expected.
+fn alert_latency(broker: &Mosquitto, rate: usize, secs: f64) -> (Vec<i64>, usize) {
+    let mut gw = bench_gateway(broker, "bench-alerts", 20_000);
+    let mut cfg = std::fs::read_to_string(&gw.config).unwrap();
+    cfg.push_str(
+        "\n[[rules]]\nname = \"hot\"\nmetric = \"temp\"\nabove = 80.0\nclear_below = 75.0\npublish = \"alerts/{site}/{device}/{rule}\"\n",
+    );
+    std::fs::write(&gw.config, cfg).unwrap();
+    gw.start();
+    let lat = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l2 = lat.clone();
+    let port = broker.port;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let watcher = std::thread::spawn(move || {
+        let rt = runtime();
+        rt.block_on(async move {
+            let (client, mut el) = AsyncClient::new(options(port, "bench-alert-watch", true), 1000);
+            el.set_network_options(nodelay());
+            client.subscribe("alerts/#", QoS::AtMostOnce).await.unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs + 20.0);
+            while let Ok(ev) = tokio::time::timeout_at(deadline, el.poll()).await {
+                match ev {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let now = now_ms();
+                        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                        if let Some(t) = v["time"].as_str().and_then(|t| {
+                            time::OffsetDateTime::parse(
+                                t,
+                                &time::format_description::well_known::Rfc3339,
+                            )
+                            .ok()
+                        }) {
+                            let t = (t.unix_timestamp_nanos() / 1_000_000) as i64;
+                            l2.lock().unwrap().push(now - t);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let total = (rate as f64 * secs) as usize;
+    let p = Publisher::connect(broker.port, "bench-pub-alerts");
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    for i in 0..total {
+        let due = start + period * i as u32;
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        // topic(i) has 100 series (i % 100): consecutive readings of a series alternate.
+        let value = if (i / 100) % 2 == 0 { 90 } else { 70 };
+        p.publish(
+            topic(i),
+            format!(r#"{{"value":{value},"ts":{}}}"#, now_ms()),
+        );
+    }
+    p.wait_acked(total, Duration::from_secs(120));
+    let want = total;
+    let t0 = Instant::now();
+    while lat.lock().unwrap().len() < want && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(p);
+    let _ = gw.stop();
+    let _ = watcher.join();
+    let mut v = lat.lock().unwrap().clone();
+    v.sort_unstable();
+    (v, want)
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let n: usize = if full {
@@ -747,7 +828,7 @@ fn main() {
     let port = broker.port;
 
     // 1. bare subscriber drain
-    println!("[1/5] bare subscriber drain of {n} queued messages");
+    println!("[1/6] bare subscriber drain of {n} queued messages");
     session_op(port, "bench-bare-drain", false, true);
     Publisher::queue(port, n, "bench-pub-drain-bare");
     let bare_t = bare_drain(port, "bench-bare-drain", n);
@@ -755,22 +836,29 @@ fn main() {
     let bare_rate = n as f64 / bare_t.as_secs_f64();
 
     // 2. edgeferry drain
-    println!("[2/5] edgeferry drain of {n} queued messages");
+    println!("[2/6] edgeferry drain of {n} queued messages");
     let ef = edgeferry_drain(&broker, n);
     let ratio = ef.rate_from_connect / bare_rate;
 
     // 3. live latency through edgeferry, 100 series
-    println!("[3/5] edgeferry live, {LIVE_RATE} msg/s for {secs} s");
+    println!("[3/6] edgeferry live, {LIVE_RATE} msg/s for {secs} s");
     let live = edgeferry_live(&broker, "bench-live", secs, 20_000, topic);
 
     // 3b. the same rate to a bare subscriber
-    println!("[4/5] bare subscriber live, {LIVE_RATE} msg/s for {secs} s");
+    println!("[4/6] bare subscriber live, {LIVE_RATE} msg/s for {secs} s");
     let (mut bare_lat, bare_sent) = bare_live(port, LIVE_RATE, secs);
     bare_lat.sort_unstable();
 
     // 4. 10,000 series
-    println!("[5/5] edgeferry live over 10,000 series, {LIVE_RATE} msg/s for {secs} s");
+    println!("[5/6] edgeferry live over 10,000 series, {LIVE_RATE} msg/s for {secs} s");
     let many = edgeferry_live(&broker, "bench-series", secs, 20_000, series_topic);
+
+    // 5. publish → alert
+    let alert_rate = 5_000;
+    println!(
+        "[6/6] publish → alert at {alert_rate} readings/s (every reading raises or clears) for {secs} s"
+    );
+    let (alert_lat, alerts_expected) = alert_latency(&broker, alert_rate, secs);
 
     // ---- report
     let ms = |s: Option<f64>| {
@@ -861,8 +949,22 @@ fn main() {
         fmt_mib(many.peak_rss_kib),
         fmt_mib(many.hwm_kib)
     );
+    println!(
+        "| **publish → alert** at {alert_rate}/s (alert on every reading): p50 / p99 / max | **{} / {} / {}** ({} of {} alerts received) |",
+        fmt_ms(pct(&alert_lat, 0.5)),
+        fmt_ms(pct(&alert_lat, 0.99)),
+        fmt_ms(alert_lat.last().copied()),
+        alert_lat.len(),
+        alerts_expected
+    );
     println!();
     let goal = |ok: bool| if ok { "met" } else { "NOT met" };
+    if let Some(a) = pct(&alert_lat, 0.99) {
+        println!(
+            "  p99 publish -> alert well under 100 ms: {a} ms -> {}",
+            goal(a < 100)
+        );
+    }
     println!("goals (full run only are meaningful):");
     println!("  drain ratio >= 0.9: {ratio:.2} -> {}", goal(ratio >= 0.9));
     match (p99, live.commit_p99) {
