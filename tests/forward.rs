@@ -258,3 +258,84 @@ fn sigkill_of_gateway_and_collector_while_the_upstream_flaps_loses_nothing_and_c
     }
     assert!(gw.stop().success());
 }
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let m = e.metadata().unwrap();
+                    if m.is_dir() {
+                        dir_bytes(&e.path())
+                    } else {
+                        m.len()
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_journal_is_trimmed_below_the_checkpoint_so_its_disk_use_stays_bounded() {
+    let broker = Mosquitto::start();
+    let mut gw = Gateway::with_config(
+        &broker.url(),
+        "max_unacked = 1000\ncommit_max = 100",
+        PROCESS,
+    );
+    let cfg = std::fs::read_to_string(&gw.config)
+        .unwrap()
+        .replace("segment_size = \"256MiB\"", "segment_size = \"64KiB\"");
+    std::fs::write(&gw.config, cfg).unwrap();
+    gw.start();
+    let p = Publisher::connect(broker.port, "pub-trim");
+    let n = 20_000;
+    let journal = gw.dir.path().join("data/journal");
+    let mut peak = 0;
+    for i in 0..n {
+        p.publish(&topic(i), live_payload(i));
+        if i % 1000 == 999 {
+            std::thread::sleep(Duration::from_millis(100));
+            peak = peak.max(dir_bytes(&journal));
+        }
+    }
+    p.wait_acked(n, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(1500));
+    peak = peak.max(dir_bytes(&journal));
+    let (_, status, _) = gw.command(&["status"]);
+    eprintln!("{status}");
+    assert!(gw.stop().success());
+    let (_, out, _) = gw.command(&["dump-journal"]);
+    let last_lsn: u64 = out
+        .lines()
+        .last()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["lsn"]
+                .as_u64()
+                .unwrap()
+        })
+        .unwrap_or(0);
+    eprintln!("last lsn {last_lsn}");
+    let first_lsn: u64 = out
+        .lines()
+        .next()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["lsn"]
+                .as_u64()
+                .unwrap()
+        })
+        .unwrap_or(0);
+    let kept = out.lines().count();
+    eprintln!("journal: peak {peak} bytes, {kept} records kept from lsn {first_lsn} of {n}");
+    assert!(
+        first_lsn > 10_000,
+        "old segments were deleted (first lsn {first_lsn})"
+    );
+    // The dedup tail (2 × max_unacked + commit_max = 2,100 records) plus a segment or two.
+    assert!(kept < 5_000, "{kept} records kept");
+    assert!(
+        peak < 1024 * 1024,
+        "journal peaked at {peak} bytes for {n} readings"
+    );
+}

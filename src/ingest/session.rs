@@ -179,7 +179,11 @@ pub async fn run(
                 trim_to: params.trim_to,
                 journal_bytes: params.journal_bytes,
                 blocked: params.blocked,
-                keep_tail: recent_cap as u64,
+                // On disk only the last few commit groups can be committed-but-unacknowledged
+                // when the process dies (acks are written right after each group's sync), so
+                // that is the tail kept for seeding after a restart; the in-memory set is
+                // larger. Keeping more would count against store.max_disk for nothing.
+                keep_tail: (cfg.commit_max as u64 * 4).max(1000),
                 commits: 0,
                 dups_in_group: 0,
                 crash_after_commits: std::env::var(FAILPOINT_ENV)
@@ -681,6 +685,11 @@ impl Committer {
         while !closed {
             progress.store(now_ms() as u64, Ordering::Relaxed);
             if self.blocked.load(Ordering::Relaxed) {
+                // Processing keeps checkpointing while ingest is held: keep trimming so the
+                // journal gives its share of the quota back.
+                self.trim()?;
+                self.journal_bytes
+                    .store(self.journal.disk_bytes(), Ordering::Relaxed);
                 // Backpressure: stop taking messages; the channel fills, the poll task stops
                 // reading and the broker queues for us.
                 tokio::time::sleep(Duration::from_millis(100)).await;
