@@ -342,7 +342,7 @@ fn damaged(part: &'static str, path: &Path, bytes: u64, what: String) -> PartRep
     PartReport {
         state: PartState::Damaged,
         bytes,
-        summary: format!("unusable: {what}"),
+        summary: "unusable (see below)".to_string(),
         damage: vec![DamageItem {
             file: path.to_path_buf(),
             offset: 0,
@@ -481,7 +481,7 @@ fn walk(dir: &Path, out: &mut Vec<QuarantinedFile>) {
         let path = e.path();
         match e.file_type() {
             Ok(t) if t.is_dir() => walk(&path, out),
-            Ok(t) if t.is_file() => {
+            Ok(t) if t.is_file() && e.file_name() != "REPAIR.txt" => {
                 let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
                 out.push(QuarantinedFile { path, bytes });
             }
