@@ -99,13 +99,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         source,
     })?;
     let (journal, rec) = Journal::open(&data_dir.join("journal"), cfg.store.segment_size.as_u64())?;
-    if rec.truncated_bytes > 0 || !rec.quarantined.is_empty() {
-        tracing::warn!(
-            truncated_bytes = rec.truncated_bytes,
-            quarantined = ?rec.quarantined,
-            "journal recovered after an unclean stop"
-        );
-    }
+    log_recovery("journal", &rec);
     tracing::info!(
         first_lsn = rec.first_lsn,
         next_lsn = rec.next_lsn,
@@ -114,8 +108,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     );
 
     let epoch = load_or_create_epoch(&data_dir)?;
-    let (outbox, _) = Outbox::open(&data_dir.join("outbox"), cfg.store.segment_size.as_u64())
+    let (outbox, recs) = Outbox::open(&data_dir.join("outbox"), cfg.store.segment_size.as_u64())
         .map_err(crate::store::StoreError::from)?;
+    log_recovery("outbox aggregates lane", &recs[0]);
+    log_recovery("outbox alerts lane", &recs[1]);
     let outbox = Arc::new(Mutex::new(outbox));
     let (watermark_tx, watermark_rx) = watch::channel([0u64, 0u64]);
     let pstatus = Arc::new(ProcessStatus::default());
@@ -283,6 +279,31 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     Ok(())
 }
 
+/// Says what opening a segment log repaired: a cut torn tail is routine after a crash (warn);
+/// quarantined bytes mean damaged data and are logged as an error with where they went.
+fn log_recovery(what: &str, rec: &crate::store::seglog::Recovery) {
+    if !rec.quarantined.is_empty() {
+        let moved: Vec<String> = rec
+            .quarantined
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        tracing::error!(
+            truncated_bytes = rec.truncated_bytes,
+            quarantined_bytes = rec.quarantined_bytes,
+            records_kept = rec.records,
+            "{what} was damaged: salvaged the valid records and moved the damaged bytes to \
+             quarantine: {} (inspect with `edgeferry store verify`)",
+            moved.join(", ")
+        );
+    } else if rec.truncated_bytes > 0 {
+        tracing::warn!(
+            truncated_bytes = rec.truncated_bytes,
+            "{what} recovered after an unclean stop (cut a torn tail)"
+        );
+    }
+}
+
 /// Sends `WATCHDOG=1` only while the commit loop makes progress (it ticks at least once a
 /// second even when idle), so a stalled pipeline is restarted by systemd; and a short
 /// `STATUS=` line every few seconds.
@@ -331,28 +352,50 @@ async fn systemd_loop(
 
 /// The store epoch: a random id made when the data directory is created. Batch ids are
 /// (gateway, epoch, seq), so a wiped or replaced gateway never reuses ids the central side has
-/// already seen.
+/// already seen. A damaged epoch file is moved aside (`epoch.bad-<ms>`) and a new epoch is
+/// made, with an error log: the daemon never refuses to start because of it (unacknowledged
+/// batches are then sent again under new ids).
 pub fn load_or_create_epoch(data_dir: &std::path::Path) -> Result<u64, DaemonError> {
     let path = data_dir.join("epoch");
     let err = |source| DaemonError::DataDir {
         path: path.display().to_string(),
         source,
     };
-    match std::fs::read_to_string(&path) {
-        Ok(s) => u64::from_str_radix(s.trim(), 16).map_err(|e| {
-            err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("not a hexadecimal epoch: {e}"),
-            ))
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let epoch: u64 = rand::random();
-            crate::util::write_atomic(&path, format!("{epoch:016x}\n").as_bytes()).map_err(err)?;
-            tracing::info!("new data directory: store epoch {epoch:016x}");
-            Ok(epoch)
-        }
-        Err(e) => Err(err(e)),
+    match std::fs::read(&path) {
+        Ok(bytes) => match parse_epoch(&bytes) {
+            Ok(epoch) => return Ok(epoch),
+            Err(why) => {
+                let aside = data_dir.join(format!("epoch.bad-{}", crate::ingest::now_ms()));
+                std::fs::rename(&path, &aside).map_err(err)?;
+                tracing::error!(
+                    "store epoch {} is damaged ({why}); moved to {} and starting a new epoch \
+                     (batches not yet acknowledged will be sent again under new ids)",
+                    path.display(),
+                    aside.display()
+                );
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
     }
+    let epoch: u64 = rand::random();
+    crate::util::write_atomic(&path, format!("{epoch:016x}\n").as_bytes()).map_err(err)?;
+    tracing::info!("new store epoch {epoch:016x}");
+    Ok(epoch)
+}
+
+/// Parses the contents of the `epoch` file: 16 hexadecimal digits (and a newline).
+pub fn parse_epoch(bytes: &[u8]) -> Result<u64, String> {
+    let s = std::str::from_utf8(bytes)
+        .map_err(|_| "not text".to_string())?
+        .trim();
+    if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "expected 16 hexadecimal digits, found {} byte(s)",
+            bytes.len()
+        ));
+    }
+    u64::from_str_radix(s, 16).map_err(|e| e.to_string())
 }
 
 /// Writes every journal record as one JSON line: `{"lsn":..,"received_ms":..,"readings":[..]}`.

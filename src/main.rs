@@ -1,6 +1,6 @@
 //! The `edgeferry` binary: parses the command line, installs the TLS crypto provider, starts
 //! logging and hands over to the library. Exit codes: 0 clean stop, 1 configuration error,
-//! 2 runtime failure.
+//! 2 runtime failure (`status` and `store verify`: 3 unhealthy / damage found).
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -75,11 +75,40 @@ enum Command {
         #[arg(long, hide = true, default_value = "10s", value_parser = humantime::parse_duration)]
         handshake_timeout: std::time::Duration,
     },
+    /// Check or salvage the data directory offline (journal, outbox, checkpoint, epoch).
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// Print the journal's contents (offline; for checks and tests), one JSON object per line.
     DumpJournal {
         /// Configuration file (its gateway.data_dir is read).
         #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreAction {
+    /// Check every part of the store without changing anything; exit code 0 intact, 3 damage
+    /// found, 2 the check itself failed. Works while the daemon runs (results may be stale).
+    Verify {
+        /// Configuration file (its gateway.data_dir is read).
+        #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
+        config: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Salvage a damaged store with the daemon stopped: keep every valid record, move damaged
+    /// bytes and files into <data_dir>/quarantine/<UTC date-time>/ (nothing is deleted).
+    Repair {
+        /// Configuration file (its gateway.data_dir and store.segment_size are read).
+        #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
+        config: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -160,6 +189,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Store { action } => store(action),
         Command::DumpJournal { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -206,6 +236,65 @@ fn collect(cfg: edgeferry::collect::CollectConfig) -> anyhow::Result<()> {
         tokio::spawn(edgeferry::daemon::watch_signals(shutdown.clone()));
         edgeferry::collect::run(cfg, shutdown).await
     })
+}
+
+/// `edgeferry store verify|repair`.
+fn store(action: StoreAction) -> ExitCode {
+    let (config, json, verify) = match action {
+        StoreAction::Verify { config, json } => (config, json, true),
+        StoreAction::Repair { config, json } => (config, json, false),
+    };
+    let cfg = match Config::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let data_dir = &cfg.gateway.data_dir;
+    let print = |text: String, value: serde_json::Result<String>| {
+        if json {
+            match value {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("edgeferry store: cannot encode the report: {e}"),
+            }
+        } else {
+            print!("{text}");
+        }
+    };
+    if verify {
+        match edgeferry::store::check::verify(data_dir) {
+            Ok(r) => {
+                print(r.to_string(), serde_json::to_string_pretty(&r));
+                if r.clean {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(3)
+                }
+            }
+            Err(e) => {
+                eprintln!("edgeferry store verify: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        }
+    } else {
+        edgeferry::telemetry::init(&cfg.log);
+        match edgeferry::store::check::repair(data_dir, cfg.store.segment_size.as_u64()) {
+            Ok(r) => {
+                print(r.to_string(), serde_json::to_string_pretty(&r));
+                if r.after.clean {
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!("edgeferry store repair: damage remains (see above)");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+            Err(e) => {
+                eprintln!("edgeferry store repair: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        }
+    }
 }
 
 /// `edgeferry status`: 0 healthy, 3 unhealthy, 2 daemon unreachable.

@@ -303,8 +303,6 @@ fn the_journal_is_trimmed_below_the_checkpoint_so_its_disk_use_stays_bounded() {
     p.wait_acked(n, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(1500));
     peak = peak.max(dir_bytes(&journal));
-    let (_, status, _) = gw.command(&["status"]);
-    eprintln!("{status}");
     assert!(gw.stop().success());
     let (_, out, _) = gw.command(&["dump-journal"]);
     let last_lsn: u64 = out
@@ -316,7 +314,7 @@ fn the_journal_is_trimmed_below_the_checkpoint_so_its_disk_use_stays_bounded() {
                 .unwrap()
         })
         .unwrap_or(0);
-    eprintln!("last lsn {last_lsn}");
+    assert_eq!(last_lsn, n as u64 - 1, "every reading was journaled");
     let first_lsn: u64 = out
         .lines()
         .next()
@@ -332,8 +330,9 @@ fn the_journal_is_trimmed_below_the_checkpoint_so_its_disk_use_stays_bounded() {
         first_lsn > 10_000,
         "old segments were deleted (first lsn {first_lsn})"
     );
-    // The dedup tail (2 × max_unacked + commit_max = 2,100 records) plus a segment or two.
-    assert!(kept < 5_000, "{kept} records kept");
+    // What is kept: the dedup tail (4 commit groups, at least 1,000 records), what the last
+    // checkpoint before the last commit did not cover yet, and the partly used segments.
+    assert!(kept < n / 2, "{kept} records kept");
     assert!(
         peak < 1024 * 1024,
         "journal peaked at {peak} bytes for {n} readings"

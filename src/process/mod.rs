@@ -291,6 +291,20 @@ impl Processor {
     /// Alerts re-derived here are published again (local alert delivery is at-least-once).
     pub fn replay(&mut self, journal: &Journal) -> Result<u64, ProcessError> {
         let mut n = 0;
+        let mut rewound = false;
+        if journal.next_lsn() < self.state.applied_lsn {
+            // Damage cut records off the journal's end after they were applied. Their effect
+            // is in the state; the lsns from the journal's end on will carry new records,
+            // which must not be mistaken for ones already applied.
+            tracing::error!(
+                checkpoint = self.state.applied_lsn,
+                journal_next = journal.next_lsn(),
+                "the journal ends before the checkpoint position (records lost to damage); \
+                 continuing from the journal's end"
+            );
+            self.state.applied_lsn = journal.next_lsn();
+            rewound = true;
+        }
         let from = self.state.applied_lsn.max(journal.first_lsn());
         if from > self.state.applied_lsn {
             tracing::warn!(
@@ -321,6 +335,8 @@ impl Processor {
             let now = self.state.clock_ms;
             self.close_due(now);
             self.flush_batches(false)?;
+        }
+        if n > 0 || rewound {
             self.checkpoint()?;
         }
         Ok(n)
@@ -680,6 +696,33 @@ fn append(
     let bytes = postcard::to_stdvec(&batch).expect("batches always encode");
     metrics::counter!("edgeferry_outbox_batches_total", "lane" => lane.as_str()).increment(1);
     Ok(ob.append(lane, items.len() as u32, now, &bytes)?)
+}
+
+/// What `edgeferry store verify` shows of a checkpoint file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckpointSummary {
+    /// Every journal record below this lsn is reflected in the checkpoint.
+    pub applied_lsn: u64,
+    /// The processing clock (ms since epoch).
+    pub clock_ms: i64,
+    /// Series with state.
+    pub series: usize,
+    /// Closed windows not yet in an outbox batch.
+    pub pending_items: usize,
+    /// Outbox next lsn per lane (aggregates, alerts) when the checkpoint was taken.
+    pub outbox_next: [u64; 2],
+}
+
+/// Decodes the bytes of a checkpoint file (offline checks); the error says why it is unusable.
+pub fn inspect_checkpoint(bytes: &[u8]) -> Result<CheckpointSummary, String> {
+    let c = decode_checkpoint(bytes)?;
+    Ok(CheckpointSummary {
+        applied_lsn: c.applied_lsn,
+        clock_ms: c.clock_ms,
+        series: c.series.len(),
+        pending_items: c.pending.len(),
+        outbox_next: c.outbox_next,
+    })
 }
 
 fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, String> {

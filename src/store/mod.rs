@@ -3,10 +3,13 @@
 //! - [`seglog`]: an append-only segment log (CRC per record, group-commit `fdatasync`, whole
 //!   segments deleted once no longer needed). FIFO data lives here: the reading journal.
 //! - [`journal`]: the reading journal, a typed layer over the segment log.
+//! - [`check`]: offline verification and repair of a whole data directory
+//!   (`edgeferry store verify|repair`).
 //!
 //! Why not sled for FIFO data: see docs/DECISIONS.md (measured: space amplification and
 //! resident memory far beyond what a 512 MB gateway can give).
 
+pub mod check;
 pub mod config;
 pub mod journal;
 pub mod outbox;

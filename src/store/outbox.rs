@@ -154,6 +154,13 @@ const ACKS_MAGIC: &[u8; 4] = b"EFAK";
 const ACKS_VERSION: u16 = 1;
 const RECORD_HEADER: usize = 12;
 
+/// Decodes the bytes of `acked.bin` (acknowledged lsn ranges of the aggregates and alerts
+/// lanes); the error says why the file is unusable.
+pub fn decode_acks(bytes: &[u8]) -> Result<[RangeSet; 2], String> {
+    let body = crate::util::read_framed(bytes, ACKS_MAGIC, ACKS_VERSION)?;
+    postcard::from_bytes::<[RangeSet; 2]>(body).map_err(|e| e.to_string())
+}
+
 /// What was dropped at the disk quota.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Dropped {
@@ -184,9 +191,7 @@ impl Outbox {
         let (agg, r0) = SegmentLog::open(&dir.join(Lane::Aggregates.as_str()), cfg.clone())?;
         let (alr, r1) = SegmentLog::open(&dir.join(Lane::Alerts.as_str()), cfg)?;
         let acked = match std::fs::read(dir.join("acked.bin")) {
-            Ok(bytes) => match crate::util::read_framed(&bytes, ACKS_MAGIC, ACKS_VERSION)
-                .and_then(|b| postcard::from_bytes::<[RangeSet; 2]>(b).map_err(|e| e.to_string()))
-            {
+            Ok(bytes) => match decode_acks(&bytes) {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(

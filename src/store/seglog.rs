@@ -40,9 +40,14 @@
 //!
 //! # Recovery rules (run by [`SegmentLog::open`]; never panics, never refuses to start because of damage)
 //! Segments are read in lsn order and every frame's length, checksum and lsn is checked.
-//! * **Last segment, bad frame** (a torn tail after a crash): the file is truncated at the
-//!   first bad frame ([`Recovery::truncated_bytes`]) and appends continue there, so the next
-//!   lsn is the last valid lsn + 1. Those bytes were never synced, so nothing durable is lost.
+//! * **Last segment, bad frame, nothing valid after it** (a torn tail after a crash): the file
+//!   is truncated at the first bad frame ([`Recovery::truncated_bytes`]) and appends continue
+//!   there, so the next lsn is the last valid lsn + 1. Those bytes were never synced, so
+//!   nothing durable is lost.
+//! * **Last segment, bad frame with valid frames after it** (damage to synced data, e.g. a
+//!   flipped bit): treated like damage in a non-last segment (below), and the next lsn is
+//!   pushed past every lsn the quarantined bytes could have held, so lsns that a consumer may
+//!   already have seen are never issued again.
 //! * **Last segment shorter than a header** (crash while rolling): the header is rewritten.
 //! * **Non-last segment, bad frame** (damage to synced data): the valid prefix is kept, the
 //!   damaged remainder is copied to `quarantine/<segment>-<unix time>.bad`, the segment is
@@ -454,6 +459,55 @@ fn scan_segment(file: &File, file_len: u64, name_lsn: Lsn) -> Scan {
     }
 }
 
+/// Whether a complete frame with a valid checksum and an lsn in `expected..` starts anywhere
+/// in `file[from + 1..file_len)`. Tells damage inside written data (records follow it) from a
+/// torn tail (nothing valid does: writes are sequential). Reads sequentially in chunks and
+/// checksums only candidates whose lsn field is plausible, so garbage costs one pass.
+fn valid_frame_after(file: &File, from: u64, file_len: u64, expected: Lsn) -> bool {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    let max_lsn = expected.saturating_add(file_len.saturating_sub(from) / FRAME_OVERHEAD);
+    let mut buf = vec![0u8; (CHUNK + FRAME_OVERHEAD) as usize];
+    let mut scratch = vec![0u8; READ_BUFFER];
+    let mut base = from + 1;
+    while base + FRAME_OVERHEAD <= file_len {
+        let want = (file_len - base).min(CHUNK + FRAME_OVERHEAD) as usize;
+        if file.read_exact_at(&mut buf[..want], base).is_err() {
+            return false;
+        }
+        let starts = (want as u64 - FRAME_OVERHEAD + 1).min(CHUNK) as usize;
+        for i in 0..starts {
+            let h = &buf[i..i + FRAME_OVERHEAD as usize];
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as u64;
+            let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+            let lsn = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+            let at = base + i as u64;
+            if lsn < expected || lsn > max_lsn || len > file_len - at - FRAME_OVERHEAD {
+                continue;
+            }
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&lsn.to_le_bytes());
+            let mut pos = at + FRAME_OVERHEAD;
+            let end = pos + len;
+            let mut ok = true;
+            while pos < end {
+                let n = (end - pos).min(scratch.len() as u64) as usize;
+                if file.read_exact_at(&mut scratch[..n], pos).is_err() {
+                    ok = false;
+                    break;
+                }
+                hasher.update(&scratch[..n]);
+                pos += n as u64;
+            }
+            if ok && hasher.finalize() == crc {
+                return true;
+            }
+        }
+        base += CHUNK;
+    }
+    false
+}
+
 /// Segment files (first lsn from the name, path) sorted by lsn.
 type SegmentNames = Vec<(Lsn, PathBuf)>;
 
@@ -696,7 +750,10 @@ impl SegmentLog {
 
             if let Some((offset, damage)) = scan.damage {
                 let bad = file_len - scan.valid_end;
-                if is_last {
+                let end_lsn = name_lsn + scan.records;
+                let torn_tail =
+                    is_last && !valid_frame_after(&file, scan.valid_end, file_len, end_lsn);
+                if torn_tail {
                     tracing::warn!(
                         segment = %path.display(),
                         offset,
@@ -718,6 +775,11 @@ impl SegmentLog {
                     );
                     rec.quarantined_bytes += bad;
                     rec.quarantined.extend(target);
+                    if is_last {
+                        // Records after the damage were written (and maybe seen): never
+                        // reissue their lsns.
+                        floor = floor.max(end_lsn + bad / FRAME_OVERHEAD);
+                    }
                 }
                 file.set_len(scan.valid_end)
                     .map_err(io_err("truncate damaged segment", path))?;
@@ -1176,6 +1238,10 @@ pub struct DamageReport {
     pub bytes: u64,
     /// What is wrong at `offset`.
     pub damage: Damage,
+    /// True for a torn tail: the last segment, and no valid record anywhere after the damage
+    /// (what a crash leaves; the next open cuts it). False: damage to written data, which the
+    /// next open moves to `quarantine/`.
+    pub torn_tail: bool,
 }
 
 /// One segment's findings in a [`VerifyReport`].
@@ -1262,7 +1328,8 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, LogError> {
     let (names, ignored) = list_segments(dir)?;
     let mut segments = Vec::with_capacity(names.len());
     let mut prev_end: Lsn = 0;
-    for (name_lsn, path) in names {
+    let count = names.len();
+    for (i, (name_lsn, path)) in names.into_iter().enumerate() {
         let file = File::open(&path).map_err(io_err("open segment", &path))?;
         let file_bytes = file
             .metadata()
@@ -1295,6 +1362,9 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, LogError> {
             damage: scan.damage.map(|(offset, damage)| DamageReport {
                 offset,
                 bytes: file_bytes - offset,
+                torn_tail: scan.header_ok
+                    && i + 1 == count
+                    && !valid_frame_after(&file, offset, file_bytes, name_lsn + scan.records),
                 damage,
             }),
         });
@@ -1435,6 +1505,16 @@ mod tests {
             .unwrap();
         drop(f);
 
+        let torn = verify(tmp.path()).unwrap();
+        assert!(
+            torn.segments
+                .last()
+                .unwrap()
+                .damage
+                .as_ref()
+                .unwrap()
+                .torn_tail
+        );
         let (mut log, rec) = SegmentLog::open(tmp.path(), cfg(1024)).unwrap();
         assert_eq!(rec.truncated_bytes, 21);
         assert!(rec.quarantined.is_empty());
@@ -1462,6 +1542,45 @@ mod tests {
         let (log, rec) = SegmentLog::open(tmp.path(), cfg(1 << 20)).unwrap();
         assert_eq!(rec.truncated_bytes, 4096);
         assert_eq!(log.next_lsn(), 50);
+    }
+
+    #[test]
+    fn flipped_byte_inside_the_last_segment_is_quarantined_and_lsns_are_never_reissued() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_records(tmp.path(), 1 << 20, 200);
+        let seg = segment_files(tmp.path()).pop().unwrap();
+        let mut bytes = fs::read(&seg).unwrap();
+        let len = bytes.len() as u64;
+        let at = bytes.len() * 2 / 5;
+        bytes[at] ^= 0x5A;
+        fs::write(&seg, &bytes).unwrap();
+
+        let report = verify(tmp.path()).unwrap();
+        let d = report.segments[0].damage.clone().unwrap();
+        assert!(!d.torn_tail, "valid records follow the damage: {d:?}");
+        assert!(d.offset <= at as u64);
+
+        let (mut log, rec) = SegmentLog::open(tmp.path(), cfg(1 << 20)).unwrap();
+        assert_eq!(rec.truncated_bytes, 0);
+        assert_eq!(rec.quarantined.len(), 1, "{rec:?}");
+        assert_eq!(rec.quarantined_bytes, len - d.offset);
+        assert_eq!(
+            fs::read(&rec.quarantined[0]).unwrap(),
+            &bytes[d.offset as usize..]
+        );
+        let kept = read_all(&log, 0);
+        assert!(!kept.is_empty() && kept.len() < 200);
+        assert!(kept.iter().all(|(lsn, p)| p == &payload(*lsn)));
+        assert!(
+            rec.next_lsn >= 200,
+            "lsns of the lost records are not reused: {rec:?}"
+        );
+        assert!(log.append(b"after").unwrap() >= 200);
+        log.sync().unwrap();
+        drop(log);
+        let (_, rec) = SegmentLog::open(tmp.path(), cfg(1 << 20)).unwrap();
+        assert!(!rec.repaired());
+        assert!(verify(tmp.path()).unwrap().is_clean());
     }
 
     #[test]
