@@ -68,3 +68,32 @@ fn status_and_metrics_show_rejected_payloads_and_a_broker_outage() {
     assert_eq!(st.code(), Some(2), "daemon gone → exit 2");
     assert!(err.contains("cannot reach the daemon"), "{err}");
 }
+
+#[test]
+fn processing_beyond_the_budget_is_counted_and_shown_in_status() {
+    let broker = Mosquitto::start();
+    // A budget no real pipeline meets: every record is "late", deterministically.
+    let mut gw = Gateway::with_config(&broker.url(), "", "[process]\nbudget = \"1ms\"\n");
+    gw.start();
+    let p = Publisher::connect(broker.port, "pub-budget");
+    for i in 0..50 {
+        p.publish("sensors/a/d1/temperature", reading_payload(i));
+    }
+    p.wait_acked(50, Duration::from_secs(10));
+    wait_for("budget violations in status", Duration::from_secs(10), || {
+        let (_, out, _) = gw.command(&["status", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .map(|v| v["process"]["budget_violations"].as_u64().unwrap_or(0) > 0)
+            .unwrap_or(false)
+    });
+    let addr = std::fs::read_to_string(gw.dir.path().join("data/admin.addr")).unwrap();
+    let (_, metrics) = edgeferry::admin::http_get(&addr, "/metrics", Duration::from_secs(3)).unwrap();
+    assert!(metrics.contains("edgeferry_budget_violations_total"), "{metrics}");
+    assert!(metrics.contains("edgeferry_process_lag_seconds"), "{metrics}");
+    assert!(gw.stop().success());
+    assert!(
+        gw.logs().contains("beyond process.budget"),
+        "a violation is logged (rate-limited): {}",
+        gw.logs()
+    );
+}
