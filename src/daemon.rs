@@ -220,6 +220,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 cfg: up,
                 gateway: cfg.gateway.id.clone(),
                 epoch,
+                data_dir: data_dir.clone(),
                 outbox: outbox.clone(),
                 watermark: watermark_rx.clone(),
                 status: forward_status.clone(),
@@ -381,6 +382,16 @@ pub fn load_or_create_epoch(data_dir: &std::path::Path) -> Result<u64, DaemonErr
     let epoch: u64 = rand::random();
     crate::util::write_atomic(&path, format!("{epoch:016x}\n").as_bytes()).map_err(err)?;
     tracing::info!("new store epoch {epoch:016x}");
+    Ok(epoch)
+}
+
+/// Replaces the store epoch with a new random one (see [`load_or_create_epoch`]).
+pub fn new_epoch(data_dir: &std::path::Path) -> std::io::Result<u64> {
+    let epoch: u64 = rand::random();
+    crate::util::write_atomic(
+        &data_dir.join("epoch"),
+        format!("{epoch:016x}\n").as_bytes(),
+    )?;
     Ok(epoch)
 }
 

@@ -338,3 +338,79 @@ fn the_journal_is_trimmed_below_the_checkpoint_so_its_disk_use_stays_bounded() {
         "journal peaked at {peak} bytes for {n} readings"
     );
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else if e.file_name() != "LOCK" {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_data_directory_restored_from_an_older_copy_is_detected_and_continues_under_a_new_epoch() {
+    let broker = Mosquitto::start();
+    let mut collector = Collector::new(&[]);
+    let mut gw = Gateway::with_config(
+        &broker.url(),
+        "",
+        &format!("{PROCESS}{}", upstream(&collector.url(), 5)),
+    );
+    collector.start();
+    gw.start();
+    let p = Publisher::connect(broker.port, "pub-restore");
+    let publish_for = |from: usize, secs: u64| {
+        let until = Instant::now() + Duration::from_secs(secs);
+        let mut i = from;
+        while Instant::now() < until {
+            p.publish(&topic(i), live_payload(i));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        i
+    };
+    let i = publish_for(0, 3);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(gw.stop().success());
+    let data = gw.dir.path().join("data");
+    let backup = gw.dir.path().join("backup");
+    copy_dir(&data, &backup);
+    let epoch_before = std::fs::read_to_string(data.join("epoch")).unwrap();
+    // Life goes on: more batches reach the central side...
+    gw.start();
+    let i = publish_for(i, 3);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(gw.stop().success());
+    // ... then the box is restored from the older copy.
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(&backup, &data);
+    gw.start();
+    let lines_before = collector.lines().len();
+    publish_for(i, 3);
+    wait_for(
+        "the restore to be detected",
+        Duration::from_secs(20),
+        || gw.current_log().contains("restored from an older copy"),
+    );
+    let epoch_after = std::fs::read_to_string(data.join("epoch")).unwrap();
+    assert_ne!(epoch_before, epoch_after, "a new store epoch");
+    let new_epoch = u64::from_str_radix(epoch_after.trim(), 16).unwrap();
+    wait_for(
+        "batches under the new epoch",
+        Duration::from_secs(20),
+        || {
+            collector.lines().iter().skip(lines_before).any(|l| {
+                l["epoch"].as_u64() == Some(new_epoch)
+                    || l["epoch"]
+                        .as_str()
+                        .map(|s| u64::from_str_radix(s, 16).ok() == Some(new_epoch))
+                        .unwrap_or(false)
+            })
+        },
+    );
+    assert!(gw.stop().success());
+}

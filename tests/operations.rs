@@ -80,16 +80,27 @@ fn processing_beyond_the_budget_is_counted_and_shown_in_status() {
         p.publish("sensors/a/d1/temperature", reading_payload(i));
     }
     p.wait_acked(50, Duration::from_secs(10));
-    wait_for("budget violations in status", Duration::from_secs(10), || {
-        let (_, out, _) = gw.command(&["status", "--json"]);
-        serde_json::from_str::<serde_json::Value>(&out)
-            .map(|v| v["process"]["budget_violations"].as_u64().unwrap_or(0) > 0)
-            .unwrap_or(false)
-    });
+    wait_for(
+        "budget violations in status",
+        Duration::from_secs(10),
+        || {
+            let (_, out, _) = gw.command(&["status", "--json"]);
+            serde_json::from_str::<serde_json::Value>(&out)
+                .map(|v| v["process"]["budget_violations"].as_u64().unwrap_or(0) > 0)
+                .unwrap_or(false)
+        },
+    );
     let addr = std::fs::read_to_string(gw.dir.path().join("data/admin.addr")).unwrap();
-    let (_, metrics) = edgeferry::admin::http_get(&addr, "/metrics", Duration::from_secs(3)).unwrap();
-    assert!(metrics.contains("edgeferry_budget_violations_total"), "{metrics}");
-    assert!(metrics.contains("edgeferry_process_lag_seconds"), "{metrics}");
+    let (_, metrics) =
+        edgeferry::admin::http_get(&addr, "/metrics", Duration::from_secs(3)).unwrap();
+    assert!(
+        metrics.contains("edgeferry_budget_violations_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edgeferry_process_lag_seconds"),
+        "{metrics}"
+    );
     assert!(gw.stop().success());
     assert!(
         gw.logs().contains("beyond process.budget"),

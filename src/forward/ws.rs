@@ -58,8 +58,10 @@ pub struct Link {
     pub cfg: UpstreamConfig,
     /// Gateway id.
     pub gateway: String,
-    /// Store epoch.
+    /// Store epoch (replaced when the data directory turns out to be an older copy).
     pub epoch: u64,
+    /// Data directory (holds the `epoch` file).
+    pub data_dir: PathBuf,
     /// The outbox.
     pub outbox: Arc<Mutex<Outbox>>,
     /// Checkpointed outbox positions (aggregates, alerts).
@@ -206,6 +208,36 @@ impl Link {
                 _ => {}
             }
         };
+        // A data directory restored from an older copy reuses sequence numbers the central
+        // side already stored: it would acknowledge new batches as duplicates and drop them.
+        // The resume point gives it away (stored seqs this outbox has not written yet); the
+        // cure is a new epoch, which makes every batch id new.
+        if let Some(&(_, highest)) = welcome.stored.last() {
+            let ahead = {
+                let ob = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+                [highest, highest.saturating_sub(1)].into_iter().any(|seq| {
+                    let (lane, lsn) = lane_lsn(seq);
+                    lsn >= ob.next_lsn(lane)
+                })
+            };
+            if ahead {
+                let old = self.epoch;
+                self.epoch = crate::daemon::new_epoch(&self.data_dir)
+                    .map_err(|e| LinkError::Connect(format!("cannot write a new epoch: {e}")))?;
+                metrics::counter!("edgeferry_upstream_epoch_rotations_total").increment(1);
+                tracing::error!(
+                    old = %format!("{old:016x}"),
+                    new = %format!("{:016x}", self.epoch),
+                    "the central side already stored batches this gateway has not written yet \
+                     (seq {highest}): this data directory was restored from an older copy; \
+                     continuing under a new store epoch"
+                );
+                let _ = ws.close(None).await;
+                return Err(LinkError::Connect(
+                    "store epoch renewed; reconnecting".into(),
+                ));
+            }
+        }
         {
             let mut ob = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
             for &(a, b) in &welcome.stored {
