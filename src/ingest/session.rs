@@ -66,6 +66,8 @@ pub struct IngestParams {
     /// While set (disk quota reached with `when_full = "block"`), nothing more is committed
     /// or acknowledged: the broker keeps the messages.
     pub blocked: Arc<std::sync::atomic::AtomicBool>,
+    /// The live feed: committed readings are offered to it (sampled; never blocks).
+    pub live: Option<crate::live::LiveFeed>,
 }
 
 /// One message received from the broker, on its way to the journal.
@@ -179,6 +181,7 @@ pub async fn run(
                 trim_to: params.trim_to,
                 journal_bytes: params.journal_bytes,
                 blocked: params.blocked,
+                live: params.live.map(crate::live::ReadingSampler::new),
                 keep_tail: recent_cap as u64,
                 commits: 0,
                 dups_in_group: 0,
@@ -622,6 +625,7 @@ struct Committer {
     trim_to: Arc<AtomicU64>,
     journal_bytes: Arc<AtomicU64>,
     blocked: Arc<std::sync::atomic::AtomicBool>,
+    live: Option<crate::live::ReadingSampler>,
     keep_tail: u64,
     commits: u64,
     dups_in_group: u64,
@@ -735,6 +739,10 @@ impl Committer {
             acks_pending.fetch_add(acks.len() as u64, Ordering::SeqCst);
             for a in acks.drain(..) {
                 let _ = ack_tx.send(a);
+            }
+            if let Some(live) = self.live.as_mut().filter(|l| l.active()) {
+                let now = now_ms();
+                live.offer(now, committed.iter().flat_map(|c| &c.entry.readings));
             }
             for c in committed.drain(..) {
                 let n = c.entry.readings.len() as u64;
