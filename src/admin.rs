@@ -428,8 +428,7 @@ async fn live_session(
         let Ok(text) = serde_json::to_string(&ev) else {
             continue;
         };
-        match tokio::time::timeout(LIVE_SEND_TIMEOUT, socket.send(Message::Text(text.into())))
-            .await
+        match tokio::time::timeout(LIVE_SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await
         {
             Ok(Ok(())) => {}
             _ => break,

@@ -190,7 +190,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         .map_err(admin_err)?;
     let bound = listener.local_addr().map_err(admin_err)?;
     crate::admin::record_addr(&data_dir, &bound).map_err(admin_err)?;
-    tracing::info!("admin listening on {bound} (/ dashboard, /live, /metrics, /status, /healthz, /readyz)");
+    tracing::info!(
+        "admin listening on {bound} (/ dashboard, /live, /metrics, /status, /healthz, /readyz)"
+    );
     let admin_task = tokio::spawn(crate::admin::serve(
         listener,
         crate::admin::Admin {

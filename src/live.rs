@@ -263,8 +263,7 @@ pub async fn tail(
         url.extend(url::form_urlencoded::byte_serialize(p.as_bytes()));
     }
     let connect = tokio_tungstenite::connect_async(url.as_str());
-    let (mut ws, _) = match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await
-    {
+    let (mut ws, _) = match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             return Err(TailError::Connect {
@@ -514,7 +513,9 @@ mod tests {
         s.offer(2_000, a.iter());
         assert!(rx.try_recv().is_ok());
         // The overall budget holds across many series.
-        let many: Vec<_> = (0..5000).map(|i| reading("t", &i.to_string(), 0.0)).collect();
+        let many: Vec<_> = (0..5000)
+            .map(|i| reading("t", &i.to_string(), 0.0))
+            .collect();
         let mut rx = feed.subscribe();
         s.offer(3_000, many.iter());
         let mut n = 0;
@@ -536,9 +537,6 @@ mod tests {
             rx.try_recv(),
             Err(broadcast::error::TryRecvError::Lagged(8))
         ));
-        assert!(matches!(
-            rx.try_recv(),
-            Ok(LiveEvent::Lagged { missed: 8 })
-        ));
+        assert!(matches!(rx.try_recv(), Ok(LiveEvent::Lagged { missed: 8 })));
     }
 }

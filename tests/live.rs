@@ -13,9 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::{self, Message};
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const TEMPERATURE: &str = "temperature{device=d1,site=a}";
 const HUMIDITY: &str = "humidity{device=d1,site=a}";
@@ -111,7 +110,10 @@ fn live_websocket_sends_a_snapshot_then_committed_readings_and_bounds_its_client
 
     // At most 16 clients: the 17th is refused with 503, and a place frees when one leaves.
     let mut others: Vec<Ws> = (1..edgeferry::admin::MAX_LIVE_CLIENTS)
-        .map(|_| rt.block_on(connect(&addr)).expect("a client within the bound"))
+        .map(|_| {
+            rt.block_on(connect(&addr))
+                .expect("a client within the bound")
+        })
         .collect();
     match rt.block_on(connect(&addr)) {
         Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
@@ -369,47 +371,173 @@ impl Drop for Feeder {
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// Runs headless Chromium on `url` with `extra` arguments; killed (by PID) after 90 s.
-fn chromium(profile: &Path, url: &str, extra: &[String]) -> (bool, String, String) {
-    let out_path = profile.join("chromium.out");
-    let err_path = profile.join("chromium.err");
-    let mut child = Command::new(CHROMIUM)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            "--hide-scrollbars",
-        ])
-        .arg(format!("--user-data-dir={}", profile.join("profile").display()))
-        .args(extra)
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    let ok = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.success();
-        }
-        if start.elapsed() > Duration::from_secs(90) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (ok, read_all(&out_path), read_all(&err_path))
+/// Headless Chromium, driven over the DevTools protocol on its browser WebSocket so the test
+/// waits in real time for the page to fill itself from `/live`. (One-shot `--dump-dom` and
+/// `--screenshot` with `--virtual-time-budget` do not wait for WebSocket traffic: virtual time
+/// runs ahead and the page is captured before events arrive.) Killed by its PID when dropped.
+struct Chromium {
+    child: Child,
+    /// The browser's DevTools WebSocket URL.
+    devtools: String,
 }
 
-/// The number in `<... id="ID">N</...>` of a dumped DOM.
+impl Chromium {
+    fn launch(dir: &Path) -> Chromium {
+        let profile = dir.join("profile");
+        let stderr = dir.join("chromium.err");
+        let mut child = Command::new(CHROMIUM)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--hide-scrollbars",
+                "--window-size=1280,900",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        // Chromium writes "<port>\n<browser path>" once it listens.
+        let port_file = profile.join("DevToolsActivePort");
+        let start = Instant::now();
+        let devtools = loop {
+            let s = read_all(&port_file);
+            let mut l = s.lines();
+            if let (Some(port), Some(path)) = (l.next(), l.next()) {
+                break format!("ws://127.0.0.1:{port}{path}");
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("chromium exited ({st}): {}", read_all(&stderr));
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("chromium did not start: {}", read_all(&stderr));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Chromium { child, devtools }
+    }
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One page of the browser, attached with a flat DevTools session.
+struct Page {
+    ws: Ws,
+    session: String,
+    next_id: u64,
+}
+
+impl Page {
+    /// Opens a 1280×900 page on `url`.
+    async fn open(devtools: &str, url: &str) -> Page {
+        let (ws, _) = tokio_tungstenite::connect_async(devtools)
+            .await
+            .expect("cannot reach chromium's DevTools endpoint");
+        let mut p = Page {
+            ws,
+            session: String::new(),
+            next_id: 0,
+        };
+        let target = p
+            .call(
+                "Target.createTarget",
+                serde_json::json!({"url": "about:blank"}),
+            )
+            .await;
+        let attached = p
+            .call(
+                "Target.attachToTarget",
+                serde_json::json!({"targetId": target["targetId"], "flatten": true}),
+            )
+            .await;
+        p.session = attached["sessionId"].as_str().unwrap().to_string();
+        p.call(
+            "Emulation.setDeviceMetricsOverride",
+            serde_json::json!({"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false}),
+        )
+        .await;
+        p.call("Page.navigate", serde_json::json!({"url": url}))
+            .await;
+        p
+    }
+
+    /// Calls a DevTools method (on the page once attached) and returns its result.
+    async fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        use futures_util::SinkExt;
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = serde_json::json!({"id": id, "method": method, "params": params});
+        if !self.session.is_empty() {
+            msg["sessionId"] = self.session.clone().into();
+        }
+        self.ws
+            .send(Message::Text(msg.to_string().into()))
+            .await
+            .unwrap();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {method}"))
+                .expect("DevTools connection closed")
+                .expect("DevTools connection failed");
+            if let Message::Text(t) = m {
+                let j: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if j["id"] == id {
+                    assert!(j.get("error").is_none(), "{method}: {}", j["error"]);
+                    return j["result"].clone();
+                }
+            }
+        }
+    }
+
+    async fn dom(&mut self) -> String {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                serde_json::json!({
+                    "expression": "document.documentElement.outerHTML",
+                    "returnByValue": true,
+                }),
+            )
+            .await;
+        r["result"]["value"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    async fn screenshot_png(&mut self) -> Vec<u8> {
+        use base64::Engine;
+        let r = self
+            .call(
+                "Page.captureScreenshot",
+                serde_json::json!({"format": "png"}),
+            )
+            .await;
+        base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().unwrap())
+            .unwrap()
+    }
+}
+
+/// The number in `<... id="ID">N</...>` of a DOM.
 fn number_in(dom: &str, id: &str) -> Option<f64> {
     let at = dom.find(&format!("id=\"{id}\">"))? + id.len() + 6;
     let rest = &dom[at..];
@@ -423,62 +551,99 @@ fn dashboard_renders_live_data_in_headless_chromium() {
         return;
     }
     let broker = Mosquitto::start();
-    let mut gw = Gateway::new(&broker.url());
+    // Short windows and a rule the feeder's temperature crosses: windows and alerts show too.
+    let mut gw = Gateway::with_config(
+        &broker.url(),
+        "",
+        r#"
+[process]
+windows = ["2s"]
+allowed_lateness = "1s"
+
+[[rules]]
+name = "warm"
+metric = "temperature"
+above = 22.5
+clear_below = 22.0
+publish = "alerts/{site}/{device}/{rule}"
+"#,
+    );
     gw.start();
     let addr = admin_addr(&gw);
     let feeder = Feeder::start(broker.port);
-    wait_for(
-        "readings to be committed",
-        Duration::from_secs(10),
-        || {
-            edgeferry::admin::http_get(&addr, "/status", Duration::from_secs(3))
-                .map(|(_, b)| !b.contains("\"readings\":0"))
-                .unwrap_or(false)
-        },
-    );
+    wait_for("readings to be committed", Duration::from_secs(10), || {
+        edgeferry::admin::http_get(&addr, "/status", Duration::from_secs(3))
+            .map(|(_, b)| !b.contains("\"readings\":0"))
+            .unwrap_or(false)
+    });
     let tmp = tempfile::tempdir().unwrap();
-    let url = format!("http://{addr}/");
+    let browser = Chromium::launch(tmp.path());
+    let rt = runtime();
+    let mut page = rt.block_on(Page::open(&browser.devtools, &format!("http://{addr}/")));
 
-    // The page fills itself from the WebSocket: readings counted, sensors listed.
-    let (ok, dom, err) = chromium(
-        tmp.path(),
-        &url,
-        &[
-            "--virtual-time-budget=4000".to_string(),
-            "--dump-dom".to_string(),
-        ],
-    );
-    assert!(ok, "chromium --dump-dom failed: {err}");
+    // The page fills itself from the WebSocket: header, counters, sensors with sparklines.
+    let pressure = "pressure{device=d7,site=b}";
+    let start = Instant::now();
+    let dom = loop {
+        let dom = rt.block_on(page.dom());
+        let filled = dom.contains("gw-test")
+            && number_in(&dom, "readings-total").is_some_and(|n| n > 0.0)
+            && number_in(&dom, "rate").is_some_and(|n| n > 0.0)
+            && dom.contains(TEMPERATURE)
+            && dom.contains(pressure)
+            && dom.contains("<polyline")
+            && dom.contains("2s: n=");
+        if filled || start.elapsed() > Duration::from_secs(20) {
+            break dom;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     assert!(dom.contains("gw-test"), "gateway id not filled in:\n{dom}");
     let total = number_in(&dom, "readings-total");
     assert!(
         total.is_some_and(|n| n > 0.0),
-        "no readings count filled in ({total:?}):\n{dom}"
+        "no readings count ({total:?}):\n{dom}"
+    );
+    let rate = number_in(&dom, "rate");
+    assert!(
+        rate.is_some_and(|n| n > 0.0),
+        "no readings/s ({rate:?}):\n{dom}"
     );
     assert!(
-        dom.contains(TEMPERATURE) && dom.contains("pressure{device=d7,site=b}"),
+        dom.contains(TEMPERATURE) && dom.contains(HUMIDITY) && dom.contains(pressure),
         "sensors not listed:\n{dom}"
     );
     assert!(dom.contains("<polyline"), "no sparkline drawn:\n{dom}");
-
-    let shot = tmp.path().join("dashboard.png");
-    let (ok, _, err) = chromium(
-        tmp.path(),
-        &url,
-        &[
-            "--virtual-time-budget=6000".to_string(),
-            format!("--screenshot={}", shot.display()),
-            "--window-size=1280,900".to_string(),
-        ],
+    assert!(dom.contains("2s: n="), "no closed window shown:\n{dom}");
+    assert!(
+        dom.contains(">live</span>"),
+        "the page does not show its feed as live:\n{dom}"
     );
+
+    // Let the sparklines (5 sampled points a second) and the alert list fill up a little,
+    // then take the picture.
+    let opened = Instant::now();
+    while opened.elapsed() < Duration::from_secs(15)
+        && (opened.elapsed() < Duration::from_secs(6)
+            || !rt.block_on(page.dom()).contains("warm</b>"))
+    {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let png = rt.block_on(page.screenshot_png());
+    drop(page);
+    drop(browser);
     drop(feeder);
-    assert!(ok, "chromium --screenshot failed: {err}");
-    let png = std::fs::read(&shot).expect("no screenshot written");
+    let shot = tmp.path().join("dashboard.png");
+    std::fs::write(&shot, &png).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
-    assert!(png.len() > 20_000, "suspiciously small screenshot: {} bytes", png.len());
+    assert!(
+        png.len() > 20_000,
+        "suspiciously small screenshot: {} bytes",
+        png.len()
+    );
     if let Ok(keep) = std::env::var("EDGEFERRY_SCREENSHOT_OUT") {
         std::fs::copy(&shot, &keep).unwrap();
         eprintln!("screenshot saved to {keep}");
     }
-    assert!(gw.stop().success());
+    assert!(gw.stop().success(), "{}", gw.current_log());
 }
