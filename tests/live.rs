@@ -272,16 +272,30 @@ fn tail_prints_readings_as_they_happen_and_filters_series() {
     }
 
     assert!(
-        all.interrupt(),
-        "Ctrl-C ends tail with status 0: {}",
-        all.err()
-    );
-    assert!(
         temps.interrupt(),
         "Ctrl-C ends tail with status 0: {}",
         temps.err()
     );
-    assert!(gw.stop().success());
+    // The daemon stops with a client connected; the client is told why and exits 0.
+    assert!(gw.stop().success(), "{}", gw.current_log());
+    let start = Instant::now();
+    let st = loop {
+        if let Ok(Some(st)) = all.child.try_wait() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "tail did not notice the daemon stopping"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success(), "{st}: {}", all.err());
+    assert!(
+        all.err()
+            .contains("the daemon closed the feed: edgeferry is shutting down"),
+        "{}",
+        all.err()
+    );
 }
 
 #[test]
