@@ -1,13 +1,16 @@
-//! The admin endpoint: Prometheus metrics, JSON status, health and readiness.
+//! The admin endpoint: Prometheus metrics, JSON status, health and readiness, the live feed
+//! as a WebSocket (`/live`) and the live dashboard (`/`) built on it.
 //!
 //! Unauthenticated by design, so it listens on loopback unless the installer decides
 //! otherwise. The bound address is also written to `<data_dir>/admin.addr`, so
 //! `edgeferry status` finds a daemon configured with port 0.
 
 use crate::ingest::{IngestStatus, RejectedMessage};
+use crate::live::{LiveEvent, LiveFeed};
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -16,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 /// `[admin]`.
@@ -182,6 +185,8 @@ pub struct Admin {
     pub outbox: Arc<std::sync::Mutex<crate::store::outbox::Outbox>>,
     /// Upstream URL and link state, when configured.
     pub upstream: Option<(String, Arc<crate::forward::ForwardStatus>)>,
+    /// The live feed behind `/live`.
+    pub live: LiveFeed,
 }
 
 impl Admin {
@@ -292,7 +297,20 @@ pub async fn serve(listener: tokio::net::TcpListener, admin: Admin, shutdown: Ca
             }
         }
     });
+    let ctx = LiveCtx {
+        clients: Arc::new(Semaphore::new(MAX_LIVE_CLIENTS)),
+        shutdown: shutdown.clone(),
+    };
     let app = Router::new()
+        .route("/", get(dashboard))
+        .route(
+            "/live",
+            get(
+                move |State(a): State<Admin>, uri: Uri, ws: WebSocketUpgrade| {
+                    live(a, ctx.clone(), uri, ws)
+                },
+            ),
+        )
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/healthz", get(healthz))
@@ -304,6 +322,119 @@ pub async fn serve(listener: tokio::net::TcpListener, admin: Admin, shutdown: Ca
     {
         tracing::error!("admin endpoint failed: {e}");
     }
+}
+
+/// Most WebSocket clients of `/live` at once; more are refused with 503.
+pub const MAX_LIVE_CLIENTS: usize = 16;
+
+/// A `/live` client that does not take a message within this long is disconnected.
+const LIVE_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The dashboard: one self-contained page (inline CSS and JS, nothing fetched elsewhere).
+pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
+#[derive(Clone)]
+struct LiveCtx {
+    clients: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            // Everything is inline; the only connection is the page's own WebSocket.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'",
+            ),
+        ],
+        DASHBOARD_HTML,
+    )
+}
+
+/// `GET /live[?series=PATTERN]`: a WebSocket of JSON [`LiveEvent`]s — a status snapshot
+/// first, then pipeline events as they happen (those of series matching the glob-like
+/// PATTERN only, when given) and a status snapshot every second.
+async fn live(a: Admin, ctx: LiveCtx, uri: Uri, ws: WebSocketUpgrade) -> Response {
+    let Ok(permit) = ctx.clients.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("too many /live clients (at most {MAX_LIVE_CLIENTS})\n"),
+        )
+            .into_response();
+    };
+    let filter = uri.query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "series")
+            .map(|(_, v)| v.into_owned())
+            .filter(|v| !v.is_empty())
+    });
+    // Subscribed before the upgrade completes: nothing after the first snapshot is missed.
+    let rx = a.live.subscribe();
+    ws.on_upgrade(move |socket| live_session(a, socket, rx, filter, ctx.shutdown, permit))
+}
+
+async fn live_session(
+    a: Admin,
+    mut socket: WebSocket,
+    mut rx: broadcast::Receiver<LiveEvent>,
+    filter: Option<String>,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    metrics::gauge!("edgeferry_live_clients").increment(1.0);
+    // The first tick is immediate: the snapshot comes first.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let ev = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                let close = CloseFrame {
+                    code: 1001,
+                    reason: "edgeferry is shutting down".into(),
+                };
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    socket.send(Message::Close(Some(close))),
+                )
+                .await;
+                break;
+            }
+            _ = tick.tick() => LiveEvent::Status { status: Box::new(a.report()) },
+            r = rx.recv() => match r {
+                Ok(ev) => {
+                    if let (Some(p), Some(s)) = (&filter, ev.series())
+                        && !crate::live::glob_match(p, s)
+                    {
+                        continue;
+                    }
+                    ev
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    metrics::counter!(crate::live::LAGGED_METRIC).increment(missed);
+                    LiveEvent::Lagged { missed }
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            m = socket.recv() => match m {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => continue,
+            },
+        };
+        let Ok(text) = serde_json::to_string(&ev) else {
+            continue;
+        };
+        match tokio::time::timeout(LIVE_SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await
+        {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+    }
+    metrics::gauge!("edgeferry_live_clients").decrement(1.0);
 }
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {

@@ -115,12 +115,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let outbox = Arc::new(Mutex::new(outbox));
     let (watermark_tx, watermark_rx) = watch::channel([0u64, 0u64]);
     let pstatus = Arc::new(ProcessStatus::default());
+    // The live feed (admin `/live`): sampled readings from the committer, windows and alerts
+    // from processing. Created before replay, which has no listeners and so sends nothing.
+    let live = crate::live::LiveFeed::default();
     let shared = ProcessShared {
         outbox: outbox.clone(),
         watermark: watermark_tx,
         trim_to: Arc::new(AtomicU64::new(0)),
         journal_bytes: Arc::new(AtomicU64::new(journal.disk_bytes())),
         status: pstatus.clone(),
+        live: Some(live.clone()),
     };
     let limits = ProcessLimits {
         batch_max: cfg.upstream.as_ref().map(|u| u.batch_max).unwrap_or(500),
@@ -162,6 +166,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             trim_to: shared.trim_to.clone(),
             journal_bytes: shared.journal_bytes.clone(),
             blocked: pstatus.blocked.clone(),
+            live: Some(live.clone()),
         },
         journal,
         tx,
@@ -181,7 +186,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         .map_err(admin_err)?;
     let bound = listener.local_addr().map_err(admin_err)?;
     crate::admin::record_addr(&data_dir, &bound).map_err(admin_err)?;
-    tracing::info!("admin listening on {bound} (/metrics, /status, /healthz, /readyz)");
+    tracing::info!(
+        "admin listening on {bound} (/ dashboard, /live, /metrics, /status, /healthz, /readyz)"
+    );
     let admin_task = tokio::spawn(crate::admin::serve(
         listener,
         crate::admin::Admin {
@@ -197,6 +204,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 .upstream
                 .as_ref()
                 .map(|u| (u.url.clone(), forward_status.clone())),
+            live: live.clone(),
         },
         shutdown.clone(),
     ));

@@ -23,6 +23,8 @@
 //! - [`store`]: the append-only segment log ([`store::seglog`]) and the reading journal
 //!   ([`store::journal`]) built on it.
 //! - [`process`]: windowed aggregates, quantile sketches and their checkpoints.
+//! - [`live`]: the live event feed behind the admin endpoint's `/live` WebSocket (sampled
+//!   readings, emitted windows, alerts), for the dashboard and `edgeferry tail`.
 //! - [`daemon`]: wiring of the stages, ordered shutdown, systemd readiness and watchdog.
 //! - [`tls`], [`telemetry`], [`backoff`], [`util`]: shared plumbing.
 //!
@@ -35,6 +37,7 @@ pub mod config;
 pub mod daemon;
 pub mod forward;
 pub mod ingest;
+pub mod live;
 pub mod model;
 pub mod process;
 pub mod store;

@@ -40,6 +40,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Follow the running daemon live: one line per reading (sampled: at most a few per
+    /// second per series), closed window and alert, as they happen. Ctrl-C stops; exit code
+    /// 2 when the daemon is unreachable.
+    Tail {
+        /// Configuration file (its admin.listen and gateway.data_dir are read).
+        #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
+        config: PathBuf,
+        /// Only series whose key matches this pattern; `*` matches anything, `?` one
+        /// character, and the whole key must match, e.g. 'temperature*' or '*device=d1*'.
+        #[arg(long, value_name = "PATTERN")]
+        series: Option<String>,
+    },
     /// Run the reference central receiver: accept gateways over WebSocket(+TLS) and write
     /// their batches to DIR/out/<gateway>.jsonl (docs/PROTOCOL.md).
     Collect {
@@ -157,6 +169,16 @@ fn main() -> ExitCode {
                 }
             };
             status(&cfg, json)
+        }
+        Command::Tail { config, series } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            tail(&cfg, series.as_deref())
         }
         Command::Collect {
             listen,
@@ -293,6 +315,69 @@ fn store(action: StoreAction) -> ExitCode {
                 eprintln!("edgeferry store repair: {e}");
                 ExitCode::from(EXIT_RUNTIME)
             }
+        }
+    }
+}
+
+/// `edgeferry tail`: 0 when stopped (Ctrl-C, or the daemon shut down), 2 when the daemon is
+/// unreachable or the connection broke.
+fn tail(cfg: &Config, series: Option<&str>) -> ExitCode {
+    let addr = edgeferry::admin::resolve_addr(&cfg.admin.listen, &cfg.gateway.data_dir);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgeferry tail: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let ended = rt.block_on(async {
+        let stop = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(mut int), Ok(mut term)) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        edgeferry::live::tail(
+            &addr,
+            series,
+            &mut std::io::stdout(),
+            &mut std::io::stderr(),
+            stop,
+        )
+        .await
+    });
+    match ended {
+        Ok(edgeferry::live::TailEnd::Stopped) => ExitCode::SUCCESS,
+        Ok(edgeferry::live::TailEnd::DaemonClosed(reason)) => {
+            eprintln!(
+                "edgeferry tail: the daemon closed the feed{}",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e @ edgeferry::live::TailError::Connect { .. }) => {
+            eprintln!("edgeferry tail: {e}\nis it running? (systemctl status edgeferry)");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+        Err(e) => {
+            eprintln!("edgeferry tail: {e}");
+            ExitCode::from(EXIT_RUNTIME)
         }
     }
 }

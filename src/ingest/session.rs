@@ -66,6 +66,8 @@ pub struct IngestParams {
     /// While set (disk quota reached with `when_full = "block"`), nothing more is committed
     /// or acknowledged: the broker keeps the messages.
     pub blocked: Arc<std::sync::atomic::AtomicBool>,
+    /// The live feed: committed readings are offered to it (sampled; never blocks).
+    pub live: Option<crate::live::LiveFeed>,
 }
 
 /// One message received from the broker, on its way to the journal.
@@ -184,6 +186,7 @@ pub async fn run(
                 // that is the tail kept for seeding after a restart; the in-memory set is
                 // larger. Keeping more would count against store.max_disk for nothing.
                 keep_tail: (cfg.commit_max as u64 * 4).max(1000),
+                live: params.live.map(crate::live::ReadingSampler::new),
                 commits: 0,
                 dups_in_group: 0,
                 crash_after_commits: std::env::var(FAILPOINT_ENV)
@@ -648,6 +651,7 @@ struct Committer {
     trim_to: Arc<AtomicU64>,
     journal_bytes: Arc<AtomicU64>,
     blocked: Arc<std::sync::atomic::AtomicBool>,
+    live: Option<crate::live::ReadingSampler>,
     keep_tail: u64,
     commits: u64,
     dups_in_group: u64,
@@ -765,6 +769,10 @@ impl Committer {
             if !acks.is_empty() {
                 let group = std::mem::replace(&mut acks, Vec::with_capacity(cfg.commit_max));
                 let _ = ack_tx.send(group);
+            }
+            if let Some(live) = self.live.as_mut().filter(|l| l.active()) {
+                let now = now_ms();
+                live.offer(now, committed.iter().flat_map(|c| &c.entry.readings));
             }
             for c in committed.drain(..) {
                 let n = c.entry.readings.len() as u64;

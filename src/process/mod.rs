@@ -130,6 +130,8 @@ pub struct ProcessShared {
     pub journal_bytes: Arc<AtomicU64>,
     /// Live counters.
     pub status: Arc<ProcessStatus>,
+    /// The live feed: emitted windows and alerts are sent to it (never blocks).
+    pub live: Option<crate::live::LiveFeed>,
 }
 
 /// Limits and policies the processor applies that live in other sections.
@@ -409,6 +411,15 @@ impl Processor {
                 "state" => match a.state { AlertState::Raised => "raised", AlertState::Cleared => "cleared" })
             .increment(1);
             tracing::info!(rule = %a.rule, series = %a.series, state = ?a.state, value = ?a.value, "alert");
+            if let Some(live) = self.shared.live.as_ref().filter(|l| l.has_receivers()) {
+                live.send(crate::live::LiveEvent::Alert {
+                    rule: a.rule.clone(),
+                    series: a.series.clone(),
+                    state: a.state,
+                    value: a.value,
+                    time_ms: a.time_ms,
+                });
+            }
             if let Some(tx) = &self.publications {
                 let payload = serde_json::to_vec(&serde_json::json!({
                     "rule": a.rule,
@@ -460,6 +471,18 @@ impl Processor {
             let Some(series) = self.state.series.get(&w.series).cloned() else {
                 continue;
             };
+            if let Some(live) = self.shared.live.as_ref().filter(|l| l.has_receivers()) {
+                live.send(crate::live::LiveEvent::Window {
+                    series: w.series.clone(),
+                    window_start_ms: w.window_start_ms,
+                    window_secs: w.window_secs,
+                    version: w.version,
+                    count: w.agg.count(),
+                    mean: w.agg.mean(),
+                    min: w.agg.min(),
+                    max: w.agg.max(),
+                });
+            }
             self.state.pending.push(OutboxItem::Aggregate {
                 series,
                 window_start_ms: w.window_start_ms,
