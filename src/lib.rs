@@ -24,6 +24,8 @@
 //!   ([`store::journal`]) built on it.
 //! - [`process`]: windowed aggregates, quantile sketches and their checkpoints.
 //! - [`daemon`]: wiring of the stages, ordered shutdown, systemd readiness and watchdog.
+//! - [`demo`]: `edgeferry demo`, the whole product in one process (embedded broker,
+//!   simulated sensors, the daemon and the reference collector).
 //! - [`tls`], [`telemetry`], [`backoff`], [`util`]: shared plumbing.
 //!
 //! The durability contract is written once, in `docs/ARCHITECTURE.md`.
@@ -33,6 +35,7 @@ pub mod backoff;
 pub mod collect;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod forward;
 pub mod ingest;
 pub mod model;
