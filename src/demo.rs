@@ -194,8 +194,10 @@ fn init_logging(path: &Path) -> Result<()> {
     use tracing_subscriber::prelude::*;
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+    let filter = crate::telemetry::quiet_embedded_broker(
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
     let _ = tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
@@ -207,8 +209,11 @@ fn init_logging(path: &Path) -> Result<()> {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_target(false)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
-                .with_filter(tracing_subscriber::filter::LevelFilter::ERROR),
+                .with_filter(crate::telemetry::quiet_embedded_broker(
+                    tracing_subscriber::EnvFilter::new("error"),
+                )),
         )
         .try_init();
     Ok(())
@@ -999,7 +1004,7 @@ async fn run_sensor(
     let (client, mut eventloop) = AsyncClient::new(o, 256);
     let acks = stats.clone();
     let net_stop = CancellationToken::new();
-    let net = tokio::spawn({
+    let mut net = tokio::spawn({
         let net_stop = net_stop.clone();
         async move {
             loop {
@@ -1008,6 +1013,8 @@ async fn run_sensor(
                         Ok(Event::Incoming(Packet::PubAck(_))) => {
                             acks.acked.fetch_add(1, Ordering::SeqCst);
                         }
+                        // Sent DISCONNECT: done (polling on would reconnect).
+                        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                         Ok(_) => {}
                         Err(e) => {
                             if net_stop.is_cancelled() {
@@ -1076,7 +1083,11 @@ async fn run_sensor(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = client.disconnect().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    net_stop.cancel();
-    let _ = net.await;
+    if tokio::time::timeout(Duration::from_secs(1), &mut net)
+        .await
+        .is_err()
+    {
+        net_stop.cancel();
+        let _ = net.await;
+    }
 }
