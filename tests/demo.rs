@@ -213,3 +213,52 @@ fn measure_embedded_broker_loss_at_sigkill() {
 fn measure_embedded_broker_loss_at_sigterm() {
     measure_loss_at_stop(false);
 }
+
+/// Measurement for docs/DECISIONS.md: how fast readings go broker → journal through the
+/// embedded broker and through Mosquitto, for the same burst.
+#[test]
+#[ignore]
+fn measure_drain_rate_embedded_vs_mosquitto() {
+    for embedded in [true, false] {
+        let mosquitto = (!embedded).then(Mosquitto::start);
+        let port = mosquitto.as_ref().map(|m| m.port).unwrap_or_else(free_port);
+        let url = format!("mqtt://127.0.0.1:{port}");
+        let extra = if embedded {
+            format!("embedded_broker = \"127.0.0.1:{port}\"")
+        } else {
+            String::new()
+        };
+        let mut gw = Gateway::with_config(&url, &extra, "");
+        gw.start();
+        let publisher = Publisher::connect(port, "burst");
+        let n = 20_000;
+        let started = Instant::now();
+        for i in 0..n {
+            publisher.publish("sensors/s/d/temperature", reading_payload(i));
+        }
+        publisher.wait_acked(n, Duration::from_secs(60));
+        let acked_in = started.elapsed();
+        let status = || {
+            let (_, s, _) = gw.command(&["status", "--json"]);
+            serde_json::from_str::<serde_json::Value>(&s)
+                .ok()
+                .and_then(|v| v["ingest"]["readings"].as_u64())
+                .unwrap_or(0)
+        };
+        wait_for("all journaled", Duration::from_secs(120), || {
+            status() == n as u64
+        });
+        let journaled_in = started.elapsed();
+        eprintln!(
+            "{}: {n} readings PUBACKed to the publisher in {acked_in:?}, all journaled in \
+             {journaled_in:?} ({:.0}/s)",
+            if embedded {
+                "embedded rumqttd"
+            } else {
+                "Mosquitto"
+            },
+            n as f64 / journaled_in.as_secs_f64()
+        );
+        assert!(gw.stop().success());
+    }
+}
