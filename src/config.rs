@@ -193,6 +193,9 @@ impl Config {
             p.push("gateway.data_dir = \"\": expected a directory path".into());
         }
         check_url(&mut p, "mqtt.url", &self.mqtt.url, &["mqtt", "mqtts"]);
+        if let Some(e) = &self.mqtt.embedded_broker {
+            check_embedded_broker(&mut p, e, &self.mqtt.url);
+        }
         let files = [
             ("mqtt.password_file", &self.mqtt.password_file),
             ("mqtt.ca_file", &self.mqtt.ca_file),
@@ -337,6 +340,40 @@ impl Config {
             c.mqtt.username = Some("<redacted>".into());
         }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// `mqtt.embedded_broker`: a literal `ip:port` with a fixed port, and `mqtt.url` pointing at
+/// it over plain MQTT (the embedded broker has no TLS listener).
+fn check_embedded_broker(p: &mut Vec<String>, value: &str, url: &str) {
+    let addr = match crate::ingest::embedded::parse_addr(value) {
+        Ok(a) => a,
+        Err(e) => {
+            p.push(format!(
+                "mqtt.embedded_broker = {value:?}: {e}; expected an address such as \"127.0.0.1:1883\""
+            ));
+            return;
+        }
+    };
+    if addr.port() == 0 {
+        p.push(format!(
+            "mqtt.embedded_broker = {value:?}: expected a fixed port (sensors must know it), such as \"127.0.0.1:1883\""
+        ));
+        return;
+    }
+    let Ok(u) = url::Url::parse(url) else {
+        return; // reported under mqtt.url
+    };
+    if u.scheme() != "mqtt" {
+        p.push(format!(
+            "mqtt.url = {url:?}: with mqtt.embedded_broker the URL must be mqtt://127.0.0.1:{} (the embedded broker speaks plain MQTT only)",
+            addr.port()
+        ));
+    } else if u.port().unwrap_or(1883) != addr.port() {
+        p.push(format!(
+            "mqtt.url = {url:?}: expected port {} to reach mqtt.embedded_broker = {value:?}",
+            addr.port()
+        ));
     }
 }
 
@@ -586,6 +623,31 @@ filter = "sensors/#"
 
     fn with(extra: &str) -> String {
         format!("{MINIMAL}\n{extra}")
+    }
+
+    fn with_embedded(url: &str, broker: &str) -> String {
+        MINIMAL.replace(
+            "url = \"mqtt://127.0.0.1:1883\"",
+            &format!("url = {url:?}\nembedded_broker = {broker:?}"),
+        )
+    }
+
+    #[test]
+    fn the_embedded_broker_needs_an_ip_port_that_mqtt_url_points_at() {
+        let c = parse(&with_embedded("mqtt://127.0.0.1:1883", "0.0.0.0:1883")).unwrap();
+        assert_eq!(c.mqtt.embedded_broker.as_deref(), Some("0.0.0.0:1883"));
+        assert!(parse(MINIMAL).unwrap().mqtt.embedded_broker.is_none());
+        let p = problems(&with_embedded("mqtt://127.0.0.1:1883", "localhost:1883"));
+        assert!(
+            p[0].contains("mqtt.embedded_broker = \"localhost:1883\""),
+            "{p:?}"
+        );
+        let p = problems(&with_embedded("mqtt://127.0.0.1:1883", "127.0.0.1:0"));
+        assert!(p[0].contains("fixed port"), "{p:?}");
+        let p = problems(&with_embedded("mqtt://127.0.0.1:1884", "127.0.0.1:1883"));
+        assert!(p[0].contains("expected port 1883"), "{p:?}");
+        let p = problems(&with_embedded("mqtts://127.0.0.1:1883", "127.0.0.1:1883"));
+        assert!(p[0].contains("plain MQTT only"), "{p:?}");
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub enum DaemonError {
     /// Processing failed.
     #[error(transparent)]
     Process(#[from] crate::process::ProcessError),
+    /// The embedded MQTT broker did not start.
+    #[error(transparent)]
+    EmbeddedBroker(#[from] crate::ingest::embedded::EmbeddedError),
     /// The admin endpoint could not listen.
     #[error("admin.listen {addr}: {source}")]
     Admin {
@@ -147,6 +150,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let replayed = processor.replay(&journal)?;
     tracing::info!(replayed, checkpoint_lsn = processor.checkpoint_lsn(), epoch = %format!("{epoch:016x}"), "state recovered");
     let known_series = processor.known_series();
+
+    // The embedded broker (if any) runs until the process exits: rumqttd has no shutdown.
+    if let Some(listen) = cfg.mqtt.embedded_broker.clone() {
+        tokio::task::spawn_blocking(move || {
+            crate::ingest::embedded::EmbeddedBroker::start(&listen)
+        })
+        .await
+        .expect("embedded broker start-up panicked")?;
+    }
 
     let status = Arc::new(IngestStatus::default());
     let progress = Arc::new(AtomicU64::new(crate::ingest::now_ms() as u64));

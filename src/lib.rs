@@ -26,6 +26,8 @@
 //! - [`live`]: the live event feed behind the admin endpoint's `/live` WebSocket (sampled
 //!   readings, emitted windows, alerts), for the dashboard and `edgeferry tail`.
 //! - [`daemon`]: wiring of the stages, ordered shutdown, systemd readiness and watchdog.
+//! - [`demo`]: `edgeferry demo`, the whole product in one process (embedded broker,
+//!   simulated sensors, the daemon and the reference collector).
 //! - [`tls`], [`telemetry`], [`backoff`], [`util`]: shared plumbing.
 //!
 //! The durability contract is written once, in `docs/ARCHITECTURE.md`.
@@ -35,6 +37,7 @@ pub mod backoff;
 pub mod collect;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod forward;
 pub mod ingest;
 pub mod live;

@@ -92,6 +92,18 @@ enum Command {
         #[command(subcommand)]
         action: StoreAction,
     },
+    /// Run the whole product on this machine for a while: an embedded MQTT broker, simulated
+    /// sensors, edgeferry and the reference collector (with an upstream outage midway), then
+    /// check that every published reading arrived. Exit code 0 on MATCH, 2 otherwise.
+    Demo {
+        /// How long the sensors publish, e.g. 60s, 5m.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Keep the data (journal, outbox, collector output, config, log) in DIR, which must be
+        /// empty or not exist; otherwise a temporary directory is used and removed.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+    },
     /// Print the journal's contents (offline; for checks and tests), one JSON object per line.
     DumpJournal {
         /// Configuration file (its gateway.data_dir is read).
@@ -212,6 +224,16 @@ fn main() -> ExitCode {
             }
         }
         Command::Store { action } => store(action),
+        Command::Demo { duration, keep } => {
+            match edgeferry::demo::run(edgeferry::demo::DemoOptions { duration, keep }) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(EXIT_RUNTIME),
+                Err(e) => {
+                    eprintln!("edgeferry demo: {e:#}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
         Command::DumpJournal { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,

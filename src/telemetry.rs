@@ -50,9 +50,11 @@ fn default_level() -> String {
 /// Installs the global subscriber. Safe to call more than once (later calls are ignored),
 /// which keeps tests that run several daemons in one process simple.
 pub fn init(cfg: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = quiet_embedded_broker(
+        EnvFilter::try_from_default_env()
+            .or_else(|_| EnvFilter::try_new(&cfg.level))
+            .unwrap_or_else(|_| EnvFilter::new("info")),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -63,6 +65,18 @@ pub fn init(cfg: &LogConfig) {
             .try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Silences the embedded broker (rumqttd) unless the filter names it (`RUST_LOG=info,rumqttd=info`):
+/// it logs every ordinary client disconnect, and every TCP connection closed before CONNECT, at
+/// ERROR level, which would drown edgeferry's own messages. edgeferry reports the broker's
+/// start-up failures itself.
+pub fn quiet_embedded_broker(filter: EnvFilter) -> EnvFilter {
+    if filter.to_string().contains("rumqttd") {
+        filter
+    } else {
+        filter.add_directive("rumqttd=off".parse().expect("a valid directive"))
+    }
 }
 
 /// Lets a repeated warning through at most once per `interval` per key, counting what it

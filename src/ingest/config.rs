@@ -12,6 +12,11 @@ use std::time::Duration;
 pub struct MqttConfig {
     /// `mqtt://host:port` (plain) or `mqtts://host:port` (TLS).
     pub url: String,
+    /// Run an MQTT broker (rumqttd) inside edgeferry on this `ip:port`, for small gateways
+    /// where the sensors connect straight to edgeferry; `url` must then point at it.
+    /// In-memory only: see docs/DECISIONS.md ("Embedded broker") before using it in production.
+    #[serde(default)]
+    pub embedded_broker: Option<String>,
     /// Fixed client id: persistent sessions only survive reconnects under the same id.
     /// Defaults to `edgeferry-<gateway.id>`.
     #[serde(default)]

@@ -24,6 +24,7 @@
 pub mod config;
 pub mod decode;
 pub mod dedup;
+pub mod embedded;
 pub mod session;
 
 pub use config::{MqttConfig, SubscribeConfig};
