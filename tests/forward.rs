@@ -73,6 +73,22 @@ fn upstream_outage_then_recovery_delivers_every_window_exactly_once_live_first()
     }
     let (_, out, _) = gw.command(&["status"]);
     assert!(out.contains("upstream") && out.contains("DOWN"), "{out}");
+    let addr = std::fs::read_to_string(gw.dir.path().join("data/admin.addr")).unwrap();
+    let (_, metrics) =
+        edgeferry::admin::http_get(&addr, "/metrics", Duration::from_secs(3)).unwrap();
+    assert!(
+        metrics.contains("edgeferry_upstream_connected 0"),
+        "{metrics}"
+    );
+    let backlog_items = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("edgeferry_outbox_items "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        backlog_items > 0.0,
+        "the backlog shows in /metrics during the outage"
+    );
     collector.start();
     // Phase 2, upstream back: live readings keep flowing while the backlog drains, from the
     // moment the gateway has reconnected (its backoff decides when) for another 4 s.
