@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::certs::{Ca, ca, leaf, write};
+
 use edgeferry::forward::protocol::{
     self, BatchKind, DictEncoder, ErrorCode, ErrorFrame, Frame, HEADER_LEN, Hello, OutboxBatch,
     OutboxItem, Welcome,
@@ -550,41 +552,6 @@ async fn wrong_or_missing_bearer_token_gets_http_401_and_the_right_one_works() {
     }
 }
 
-struct Ca {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let key = KeyPair::generate().unwrap();
-    let cert = p.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: rcgen::Issuer::new(p, key),
-    }
-}
-
-/// A leaf certificate for `localhost` and 127.0.0.1, signed by `ca`: (cert PEM, key PEM).
-fn leaf(ca: &Ca) -> (String, String) {
-    let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    p.subject_alt_names
-        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, &ca.issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
 fn client_tls(trust: &Ca, client: Option<&(String, String)>, dir: &Path) -> Connector {
     let ca = write(dir, "trust.pem", &trust.pem);
     let (cert, key) = match client {
@@ -605,7 +572,7 @@ async fn tls_with_client_certificates_accepts_only_trusted_peers_both_ways() {
     let server_ca = ca("server CA");
     let client_ca = ca("client CA");
     let other_ca = ca("someone else");
-    let (cert, key) = leaf(&server_ca);
+    let (cert, key) = leaf(&server_ca, &["localhost", "127.0.0.1"], false);
     let server_cert = write(certs.path(), "server.pem", &cert);
     let server_key = write(certs.path(), "server.key", &key);
     let client_ca_file = write(certs.path(), "client-ca.pem", &client_ca.pem);
@@ -620,8 +587,8 @@ async fn tls_with_client_certificates_accepts_only_trusted_peers_both_ways() {
             client_ca_file.to_str().unwrap(),
         ],
     );
-    let client = leaf(&client_ca);
-    let rogue_client = leaf(&other_ca);
+    let client = leaf(&client_ca, &["localhost", "127.0.0.1"], false);
+    let rogue_client = leaf(&other_ca, &["localhost", "127.0.0.1"], false);
 
     // Trusted both ways.
     let tmp = tempfile::tempdir().unwrap();

@@ -4,48 +4,15 @@
 
 mod common;
 
+use common::certs::{Ca, ca, leaf, write};
+
 use common::*;
 use edgeferry::forward::protocol::{self, DictDecoder, Frame, HEADER_LEN, OutboxItem};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const TOPIC: &str = "edgeferry/gw-test/batches";
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let key = KeyPair::generate().unwrap();
-    let cert = p.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(p, key),
-    }
-}
-
-/// A leaf certificate signed by `ca`: (cert PEM, key PEM).
-fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
-    let p =
-        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, &ca.issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 /// The cloud: a broker with a plain listener (the test subscriber) and a TLS listener that
 /// requires a client certificate (the gateway).
@@ -62,7 +29,7 @@ impl Cloud {
         let server_ca = ca("cloud-server-ca");
         let client_ca = ca("cloud-client-ca");
         let certs = tempfile::tempdir().unwrap();
-        let (cert, key) = leaf(&server_ca, &["localhost"]);
+        let (cert, key) = leaf(&server_ca, &["localhost"], false);
         let cert = write(certs.path(), "server.pem", &cert);
         let key = write(certs.path(), "server.key", &key);
         let cafile = write(certs.path(), "client-ca.pem", &client_ca.pem);
@@ -93,7 +60,7 @@ impl Cloud {
 
     /// `[upstream]` for the gateway: mqtts with the cloud's CA and a client certificate.
     fn upstream_section(&self) -> String {
-        let (cert, key) = leaf(&self.client_ca, &["gw-test"]);
+        let (cert, key) = leaf(&self.client_ca, &["gw-test"], false);
         let ca = write(self.certs.path(), "trust.pem", &self.server_ca.pem);
         let cert = write(self.certs.path(), "client.pem", &cert);
         let key = write(self.certs.path(), "client.key", &key);

@@ -4,42 +4,11 @@
 
 mod common;
 
+use common::certs::{Ca, ca, leaf, write};
+
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let key = KeyPair::generate().unwrap();
-    let cert = p.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(p, key),
-    }
-}
-
-fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
-    let p =
-        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, &ca.issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 struct Setup {
     _certs: tempfile::TempDir,
@@ -56,8 +25,8 @@ fn setup(trust_server: bool, token: &str) -> (Setup, Mosquitto) {
     let certs = tempfile::tempdir().unwrap();
     let server_ca = ca("central-ca");
     let client_ca = ca("gateway-ca");
-    let (sc, sk) = leaf(&server_ca, &["localhost"]);
-    let (cc, ck) = leaf(&client_ca, &["gw-test"]);
+    let (sc, sk) = leaf(&server_ca, &["localhost"], false);
+    let (cc, ck) = leaf(&client_ca, &["gw-test"], false);
     let server_cert = write(certs.path(), "server.pem", &sc);
     let server_key = write(certs.path(), "server.key", &sk);
     let client_ca_file = write(certs.path(), "client-ca.pem", &client_ca.pem);
@@ -134,7 +103,7 @@ fn mutual_tls_with_a_token_delivers_and_rotated_client_certificates_are_picked_u
         || total(&s.collector) == 300,
     );
     // Rotate the client certificate on disk: the link reconnects with the new one by itself.
-    let (cc, ck) = leaf(&s.client_ca, &["gw-test"]);
+    let (cc, ck) = leaf(&s.client_ca, &["gw-test"], false);
     std::fs::write(&s.client_key, ck).unwrap();
     std::fs::write(&s.client_cert, cc).unwrap();
     wait_for(

@@ -2,6 +2,8 @@
 //! Every process started here is stopped here, by its own PID.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpStream;
