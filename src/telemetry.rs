@@ -79,6 +79,12 @@ pub fn quiet_embedded_broker(filter: EnvFilter) -> EnvFilter {
     }
 }
 
+/// The identity of a failure message for "log each state change once": the same failure
+/// often carries a changing time, counter or port, so digits are ignored.
+pub fn failure_key(msg: &str) -> String {
+    msg.chars().filter(|c| !c.is_ascii_digit()).collect()
+}
+
 /// Lets a repeated warning through at most once per `interval` per key, counting what it
 /// suppressed so the next message can say how many were hidden. Keys are static strings
 /// (reasons), so the map is bounded by the number of reasons in the code.
@@ -123,6 +129,15 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_keys_ignore_changing_numbers_only() {
+        assert_eq!(
+            failure_key("expired: verification time 1795928600"),
+            failure_key("expired: verification time 1795928601")
+        );
+        assert_ne!(failure_key("connection refused"), failure_key("timed out"));
+    }
 
     #[test]
     fn rate_limit_lets_one_message_per_interval_and_counts_the_rest() {

@@ -34,6 +34,21 @@ impl ForwardStatus {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
     }
 
+    /// Records a broken link (state, error, reconnect count) and logs it once per distinct
+    /// failure, not once per attempt; `last_logged` is the link's memory of what it logged.
+    pub fn link_down(&self, url: &str, msg: String, last_logged: &mut Option<String>) {
+        self.connected
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.reconnects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = crate::telemetry::failure_key(&msg);
+        if last_logged.as_deref() != Some(&key) {
+            tracing::warn!("upstream {url} link down: {msg}; retrying with backoff");
+            *last_logged = Some(key);
+        }
+        self.set_error(Some(msg));
+    }
+
     /// The last error.
     pub fn last_error(&self) -> Option<String> {
         self.last_error

@@ -111,23 +111,13 @@ impl MqttLink {
                 r = self.session(&topic) => r,
                 _ = shutdown.cancelled() => break,
             };
-            self.status.connected.store(false, Ordering::Relaxed);
             let _ = self
                 .outbox
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .persist_acks();
             let msg = r.err().unwrap_or_else(|| "closed".into());
-            self.status.set_error(Some(msg.clone()));
-            self.status.reconnects.fetch_add(1, Ordering::Relaxed);
-            let key: String = msg.chars().filter(|c| !c.is_ascii_digit()).collect();
-            if last_logged.as_deref() != Some(&key) {
-                tracing::warn!(
-                    "upstream {} link down: {msg}; retrying with backoff",
-                    self.cfg.url
-                );
-                last_logged = Some(key);
-            }
+            self.status.link_down(&self.cfg.url, msg, &mut last_logged);
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = shutdown.cancelled() => break,

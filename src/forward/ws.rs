@@ -81,22 +81,12 @@ impl Link {
                 r = self.session() => r,
                 _ = shutdown.cancelled() => break,
             };
-            self.status.connected.store(false, Ordering::Relaxed);
             self.persist_acks();
             let msg = match r {
                 Ok(()) => "closed by the central side".to_string(),
                 Err(e) => e.to_string(),
             };
-            self.status.set_error(Some(msg.clone()));
-            self.status.reconnects.fetch_add(1, Ordering::Relaxed);
-            let key: String = msg.chars().filter(|c| !c.is_ascii_digit()).collect();
-            if last_logged.as_deref() != Some(&key) {
-                tracing::warn!(
-                    "upstream {} link down: {msg}; retrying with backoff",
-                    self.cfg.url
-                );
-                last_logged = Some(key);
-            }
+            self.status.link_down(&self.cfg.url, msg, &mut last_logged);
             if started.elapsed() > Duration::from_secs(30) {
                 backoff.reset();
             }

@@ -437,7 +437,7 @@ async fn poll_loop(
                 status.set_error(Some(msg.clone()));
                 // Compare without digits: the same failure often carries a changing time
                 // or counter, and must still be logged once, not once per attempt.
-                let next = LinkState::Down(msg.chars().filter(|c| !c.is_ascii_digit()).collect());
+                let next = LinkState::Down(crate::telemetry::failure_key(&msg));
                 if state != next {
                     tracing::warn!(
                         "MQTT broker {} unreachable: {msg}; retrying with backoff",
