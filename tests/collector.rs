@@ -179,7 +179,7 @@ fn hello(gateway: &str, epoch: u64, first_seq: u64) -> Frame {
     Frame::Hello(Hello {
         gateway: gateway.into(),
         epoch,
-        versions: vec![1],
+        versions: vec![protocol::PROTOCOL_VERSION],
         first_seq,
         software: "collector-test".into(),
     })
@@ -303,7 +303,7 @@ async fn batches_are_written_as_jsonl_acked_deduplicated_and_listed_in_welcome()
     let mut c = Collector::start(dir.path(), &[]);
     let mut ws = connect_plain(&c.addr).await;
     let w = handshake(&mut ws, "gw-a", 7, 1).await;
-    assert_eq!(w.version, 1);
+    assert_eq!(w.version, protocol::PROTOCOL_VERSION);
     assert!(w.stored.is_empty());
     assert_eq!(w.max_frame, protocol::DEFAULT_MAX_FRAME);
     let mut enc = DictEncoder::new();
@@ -720,6 +720,29 @@ async fn protocol_violations_get_an_error_frame_and_close_without_affecting_othe
             ErrorCode::UnsupportedVersion,
         ),
         (
+            "a gateway that speaks only version 1 (row-encoded batches)",
+            false,
+            protocol::encode(&Frame::Hello(Hello {
+                gateway: "gw-old".into(),
+                epoch: 1,
+                versions: vec![1],
+                first_seq: 0,
+                software: "edgeferry/0.0".into(),
+            })),
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "a batch in a version 1 envelope",
+            false,
+            {
+                let (_, b) = DictEncoder::new().encode_batch(1, &aggregate_batch(1, 1));
+                let mut m = protocol::encode(&b);
+                m[2] = 1;
+                m
+            },
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
             "bad gateway id",
             false,
             protocol::encode(&hello("../etc", 1, 0)),
@@ -734,7 +757,7 @@ async fn protocol_violations_get_an_error_frame_and_close_without_affecting_othe
         (
             "far oversized message",
             true,
-            envelope(1, 4, &vec![0u8; 300_000]),
+            envelope(2, 4, &vec![0u8; 300_000]),
             ErrorCode::TooLarge,
         ),
         (
@@ -750,7 +773,7 @@ async fn protocol_violations_get_an_error_frame_and_close_without_affecting_othe
         (
             "body not a Batch",
             true,
-            envelope(1, 4, &[0xff; 40]),
+            envelope(2, 4, &[0xff; 40]),
             ErrorCode::Malformed,
         ),
     ];

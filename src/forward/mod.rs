@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod config;
 pub mod mqtt;
+pub mod packed;
 pub mod protocol;
 pub mod ws;
 

@@ -1,4 +1,4 @@
-//! The upstream wire protocol (version 1): what the gateway's outbox stores, and the frames
+//! The upstream wire protocol (version 2): what the gateway's outbox stores, and the frames
 //! that carry it to the central receiver over binary WebSocket messages.
 //!
 //! `docs/PROTOCOL.md` is the normative description (byte layouts, sequence of frames,
@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! offset 0  2 bytes  magic b"EF"
-//!        2  u8       protocol version the body is encoded with (1)
+//!        2  u8       protocol version the body is encoded with (2; 1 for Hello and Error)
 //!        3  u8       frame kind (see FrameKind)
 //!        4  u32 LE   body length
 //!        8  u32 LE   CRC-32 (IEEE) of the body
@@ -33,9 +33,9 @@
 //! [`DictDecoder::apply`] and turn [`Batch`] frames into outbox items with
 //! [`DictDecoder::decode_batch`].
 
+use super::packed;
 use crate::model::{Alert, AlertState, SeriesInfo};
-use crate::process::aggregate::{Aggregate, AggregateParts};
-use crate::process::sketch::Sketch;
+use crate::process::aggregate::Aggregate;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -52,9 +52,9 @@ pub use super::batch::{BatchKind, OutboxBatch, OutboxItem};
 /// First two bytes of every message.
 pub const MAGIC: [u8; 2] = *b"EF";
 /// The protocol version this module speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Every protocol version this module can speak, lowest first.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+pub const SUPPORTED_VERSIONS: &[u16] = &[2];
 /// Envelope header length in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Default largest body a receiver accepts (4 MiB).
@@ -151,8 +151,8 @@ pub struct Batch {
     pub kind: BatchKind,
     /// When the batch was sealed (epoch ms); times in items are relative to it.
     pub created_ms: i64,
-    /// The items.
-    pub items: Vec<WireItem>,
+    /// The items, in runs of one kind (their order is kept).
+    pub items: Vec<WireGroup>,
 }
 
 /// Server → client: these batches are durably stored.
@@ -237,53 +237,15 @@ impl Frame {
     }
 }
 
-/// One item of a [`Batch`] on the wire. Enum discriminants are part of the format.
+/// A run of consecutive items of a [`Batch`] on the wire. Enum discriminants are part of
+/// the format.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum WireItem {
-    /// An aggregate whose window starts on a whole second (the normal case);
-    /// `window_start` is in **seconds** relative to `floor(created_ms / 1000)`.
-    Aggregate(WireAggregate),
-    /// An alert.
-    Alert(WireAlert),
-    /// An aggregate whose window start is not a whole second; `window_start` is in
-    /// **milliseconds** relative to `created_ms`.
-    AggregateMs(WireAggregate),
-}
-
-/// An aggregate on the wire: the series by dictionary id, times as deltas.
-/// All arithmetic on the deltas is wrapping (two's complement), so every value round-trips.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WireAggregate {
-    /// Dictionary id of the series.
-    pub series: u32,
-    /// Window start relative to the batch's creation time (unit: see [`WireItem`]).
-    pub window_start: i64,
-    /// Window length in seconds.
-    pub window_secs: u32,
-    /// Aggregate version.
-    pub version: u32,
-    /// Number of readings.
-    pub count: u64,
-    /// Sum.
-    pub sum: f64,
-    /// Minimum.
-    pub min: f64,
-    /// Maximum.
-    pub max: f64,
-    /// Event time of the first reading minus the window start, ms.
-    pub first_dt_ms: i64,
-    /// Value of the first reading.
-    pub first: f64,
-    /// Event time of the last reading minus the window start, ms.
-    pub last_dt_ms: i64,
-    /// Value of the last reading.
-    pub last: f64,
-    /// Mean (Welford).
-    pub mean: f64,
-    /// Sum of squared deviations from the mean.
-    pub m2: f64,
-    /// Quantile sketch in its serde form.
-    pub sketch: Sketch,
+pub enum WireGroup {
+    /// Aggregates, packed in columns (see [`packed`](super::packed)); at most
+    /// [`packed::MAX_ROWS`](super::packed::MAX_ROWS) per group.
+    Aggregates(Vec<u8>),
+    /// Alerts.
+    Alerts(Vec<WireAlert>),
 }
 
 /// An alert on the wire.
@@ -400,7 +362,13 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
     let len = u32::try_from(body.len()).expect("frame bodies are far below 4 GiB");
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
-    out.push(PROTOCOL_VERSION as u8);
+    // Hello and Error bodies are the same in every version: they say version 1, so any
+    // receiver can read them (PROTOCOL.md §8).
+    let version = match frame {
+        Frame::Hello(_) | Frame::Error(_) => 1,
+        _ => PROTOCOL_VERSION,
+    };
+    out.push(version as u8);
     out.push(frame.kind() as u8);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
@@ -429,7 +397,10 @@ pub fn decode(msg: &[u8], max_frame: u32) -> Result<Frame, ProtocolError> {
         return Err(ProtocolError::BadMagic(magic));
     }
     let version = msg[2];
-    if !SUPPORTED_VERSIONS.contains(&u16::from(version)) {
+    // Version 1 envelopes are read for the frames whose bodies did not change (a Hello of
+    // an older gateway gets an UnsupportedVersion answer, not a malformed-frame one); a
+    // version 1 Batch is not (its rows were laid out differently).
+    if version != 1 && !SUPPORTED_VERSIONS.contains(&u16::from(version)) {
         return Err(ProtocolError::UnsupportedVersion(version));
     }
     let kind_byte = msg[3];
@@ -456,6 +427,9 @@ pub fn decode(msg: &[u8], max_frame: u32) -> Result<Frame, ProtocolError> {
         });
     }
     let kind = FrameKind::from_byte(kind_byte).ok_or(ProtocolError::UnknownKind(kind_byte))?;
+    if kind == FrameKind::Batch && version == 1 {
+        return Err(ProtocolError::UnsupportedVersion(version));
+    }
     Ok(match kind {
         FrameKind::Hello => Frame::Hello(body(kind, body_bytes)?),
         FrameKind::Welcome => Frame::Welcome(body(kind, body_bytes)?),
@@ -525,11 +499,11 @@ impl DictEncoder {
     pub fn encode_batch(&mut self, seq: u64, batch: &OutboxBatch) -> (Option<Frame>, Frame) {
         let mut new = Vec::new();
         let created_ms = batch.created_ms;
-        let created_s = created_ms.div_euclid(1000);
-        let items = batch
-            .items
-            .iter()
-            .map(|item| match item {
+        let mut items = Vec::new();
+        let mut rows: Vec<packed::Row> = Vec::new();
+        let mut alerts: Vec<WireAlert> = Vec::new();
+        for item in &batch.items {
+            match item {
                 OutboxItem::Aggregate {
                     series,
                     window_start_ms,
@@ -537,55 +511,47 @@ impl DictEncoder {
                     version,
                     agg,
                 } => {
-                    let id = self.id_of(series, &mut new);
-                    let p = agg.to_parts();
-                    let start = *window_start_ms;
-                    let whole = start.rem_euclid(1000) == 0;
-                    let window_start = if whole {
-                        start.div_euclid(1000).wrapping_sub(created_s)
-                    } else {
-                        start.wrapping_sub(created_ms)
-                    };
-                    let w = WireAggregate {
-                        series: id,
-                        window_start,
+                    if !alerts.is_empty() {
+                        items.push(WireGroup::Alerts(std::mem::take(&mut alerts)));
+                    }
+                    if rows.len() == packed::MAX_ROWS {
+                        items.push(WireGroup::Aggregates(packed::encode(&rows, created_ms)));
+                        rows.clear();
+                    }
+                    rows.push(packed::Row {
+                        series: self.id_of(series, &mut new),
+                        window_start_ms: *window_start_ms,
                         window_secs: *window_secs,
                         version: *version,
-                        count: p.count,
-                        sum: p.sum,
-                        min: p.min,
-                        max: p.max,
-                        first_dt_ms: p.first.0.wrapping_sub(start),
-                        first: p.first.1,
-                        last_dt_ms: p.last.0.wrapping_sub(start),
-                        last: p.last.1,
-                        mean: p.mean,
-                        m2: p.m2,
-                        sketch: p.sketch,
-                    };
-                    if whole {
-                        WireItem::Aggregate(w)
-                    } else {
-                        WireItem::AggregateMs(w)
-                    }
+                        agg: agg.to_parts(),
+                    });
                 }
                 OutboxItem::Alert(a) => {
+                    if !rows.is_empty() {
+                        items.push(WireGroup::Aggregates(packed::encode(&rows, created_ms)));
+                        rows.clear();
+                    }
                     let info = SeriesInfo {
                         key: a.series.clone(),
                         metric: a.metric.clone(),
                         tags: a.tags.clone(),
                     };
-                    let id = self.id_of(&info, &mut new);
-                    WireItem::Alert(WireAlert {
+                    alerts.push(WireAlert {
                         rule: a.rule.clone(),
-                        series: id,
+                        series: self.id_of(&info, &mut new),
                         state: a.state,
                         value: a.value,
                         time_dt_ms: a.time_ms.wrapping_sub(created_ms),
-                    })
+                    });
                 }
-            })
-            .collect();
+            }
+        }
+        if !rows.is_empty() {
+            items.push(WireGroup::Aggregates(packed::encode(&rows, created_ms)));
+        }
+        if !alerts.is_empty() {
+            items.push(WireGroup::Alerts(alerts));
+        }
         let dict = (!new.is_empty()).then_some(Frame::Dict(Dict { entries: new }));
         let frame = Frame::Batch(Batch {
             seq,
@@ -640,51 +606,30 @@ impl DictDecoder {
     /// Turns a [`Batch`] frame back into outbox items (exactly the items that were encoded).
     pub fn decode_batch(&self, batch: &Batch) -> Result<Vec<OutboxItem>, ProtocolError> {
         let created_ms = batch.created_ms;
-        let created_s = created_ms.div_euclid(1000);
-        batch
-            .items
-            .iter()
-            .map(|item| {
-                Ok(match item {
-                    WireItem::Aggregate(w) | WireItem::AggregateMs(w) => {
-                        let series = self.get(w.series)?.clone();
-                        let start = if matches!(item, WireItem::Aggregate(_)) {
-                            w.window_start.wrapping_add(created_s).wrapping_mul(1000)
-                        } else {
-                            w.window_start.wrapping_add(created_ms)
-                        };
-                        if w.sketch.count() != w.count {
-                            return Err(ProtocolError::Malformed {
-                                kind: FrameKind::Batch,
-                                reason: format!(
-                                    "aggregate count {} differs from its sketch's count {}",
-                                    w.count,
-                                    w.sketch.count()
-                                ),
-                            });
+        let mut out = Vec::new();
+        for group in &batch.items {
+            match group {
+                WireGroup::Aggregates(bytes) => {
+                    let rows = packed::decode(bytes, created_ms).map_err(|e| {
+                        ProtocolError::Malformed {
+                            kind: FrameKind::Batch,
+                            reason: e.to_string(),
                         }
-                        let agg = Aggregate::from_parts(AggregateParts {
-                            count: w.count,
-                            sum: w.sum,
-                            min: w.min,
-                            max: w.max,
-                            first: (w.first_dt_ms.wrapping_add(start), w.first),
-                            last: (w.last_dt_ms.wrapping_add(start), w.last),
-                            mean: w.mean,
-                            m2: w.m2,
-                            sketch: w.sketch.clone(),
+                    })?;
+                    for row in rows {
+                        out.push(OutboxItem::Aggregate {
+                            series: self.get(row.series)?.clone(),
+                            window_start_ms: row.window_start_ms,
+                            window_secs: row.window_secs,
+                            version: row.version,
+                            agg: Aggregate::from_parts(row.agg),
                         });
-                        OutboxItem::Aggregate {
-                            series,
-                            window_start_ms: start,
-                            window_secs: w.window_secs,
-                            version: w.version,
-                            agg,
-                        }
                     }
-                    WireItem::Alert(w) => {
+                }
+                WireGroup::Alerts(alerts) => {
+                    for w in alerts {
                         let s = self.get(w.series)?;
-                        OutboxItem::Alert(Alert {
+                        out.push(OutboxItem::Alert(Alert {
                             rule: w.rule.clone(),
                             series: s.key.clone(),
                             metric: s.metric.clone(),
@@ -692,11 +637,12 @@ impl DictDecoder {
                             state: w.state,
                             value: w.value,
                             time_ms: w.time_dt_ms.wrapping_add(created_ms),
-                        })
+                        }));
                     }
-                })
-            })
-            .collect()
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -718,10 +664,21 @@ mod tests {
             })
     }
 
+    use crate::process::aggregate::{MAX_MANTISSA, decimal_value};
+
     fn aggregate() -> impl Strategy<Value = Aggregate> {
         prop::collection::vec(
             (
-                prop_oneof![-1e6f64..1e6, Just(0.0), 1e-12f64..1e-6, -1e12f64..1e12],
+                prop_oneof![
+                    -1e6f64..1e6,
+                    Just(0.0),
+                    Just(-0.0),
+                    1e-12f64..1e-6,
+                    -1e12f64..1e12,
+                    // What sensors send: decimals, the exact (column-packed integer) case.
+                    (-10_000_000i64..10_000_000, 0u8..=4).prop_map(|(k, s)| decimal_value(k, s)),
+                    (-MAX_MANTISSA..=MAX_MANTISSA, 0u8..=15).prop_map(|(k, s)| decimal_value(k, s)),
+                ],
                 -70_000i64..70_000,
             ),
             0..60,
@@ -942,9 +899,9 @@ mod tests {
         let heartbeat = Frame::Heartbeat(Heartbeat {
             time_ms: 1_764_000_000_000,
         });
-        assert_eq!(hex(&heartbeat), "4546010606000000fa39c44f80a0bfe9d666");
+        assert_eq!(hex(&heartbeat), "4546020606000000fa39c44f80a0bfe9d666");
         let ack = Frame::Ack(Ack { seqs: vec![5, 300] });
-        assert_eq!(hex(&ack), "4546010504000000b5473a610205ac02");
+        assert_eq!(hex(&ack), "4546020504000000b5473a610205ac02");
         let hello = Frame::Hello(Hello {
             gateway: "gw-1".into(),
             epoch: 7,
@@ -961,10 +918,38 @@ mod tests {
     }
 
     #[test]
+    fn hello_says_version_1_and_a_version_1_batch_is_refused() {
+        let hello = encode(&Frame::Hello(Hello {
+            gateway: "gw".into(),
+            epoch: 1,
+            versions: vec![1],
+            first_seq: 0,
+            software: "old".into(),
+        }));
+        assert_eq!(hello[2], 1);
+        assert!(matches!(decode(&hello, 1024), Ok(Frame::Hello(_))));
+        let batch = Frame::Batch(Batch {
+            seq: 1,
+            kind: BatchKind::Aggregates,
+            created_ms: 0,
+            items: vec![],
+        });
+        let mut msg = encode(&batch);
+        assert_eq!(msg[2], 2);
+        assert_eq!(decode(&msg, 1024), Ok(batch));
+        msg[2] = 1;
+        assert_eq!(
+            decode(&msg, 1024),
+            Err(ProtocolError::UnsupportedVersion(1))
+        );
+    }
+
+    #[test]
     fn negotiation_picks_the_highest_common_version() {
         assert_eq!(negotiate(&[1, 2, 3], &[2, 3, 4]), Some(3));
         assert_eq!(negotiate(&[1], &[2]), None);
-        assert_eq!(negotiate(SUPPORTED_VERSIONS, &[1]), Some(1));
+        assert_eq!(negotiate(SUPPORTED_VERSIONS, &[1]), None);
+        assert_eq!(negotiate(SUPPORTED_VERSIONS, &[1, 2]), Some(2));
     }
 
     #[test]
@@ -993,13 +978,13 @@ mod tests {
             seq: 1,
             kind: BatchKind::Alerts,
             created_ms: 0,
-            items: vec![WireItem::Alert(WireAlert {
+            items: vec![WireGroup::Alerts(vec![WireAlert {
                 rule: "r".into(),
                 series: 9,
                 state: AlertState::Raised,
                 value: None,
                 time_dt_ms: 0,
-            })],
+            }])],
         };
         assert_eq!(d.decode_batch(&batch), Err(ProtocolError::UnknownSeries(9)));
     }
@@ -1023,7 +1008,7 @@ mod tests {
                 let v = 21.5 + 0.5 * ((i as f64) * 0.7 + s as f64).sin() + 0.01 * i as f64;
                 (v * 100.0).round() / 100.0
             }),
-            ("spread over 20..30", |s, i| {
+            ("spread over 20..30 in sixths (no decimal form)", |s, i| {
                 20.0 + ((i * 7919 + s as i64) % 60) as f64 / 6.0
             }),
         ];
@@ -1077,7 +1062,14 @@ mod tests {
                     100.0 * per_agg / raw,
                     (first_len + dict_len) as f64 / SERIES as f64,
                 );
-                assert!(per_agg < 200.0);
+                // Decimal readings pack into a few bits per column; values like 20 + 1/6
+                // have no decimal form and travel as raw f64 (the fallback).
+                let bound = if name.contains("decimals") {
+                    12.0
+                } else {
+                    80.0
+                };
+                assert!(per_agg < bound, "{per_agg} bytes per aggregate");
             }
         }
     }

@@ -94,7 +94,7 @@ struct Checkpoint {
 const CHECKPOINT_MAGIC: &[u8; 4] = b"EFCK";
 /// Closing windows at most this often (processing time) coalesces corrections.
 const CLOSE_EVERY_MS: i64 = 250;
-const CHECKPOINT_VERSION: u16 = 2;
+const CHECKPOINT_VERSION: u16 = 3;
 
 /// Counters of the processing stage, shared with status.
 #[derive(Debug, Default)]

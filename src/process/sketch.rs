@@ -345,6 +345,56 @@ impl Sketch {
             Some(-value_of(self.negative.offset))
         }
     }
+
+    /// The bins, for encodings that lay them out themselves (the upstream protocol).
+    pub fn to_parts(&self) -> SketchParts {
+        SketchParts {
+            zero: self.zero,
+            positive_offset: self.positive.offset,
+            positive: self.positive.counts.clone(),
+            negative_offset: self.negative.offset,
+            negative: self.negative.counts.clone(),
+        }
+    }
+
+    /// A sketch from [`to_parts`](Self::to_parts) output, checked for canonical form
+    /// exactly like a deserialized sketch.
+    pub fn from_parts(parts: SketchParts) -> Result<Sketch, SketchError> {
+        Sketch::try_from(SketchRepr {
+            zero: parts.zero,
+            positive: Store {
+                offset: parts.positive_offset,
+                counts: parts.positive,
+            },
+            negative: Store {
+                offset: parts.negative_offset,
+                counts: parts.negative,
+            },
+        })
+    }
+}
+
+/// The bins of a [`Sketch`], field by field (see [`Sketch::to_parts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SketchParts {
+    /// Count of values with `|x| < MIN_INDEXABLE`.
+    pub zero: u64,
+    /// Bin index of `positive[0]`.
+    pub positive_offset: i32,
+    /// Counts of consecutive bins of positive values.
+    pub positive: Vec<u64>,
+    /// Bin index of `negative[0]` (bins of negative values are indexed by `|x|`).
+    pub negative_offset: i32,
+    /// Counts of consecutive bins of negative values.
+    pub negative: Vec<u64>,
+}
+
+/// The bin a value with `|x| >= MIN_INDEXABLE` falls in, indexed by `|x|` (`None` for
+/// values counted as zero and for non-finite values). The largest positive reading of a
+/// sketch is always in its highest positive bin, which lets encoders send that index as a
+/// difference from [`bin_index`]`(max)`.
+pub fn bin_index(x: f64) -> Option<i32> {
+    (x.is_finite() && x.abs() >= MIN_INDEXABLE).then(|| index_of(x.abs()))
 }
 
 #[cfg(test)]
