@@ -310,8 +310,10 @@ pub fn encode(rows: &[Row], created_ms: i64) -> Vec<u8> {
             i128::from(scale),
             k[0],
             k[1] - k[0],
-            k[2] - k[0],
-            k[3] - k[0],
+            // min <= min(first, last) and max >= max(first, last): the differences from those
+            // are usually 0 or small.
+            k[2] - k[0].min(k[1]),
+            k[3] - k[0].max(k[1]),
             sum_rel,
             w,
             i128::from(sk.zero),
@@ -412,19 +414,18 @@ pub fn decode(bytes: &[u8], created_ms: i64) -> Result<Vec<Row>, PackedError> {
             .ok_or_else(|| out_of_range("scale"))?;
         // first, last, min, max as mantissas at `scale`.
         let ints = if mode == MODE_EXACT {
-            let k_first = int(COL_FIRST, "first")?;
-            let mut ks = [k_first; 4];
-            for (j, k) in ks.iter_mut().enumerate().skip(1) {
-                *k = i64::try_from(c(COL_FIRST + j))
+            let plus = |j: usize, to: i64| {
+                i64::try_from(c(j))
                     .ok()
-                    .and_then(|d| d.checked_add(k_first))
+                    .and_then(|d| d.checked_add(to))
                     .filter(|k| k.abs() <= MAX_MANTISSA)
-                    .ok_or_else(|| out_of_range("decimal value"))?;
-            }
-            if k_first.abs() > MAX_MANTISSA {
-                return Err(out_of_range("decimal value"));
-            }
-            Some(ks)
+                    .ok_or_else(|| out_of_range("decimal value"))
+            };
+            let k_first = plus(COL_FIRST, 0)?;
+            let k_last = plus(COL_FIRST + 1, k_first)?;
+            let k_min = plus(COL_FIRST + 2, k_first.min(k_last))?;
+            let k_max = plus(COL_FIRST + 3, k_first.max(k_last))?;
+            Some([k_first, k_last, k_min, k_max])
         } else {
             None
         };

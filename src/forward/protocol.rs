@@ -502,7 +502,8 @@ impl DictEncoder {
         let mut items = Vec::new();
         let mut rows: Vec<packed::Row> = Vec::new();
         let mut alerts: Vec<WireAlert> = Vec::new();
-        for item in &batch.items {
+        let splits = window_length_splits(&batch.items);
+        for (item, split) in batch.items.iter().zip(splits) {
             match item {
                 OutboxItem::Aggregate {
                     series,
@@ -514,7 +515,7 @@ impl DictEncoder {
                     if !alerts.is_empty() {
                         items.push(WireGroup::Alerts(std::mem::take(&mut alerts)));
                     }
-                    if rows.len() == packed::MAX_ROWS {
+                    if rows.len() == packed::MAX_ROWS || split {
                         items.push(WireGroup::Aggregates(packed::encode(&rows, created_ms)));
                         rows.clear();
                     }
@@ -561,6 +562,37 @@ impl DictEncoder {
         });
         (dict, frame)
     }
+}
+
+/// Where a new packed group should start: before an aggregate whose window length differs
+/// from the previous aggregate's, when both runs are long enough to pay for a group's column
+/// headers (~60 bytes). Within a group of one window length, window, count and time columns
+/// are nearly constant and cost almost nothing per aggregate; mixed, they cost ~4 bytes.
+fn window_length_splits(items: &[OutboxItem]) -> Vec<bool> {
+    const MIN_RUN: usize = 16;
+    let secs = |item: &OutboxItem| match item {
+        OutboxItem::Aggregate { window_secs, .. } => Some(*window_secs),
+        OutboxItem::Alert(_) => None,
+    };
+    // Length of the run of equal window lengths each item is in.
+    let mut run_of = vec![0usize; items.len()];
+    let mut start = 0;
+    for i in 1..=items.len() {
+        if i == items.len() || secs(&items[i]) != secs(&items[start]) {
+            run_of[start..i].fill(i - start);
+            start = i;
+        }
+    }
+    (0..items.len())
+        .map(|i| {
+            i > 0
+                && secs(&items[i]).is_some()
+                && secs(&items[i - 1]).is_some()
+                && secs(&items[i]) != secs(&items[i - 1])
+                && run_of[i] >= MIN_RUN
+                && run_of[i - 1] >= MIN_RUN
+        })
+        .collect()
 }
 
 /// Server side, one per connection: the dictionary the client defined.
@@ -915,6 +947,49 @@ mod tests {
         );
         let body = &encode(&hello)[HEADER_LEN..];
         assert_eq!(body, b"\x04gw-1\x07\x01\x01\x2a\x06ef/0.1");
+    }
+
+    #[test]
+    fn long_runs_of_one_window_length_get_their_own_packed_group() {
+        let item = |series: usize, secs: u32| {
+            let mut agg = Aggregate::new();
+            agg.add(21.5, 1_764_000_000_000);
+            OutboxItem::Aggregate {
+                series: SeriesInfo {
+                    key: format!("t{{d={series}}}"),
+                    metric: "t".into(),
+                    tags: BTreeMap::from([("d".to_string(), series.to_string())]),
+                },
+                window_start_ms: 1_764_000_000_000,
+                window_secs: secs,
+                version: 1,
+                agg,
+            }
+        };
+        let groups = |items: Vec<OutboxItem>| {
+            let batch = OutboxBatch {
+                kind: BatchKind::Aggregates,
+                created_ms: 1_764_000_070_000,
+                items,
+            };
+            let mut enc = DictEncoder::new();
+            let mut dec = DictDecoder::new();
+            let (dict, frame) = enc.encode_batch(1, &batch);
+            let (Some(Frame::Dict(dict)), Frame::Batch(b)) = (dict, frame) else {
+                panic!("expected a dictionary and a batch")
+            };
+            dec.apply(&dict).unwrap();
+            assert_eq!(dec.decode_batch(&b).unwrap(), batch.items, "order is kept");
+            b.items.len()
+        };
+        let long: Vec<OutboxItem> = (0..40)
+            .map(|s| item(s, if s < 20 { 10 } else { 60 }))
+            .collect();
+        assert_eq!(groups(long), 2);
+        // Short runs (corrections of a few windows) stay in one group: a group's column
+        // headers would cost more than mixing saves.
+        let short: Vec<OutboxItem> = (0..40).map(|s| item(s, [10, 60][s % 2])).collect();
+        assert_eq!(groups(short), 1);
     }
 
     #[test]
