@@ -10,14 +10,14 @@
 //! small integers:
 //!
 //! * the moments of an exact aggregate ([`Moments::Exact`]) are integers: `Σk` is sent as
-//!   `Σk − count·k_first` (a few units of the sensor's resolution per reading) and `Σk²` as
-//!   `W = Σk² − ⌈(Σk)² / n⌉` (`n` times the variance in those units); `Σk²` is recovered
-//!   exactly from `W`, `Σk` and `n`;
-//! * first/last/min/max are decimals at the aggregate's scale: `k_first`, then the others as
-//!   differences from it;
+//!   the difference from `n·(k_first + k_last)/2` (a few units of the sensor's resolution) and
+//!   `Σk²` as `W = Σk² − ⌈(Σk)² / n⌉` (`n` times the variance in those units); `Σk²` is
+//!   recovered exactly from `W`, `Σk` and `n`;
+//! * first/last/min/max are decimals at the aggregate's scale: `k_first`, `k_last − k_first`,
+//!   and min/max as differences from `min(k_first, k_last)` / `max(k_first, k_last)`;
 //! * sketch stores are sent as their length and the distance of their highest bin from the
 //!   bin of `max` (`|min|` for the negative store), which is `0`, then one column of all bin
-//!   counts.
+//!   counts but each aggregate's last, which its count implies.
 //!
 //! Each column is **frame-of-reference bit-packed**: its minimum (`base`), the bit width of
 //! `max − min`, then every row's `value − base` in exactly that many bits. Aggregates that
@@ -674,5 +674,36 @@ mod tests {
         let mut bytes = encode(&[row(1, 0, &[(1.0 / 3.0, 0)])], 0);
         bytes.push(0);
         assert!(decode(&bytes, 0).is_err());
+    }
+}
+
+#[cfg(test)]
+mod worked_example {
+    use super::*;
+    use crate::process::aggregate::Aggregate;
+
+    /// docs/PROTOCOL.md §9, "A packed group".
+    #[test]
+    fn matches_the_documented_example() {
+        let start = 1_764_000_000_000;
+        let mut agg = Aggregate::new();
+        for (v, t) in [(21.5, 0), (21.25, 1000), (20.0, 2000)] {
+            agg.add(v, start + t);
+        }
+        let row = Row {
+            series: 0,
+            window_start_ms: start,
+            window_secs: 10,
+            version: 1,
+            agg: agg.to_parts(),
+        };
+        let bytes = encode(std::slice::from_ref(&row), start + 12_000);
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "01030008085070010a288080000306000060007d8001020c10a081190224ac04000000003820033ca0\
+             930100000814000000000020002001"
+        );
+        assert_eq!(decode(&bytes, start + 12_000).unwrap(), vec![row]);
     }
 }
