@@ -76,9 +76,16 @@ pub fn decimal_of(v: f64) -> Option<(i64, u8)> {
         if x.abs() > MAX_MANTISSA as f64 {
             return None;
         }
-        // |x| <= 2^53, so the cast is lossless. The product is rounded, which can put it
-        // one unit away from the mantissa near 2^53: try the neighbours too.
-        let k = x.round() as i64;
+        let k = x.round();
+        // If v is the decimal k·10^-scale, the rounded product is within a few ulps of k
+        // (relative error ~2^-52): anything farther cannot pass the exact test below, which
+        // saves its divisions for the scales that are not it (this runs once per reading).
+        if (x - k).abs() > x.abs() * f64::EPSILON * 4.0 {
+            continue;
+        }
+        // |x| <= 2^53, so the cast is lossless. Near 2^53 the product's rounding can put it
+        // one unit away from the mantissa: try the neighbours too.
+        let k = k as i64;
         for k in [k, k - 1, k + 1] {
             if k.abs() <= MAX_MANTISSA && decimal_value(k, scale).to_bits() == v.to_bits() {
                 return Some((k, scale));
