@@ -156,8 +156,11 @@ pub struct DictWire {
     pub strings: Vec<String>,
     /// `(id, metric, [(tag key, tag value)])`, strings as indices into `strings`, tags in
     /// ascending key order.
-    pub entries: Vec<(u32, u32, Vec<(u32, u32)>)>,
+    pub entries: Vec<DictWireEntry>,
 }
+
+/// `(series id, metric, [(tag key, tag value)])` of a [`DictWire`], strings as indices.
+pub type DictWireEntry = (u32, u32, Vec<(u32, u32)>);
 
 impl From<Dict> for DictWire {
     fn from(d: Dict) -> DictWire {
