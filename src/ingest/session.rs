@@ -112,7 +112,7 @@ pub async fn run(
     client_id: String,
     params: IngestParams,
     journal: Journal,
-    out: mpsc::Sender<Committed>,
+    out: mpsc::Sender<Vec<Committed>>,
     publications: mpsc::Receiver<super::Publication>,
     status: Arc<IngestStatus>,
     ready: watch::Sender<bool>,
@@ -676,7 +676,7 @@ impl Committer {
         &mut self,
         mut rx: mpsc::Receiver<Incoming>,
         ack_tx: mpsc::UnboundedSender<Vec<AckRequest>>,
-        out: mpsc::Sender<Committed>,
+        out: mpsc::Sender<Vec<Committed>>,
         cfg: &MqttConfig,
         progress: &AtomicU64,
     ) -> Result<(), IngestError> {
@@ -710,46 +710,29 @@ impl Committer {
             };
             let Some(first) = first else { break };
             group.push(first);
-            let deadline = tokio::time::Instant::now() + cfg.commit_interval;
+            // Gather the group: take whatever is queued at once (`recv_many`), one timer for
+            // the whole group rather than one per message.
+            let deadline = tokio::time::sleep(cfg.commit_interval);
+            tokio::pin!(deadline);
             while group.len() < cfg.commit_max {
+                let room = cfg.commit_max - group.len();
                 tokio::select! {
-                    m = rx.recv() => match m {
-                        Some(m) => group.push(m),
-                        None => { closed = true; break; }
-                    },
-                    _ = tokio::time::sleep_until(deadline) => break,
+                    n = rx.recv_many(&mut group, room) => if n == 0 { closed = true; break; },
+                    _ = &mut deadline => break,
                 }
             }
-            let mut appended = 0usize;
-            let mut oldest = None;
-            for m in group.drain(..) {
-                oldest.get_or_insert(m.received_at);
-                if let Some(entry) = self.accept(&m, &mut readings) {
-                    let lsn = tokio::task::block_in_place(|| self.journal.append(&entry))?;
-                    self.recent.insert(entry.dedup);
-                    committed.push(Committed {
-                        lsn,
-                        entry,
-                        received_at: Some(m.received_at),
-                    });
-                    appended += 1;
-                }
-                acks.push(AckRequest {
-                    generation: m.generation,
-                    pkid: m.pkid,
-                    qos: m.qos,
-                });
-                permits.push(m.permit);
-            }
-            if appended > 0 {
-                tokio::task::block_in_place(|| self.journal.sync())?;
-                self.commits += 1;
-                if self.crash_after_commits == Some(self.commits) {
-                    // Failpoint (tests only): die in the narrowest window of the chain, after
-                    // the journal is durable and before any acknowledgement left.
-                    std::process::abort();
-                }
-            }
+            // Decode, append and sync the whole group in one `block_in_place`: each call
+            // hands this worker's core to another thread, which is far too dear per message.
+            let oldest = group.first().map(|m| m.received_at);
+            tokio::task::block_in_place(|| {
+                self.commit_group(
+                    &mut group,
+                    &mut readings,
+                    &mut committed,
+                    &mut acks,
+                    &mut permits,
+                )
+            })?;
             if self.dups_in_group > 0 {
                 tracing::info!(
                     "dropped {} redelivered message(s) already in the journal (duplicates dropped)",
@@ -774,13 +757,60 @@ impl Committer {
                 let now = now_ms();
                 live.offer(now, committed.iter().flat_map(|c| &c.entry.readings));
             }
-            for c in committed.drain(..) {
-                let n = c.entry.readings.len() as u64;
-                if out.send(c).await.is_err() {
+            if !committed.is_empty() {
+                // One hand-off per group, not per record.
+                let n: u64 = committed
+                    .iter()
+                    .map(|c| c.entry.readings.len() as u64)
+                    .sum();
+                let batch = std::mem::replace(&mut committed, Vec::with_capacity(cfg.commit_max));
+                if out.send(batch).await.is_err() {
                     // Processing stopped (shutdown); the journal has it, replay will see it.
                 } else {
                     self.status.readings.fetch_add(n, Ordering::Relaxed);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Journals a gathered group and makes it durable: decode and append every message
+    /// (acknowledgements and permits are collected for all of them, rejected ones included),
+    /// then one `fdatasync`. Blocking: called inside `block_in_place`.
+    fn commit_group(
+        &mut self,
+        group: &mut Vec<Incoming>,
+        readings: &mut Vec<Reading>,
+        committed: &mut Vec<Committed>,
+        acks: &mut Vec<AckRequest>,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+    ) -> Result<(), IngestError> {
+        let mut appended = 0usize;
+        for m in group.drain(..) {
+            if let Some(entry) = self.accept(&m, readings) {
+                let lsn = self.journal.append(&entry)?;
+                self.recent.insert(entry.dedup);
+                committed.push(Committed {
+                    lsn,
+                    entry,
+                    received_at: Some(m.received_at),
+                });
+                appended += 1;
+            }
+            acks.push(AckRequest {
+                generation: m.generation,
+                pkid: m.pkid,
+                qos: m.qos,
+            });
+            permits.push(m.permit);
+        }
+        if appended > 0 {
+            self.journal.sync()?;
+            self.commits += 1;
+            if self.crash_after_commits == Some(self.commits) {
+                // Failpoint (tests only): die in the narrowest window of the chain, after
+                // the journal is durable and before any acknowledgement left.
+                std::process::abort();
             }
         }
         Ok(())
