@@ -189,6 +189,7 @@ pub async fn run(
                 live: params.live.map(crate::live::ReadingSampler::new),
                 commits: 0,
                 dups_in_group: 0,
+                key_buf: String::new(),
                 crash_after_commits: std::env::var(FAILPOINT_ENV)
                     .ok()
                     .and_then(|v| v.parse().ok()),
@@ -397,8 +398,7 @@ async fn poll_loop(
                     .await;
                     continue;
                 }
-                let topic = p.topic.as_str();
-                let subscription = filters.iter().position(|f| topic_matches(f, topic));
+                let subscription = filters.iter().position(|f| topic_matches(f, &p.topic));
                 let Some(permit) = acquire(&permits, &shutdown).await else {
                     in_tx = None;
                     continue;
@@ -408,7 +408,7 @@ async fn poll_loop(
                     pkid: p.pkid,
                     qos: p.qos,
                     dup: p.dup,
-                    topic: topic.to_string(),
+                    topic: p.topic,
                     payload: p.payload,
                     received_ms: now_ms(),
                     received_at: Instant::now(),
@@ -523,6 +523,15 @@ async fn forward(
     incoming: Incoming,
 ) {
     let Some(tx) = in_tx.as_ref() else { return };
+    // Almost always there is room: skip the select! (and its cancellation waiter).
+    let incoming = match tx.try_send(incoming) {
+        Ok(()) => return,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            *in_tx = None;
+            return;
+        }
+        Err(mpsc::error::TrySendError::Full(m)) => m,
+    };
     tokio::select! {
         r = tx.send(incoming) => if r.is_err() { *in_tx = None; },
         _ = shutdown.cancelled() => { *in_tx = None; }
@@ -624,14 +633,14 @@ impl SeriesGuard {
         Self { max, known: k }
     }
 
-    fn admit(&mut self, key: String) -> bool {
-        if self.known.contains(&key) {
+    fn admit(&mut self, key: &str) -> bool {
+        if self.known.contains(key) {
             return true;
         }
         if self.known.len() >= self.max {
             return false;
         }
-        self.known.insert(key);
+        self.known.insert(key.to_owned());
         true
     }
 }
@@ -656,6 +665,8 @@ struct Committer {
     commits: u64,
     dups_in_group: u64,
     crash_after_commits: Option<u64>,
+    /// Scratch buffer for series keys.
+    key_buf: String,
 }
 
 /// Test failpoint: `EDGEFERRY_FAILPOINT_CRASH_AFTER_COMMITS=N` aborts the process right after
@@ -867,7 +878,10 @@ impl Committer {
         }
         let mut kept = Vec::with_capacity(readings.len());
         for r in readings.drain(..) {
-            if self.series.admit(r.series_key()) {
+            // The key is built in a reused buffer: only a new series allocates.
+            self.key_buf.clear();
+            crate::model::write_series_key(&mut self.key_buf, &r.metric, &r.tags);
+            if self.series.admit(&self.key_buf) {
                 kept.push(r);
             } else {
                 metrics::counter!("edgeferry_ingest_rejected_total", "reason" => "too_many_series")
@@ -950,9 +964,9 @@ mod tests {
     #[test]
     fn series_guard_admits_known_series_beyond_the_limit_but_no_new_ones() {
         let mut g = SeriesGuard::new(2, vec!["a".into()]);
-        assert!(g.admit("b".into()));
-        assert!(!g.admit("c".into()));
-        assert!(g.admit("a".into()));
-        assert!(g.admit("b".into()));
+        assert!(g.admit("b"));
+        assert!(!g.admit("c"));
+        assert!(g.admit("a"));
+        assert!(g.admit("b"));
     }
 }

@@ -165,6 +165,8 @@ pub struct Processor {
     lag_histogram: metrics::Histogram,
     /// Time to apply one record (rules, windows).
     apply_histogram: metrics::Histogram,
+    /// Scratch buffer for series keys.
+    key_buf: String,
 }
 
 impl Processor {
@@ -240,6 +242,7 @@ impl Processor {
             last_close_ms: i64::MIN / 2,
             lag_histogram: metrics::histogram!("edgeferry_process_lag_seconds"),
             apply_histogram: metrics::histogram!("edgeferry_process_seconds"),
+            key_buf: String::new(),
         };
         // Rule configuration may have changed: keep state of rules that still exist (alerts of
         // removed rules are cleared, and those clears forwarded like any alert).
@@ -352,26 +355,29 @@ impl Processor {
         self.state.clock_ms = self.state.clock_ms.max(c.entry.received_ms);
         let now = self.state.clock_ms;
         for r in &c.entry.readings {
-            let key = r.series_key();
-            if !self.state.series.contains_key(&key) {
+            // The key is built in a reused buffer: only a new series allocates.
+            self.key_buf.clear();
+            crate::model::write_series_key(&mut self.key_buf, &r.metric, &r.tags);
+            let key = self.key_buf.as_str();
+            if !self.state.series.contains_key(key) {
                 self.shared
                     .status
                     .series
                     .store(self.state.series.len() as u64 + 1, Ordering::Relaxed);
                 self.state.series.insert(
-                    key.clone(),
+                    key.to_owned(),
                     SeriesInfo {
-                        key: key.clone(),
+                        key: key.to_owned(),
                         metric: r.metric.clone(),
                         tags: r.tags.clone(),
                     },
                 );
             }
-            let info = &self.state.series[&key];
+            let info = &self.state.series[key];
             self.state
                 .rules
                 .on_reading(info, r.value, r.time_ms, now, &mut self.alerts);
-            match self.state.windows.apply(&key, r.value, r.time_ms, now) {
+            match self.state.windows.apply(key, r.value, r.time_ms, now) {
                 window::Applied::TooLate => {
                     metrics::counter!("edgeferry_process_too_late_total").increment(1);
                     if let Some(n) = self.log_limit.check("too_late") {
