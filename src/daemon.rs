@@ -162,7 +162,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
 
     let status = Arc::new(IngestStatus::default());
     let progress = Arc::new(AtomicU64::new(crate::ingest::now_ms() as u64));
-    let (tx, rx) = mpsc::channel(4096);
+    // Committed records go to processing one commit group per message; a few groups in
+    // flight (each at most `mqtt.commit_max` records).
+    let (tx, rx) = mpsc::channel(4);
     let (ready_tx, mut ready_rx) = watch::channel(false);
     let forward_status = Arc::new(crate::forward::ForwardStatus::default());
 

@@ -6,7 +6,6 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 /// One decoded measurement from a sensor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +31,13 @@ impl Reading {
 /// See [`Reading::series_key`].
 pub fn series_key(metric: &str, tags: &BTreeMap<String, String>) -> String {
     let mut s = String::with_capacity(metric.len() + 16 * tags.len());
+    write_series_key(&mut s, metric, tags);
+    s
+}
+
+/// Appends the series key (see [`Reading::series_key`]) to `s`: lets hot paths reuse one
+/// buffer instead of allocating a key per reading.
+pub fn write_series_key(s: &mut String, metric: &str, tags: &BTreeMap<String, String>) {
     s.push_str(metric);
     if !tags.is_empty() {
         s.push('{');
@@ -39,11 +45,12 @@ pub fn series_key(metric: &str, tags: &BTreeMap<String, String>) -> String {
             if i > 0 {
                 s.push(',');
             }
-            let _ = write!(s, "{k}={v}");
+            s.push_str(k);
+            s.push('=');
+            s.push_str(v);
         }
         s.push('}');
     }
-    s
 }
 
 #[cfg(test)]

@@ -645,7 +645,7 @@ impl Decoder {
         if text.trim().is_empty() {
             return Err(Reject::EmptyPayload);
         }
-        let msg = Msg {
+        let mut msg = Msg {
             topic,
             metric,
             tags,
@@ -653,8 +653,8 @@ impl Decoder {
         };
         let start = out.len();
         let result = match self.format {
-            Format::Number => self.decode_number(text, &msg, out),
-            Format::Json => self.decode_json(text, &msg, out),
+            Format::Number => self.decode_number(text, &mut msg, out),
+            Format::Json => self.decode_json(text, &mut msg, out),
             Format::Senml => decode_senml(text, &msg, out),
         };
         if result.is_err() {
@@ -664,9 +664,10 @@ impl Decoder {
     }
 
     /// The metric name for single-value payloads (number, json with `value`, bare JSON).
-    fn single_metric(&self, msg: &Msg<'_>) -> String {
-        if let Some(m) = &msg.metric {
-            return m.clone();
+    /// Takes the captured metric out of `msg` (one reading per message on these paths).
+    fn single_metric(&self, msg: &mut Msg<'_>) -> String {
+        if let Some(m) = msg.metric.take() {
+            return m;
         }
         if let Some(p) = &self.value {
             return p.last().to_string();
@@ -682,41 +683,49 @@ impl Decoder {
     fn decode_number(
         &self,
         text: &str,
-        msg: &Msg<'_>,
+        msg: &mut Msg<'_>,
         out: &mut Vec<Reading>,
     ) -> Result<(), Reject> {
         let value = parse_number(text)?;
         out.push(Reading {
             metric: self.single_metric(msg),
-            tags: msg.tags.clone(),
+            tags: std::mem::take(&mut msg.tags),
             value,
             time_ms: msg.arrival_ms,
         });
         Ok(())
     }
 
-    fn decode_json(&self, text: &str, msg: &Msg<'_>, out: &mut Vec<Reading>) -> Result<(), Reject> {
-        let root = parse_json(text)?;
+    fn decode_json(
+        &self,
+        text: &str,
+        msg: &mut Msg<'_>,
+        out: &mut Vec<Reading>,
+    ) -> Result<(), Reject> {
         if let Some(path) = &self.value {
-            let v = path.lookup(&root).ok_or_else(|| Reject::MissingField {
+            // The common case (`value` and maybe `timestamp` configured): pick the two
+            // fields in one pass instead of building a `Value` tree of the whole payload.
+            let [v, ts] = pick_json(text, path, self.timestamp.as_ref())?;
+            let v = v.ok_or_else(|| Reject::MissingField {
                 path: path.text.clone(),
             })?;
-            let value = json_scalar(v, &path.text)?;
-            let time_ms = self.json_time(&root, msg.arrival_ms)?;
+            let value = json_scalar(&v, &path.text)?;
+            let time_ms = self.time_from(ts.as_ref(), msg.arrival_ms)?;
             out.push(Reading {
                 metric: self.single_metric(msg),
-                tags: msg.tags.clone(),
+                tags: std::mem::take(&mut msg.tags),
                 value,
                 time_ms,
             });
             return Ok(());
         }
+        let root = parse_json(text)?;
         let Value::Object(map) = &root else {
             // A bare number or boolean is one reading; anything else is the wrong type.
             let value = json_scalar(&root, "")?;
             out.push(Reading {
                 metric: self.single_metric(msg),
-                tags: msg.tags.clone(),
+                tags: std::mem::take(&mut msg.tags),
                 value,
                 time_ms: msg.arrival_ms,
             });
@@ -763,10 +772,16 @@ impl Decoder {
     /// time when none is configured or the field is absent or `null` (devices without a
     /// synchronised clock commonly send `null`; that is "unknown", not "bad").
     fn json_time(&self, root: &Value, arrival_ms: i64) -> Result<i64, Reject> {
+        let found = self.timestamp.as_ref().and_then(|p| p.lookup(root));
+        self.time_from(found, arrival_ms)
+    }
+
+    /// [`Decoder::json_time`] given what was found at the timestamp path.
+    fn time_from(&self, found: Option<&Value>, arrival_ms: i64) -> Result<i64, Reject> {
         let Some(path) = &self.timestamp else {
             return Ok(arrival_ms);
         };
-        match path.lookup(root) {
+        match found {
             None | Some(Value::Null) => Ok(arrival_ms),
             Some(v) => parse_timestamp(v, &path.text),
         }
@@ -844,16 +859,186 @@ fn is_decimal_literal(s: &str) -> bool {
 /// infinite as f64) to `not_finite` rather than `malformed_json`: the document is
 /// well-formed, the value is just not representable.
 fn parse_json(text: &str) -> Result<Value, Reject> {
-    serde_json::from_str(text).map_err(|e| {
-        let detail = e.to_string();
-        if detail.starts_with("number out of range") {
-            Reject::NotFinite {
-                detail: format!("a JSON number is too large for a 64-bit float ({detail})"),
-            }
-        } else {
-            Reject::MalformedJson { detail }
+    serde_json::from_str(text).map_err(json_reject)
+}
+
+fn json_reject(e: serde_json::Error) -> Reject {
+    let detail = e.to_string();
+    if detail.starts_with("number out of range") {
+        Reject::NotFinite {
+            detail: format!("a JSON number is too large for a 64-bit float ({detail})"),
         }
-    })
+    } else {
+        Reject::MalformedJson { detail }
+    }
+}
+
+/// The values at the paths `a` and `b` of a JSON document, found in one pass without
+/// building a [`Value`] tree (which costs several allocations per message). The outcome is
+/// exactly that of [`parse_json`] followed by [`FieldPath::lookup`]: the whole document is
+/// still parsed, numbers included (so `1e400` anywhere is `not_finite`, and syntax errors
+/// carry the same messages), and of duplicate keys the last one counts. Arrays and objects
+/// found at a path come back empty: callers only need their kind.
+fn pick_json(
+    text: &str,
+    a: &FieldPath,
+    b: Option<&FieldPath>,
+) -> Result<[Option<Value>; 2], Reject> {
+    use serde::de::DeserializeSeed;
+    let want = [
+        Some(a.segments.as_slice()),
+        b.map(|p| p.segments.as_slice()),
+    ];
+    let mut de = serde_json::Deserializer::from_str(text);
+    let picked = Pick(want).deserialize(&mut de).map_err(json_reject)?;
+    de.end().map_err(json_reject)?;
+    Ok(picked)
+}
+
+/// For each of two paths: the segments still to descend at this node (`Some(&[])`: this
+/// node is the value wanted), or `None` when the path does not lead through this node.
+type Want<'p> = [Option<&'p [String]>; 2];
+
+/// Visits one JSON node on the way to the wanted values (see [`pick_json`]).
+struct Pick<'p>(Want<'p>);
+
+impl Pick<'_> {
+    /// The result for a node of this value: itself where a path ends here, `None` where a
+    /// path would have to descend further (it is not an object).
+    fn here(&self, make: impl Fn() -> Value) -> [Option<Value>; 2] {
+        self.0
+            .map(|w| w.filter(|rest| rest.is_empty()).map(|_| make()))
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Pick<'_> {
+    type Value = [Option<Value>; 2];
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Pick<'_> {
+    type Value = [Option<Value>; 2];
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(self.here(|| Value::Bool(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(self.here(|| Value::Number(v.into())))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(self.here(|| Value::Number(v.into())))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        // As serde_json's own `Value` visitor does.
+        Ok(self.here(|| serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(self.here(|| Value::String(v.to_owned())))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(self.here(|| Value::Null))
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(self.here(|| Value::Null))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element_seed(Skip)?.is_some() {}
+        Ok(self.here(|| Value::Array(Vec::new())))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = self.here(|| Value::Object(serde_json::Map::new()));
+        while let Some(into) = map.next_key_seed(Key(self.0))? {
+            if into == [false, false] {
+                map.next_value_seed(Skip)?;
+                continue;
+            }
+            let child: Want<'_> =
+                [0, 1].map(|i| self.0[i].filter(|_| into[i]).map(|rest| &rest[1..]));
+            let got = map.next_value_seed(Pick(child))?;
+            for (i, g) in got.into_iter().enumerate() {
+                if into[i] {
+                    out[i] = g; // a later duplicate key replaces an earlier one
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An object key: which of the paths continue into its value.
+struct Key<'p>(Want<'p>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key<'_> {
+    type Value = [bool; 2];
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Key<'_> {
+    type Value = [bool; 2];
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(self
+            .0
+            .map(|w| w.is_some_and(|rest| rest.first().is_some_and(|seg| seg == v))))
+    }
+}
+
+/// Parses and discards one JSON value, numbers included (unlike `IgnoredAny`, which does not
+/// check that a number fits an f64), so a skipped field is rejected exactly when the same
+/// field in a [`Value`] tree would be.
+struct Skip;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Skip {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Skip {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Skip)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key_seed(Skip)?.is_some() {
+            map.next_value_seed(Skip)?;
+        }
+        Ok(())
+    }
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -1807,6 +1992,73 @@ mod tests {
             let err = expect_reject(&d, "t", payload);
             assert_eq!(err.reason(), "not_finite", "{payload}: {err}");
             assert!(err.to_string().contains("too large"), "{err}");
+        }
+    }
+
+    /// `pick_json` must decide exactly like parsing a `Value` tree and looking the paths up.
+    #[test]
+    fn picking_fields_agrees_with_a_full_value_tree() {
+        fn shallow(v: &Value) -> Value {
+            match v {
+                Value::Array(_) => Value::Array(Vec::new()),
+                Value::Object(_) => Value::Object(serde_json::Map::new()),
+                other => other.clone(),
+            }
+        }
+        let payloads = [
+            r#"{"value":20.000123,"ts":1732870000000}"#,
+            r#"{"ts":"2024-05-01T12:00:00Z","value":true}"#,
+            r#"{"value":1,"value":2}"#,
+            r#"{"value":{"x":1},"value":3}"#,
+            r#"{"data":{"temperature":21.5,"ts":1700000000},"ts":null}"#,
+            r#"{"data":{"temperature":21.5},"data":5}"#,
+            r#"{"data":[1,2],"value":[{"a":1}]}"#,
+            r#"{"value":1,"other":1e400}"#,
+            r#"{"value":1e400}"#,
+            r#"{"value":-0,"ts":-1}"#,
+            r#"{"value":18446744073709551615,"ts":1.5e12}"#,
+            r#"{"va\u006cue":3,"t\"s":1}"#,
+            r#"{"value":"21.5"}"#,
+            r#"{"value":null}"#,
+            r#"{"value":{}}"#,
+            r#"[1,{"value":2}]"#,
+            "21.5",
+            "null",
+            r#""text""#,
+            r#"{"value": 21.5"#,
+            r#"{"value": 1} trailing"#,
+            "{'value': 1}",
+            r#"{"value":1,"deep":[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]}"#,
+            &format!(r#"{{"value":1,"deep":{}}}"#, "[".repeat(200)),
+            "",
+            " ",
+        ];
+        let paths = [
+            ("value", None),
+            ("value", Some("ts")),
+            ("data.temperature", Some("data.ts")),
+            ("data.temperature", Some("ts")),
+            ("value", Some("value")),
+            ("data", Some("data.temperature")),
+            ("t\"s", Some("value")),
+        ];
+        for (v, t) in paths {
+            let a = FieldPath::parse("value", v).unwrap();
+            let b = t.map(|t| FieldPath::parse("timestamp", t).unwrap());
+            for payload in payloads {
+                let fast = pick_json(payload, &a, b.as_ref());
+                let slow = parse_json(payload).map(|root| {
+                    [
+                        a.lookup(&root).map(shallow),
+                        b.as_ref().and_then(|b| b.lookup(&root)).map(shallow),
+                    ]
+                });
+                assert_eq!(
+                    format!("{fast:?}"),
+                    format!("{slow:?}"),
+                    "paths {v:?}/{t:?}, payload {payload:?}"
+                );
+            }
         }
     }
 

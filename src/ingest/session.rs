@@ -112,7 +112,7 @@ pub async fn run(
     client_id: String,
     params: IngestParams,
     journal: Journal,
-    out: mpsc::Sender<Committed>,
+    out: mpsc::Sender<Vec<Committed>>,
     publications: mpsc::Receiver<super::Publication>,
     status: Arc<IngestStatus>,
     ready: watch::Sender<bool>,
@@ -189,6 +189,7 @@ pub async fn run(
                 live: params.live.map(crate::live::ReadingSampler::new),
                 commits: 0,
                 dups_in_group: 0,
+                key_buf: String::new(),
                 crash_after_commits: std::env::var(FAILPOINT_ENV)
                     .ok()
                     .and_then(|v| v.parse().ok()),
@@ -397,8 +398,7 @@ async fn poll_loop(
                     .await;
                     continue;
                 }
-                let topic = p.topic.as_str();
-                let subscription = filters.iter().position(|f| topic_matches(f, topic));
+                let subscription = filters.iter().position(|f| topic_matches(f, &p.topic));
                 let Some(permit) = acquire(&permits, &shutdown).await else {
                     in_tx = None;
                     continue;
@@ -408,7 +408,7 @@ async fn poll_loop(
                     pkid: p.pkid,
                     qos: p.qos,
                     dup: p.dup,
-                    topic: topic.to_string(),
+                    topic: p.topic,
                     payload: p.payload,
                     received_ms: now_ms(),
                     received_at: Instant::now(),
@@ -523,6 +523,15 @@ async fn forward(
     incoming: Incoming,
 ) {
     let Some(tx) = in_tx.as_ref() else { return };
+    // Almost always there is room: skip the select! (and its cancellation waiter).
+    let incoming = match tx.try_send(incoming) {
+        Ok(()) => return,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            *in_tx = None;
+            return;
+        }
+        Err(mpsc::error::TrySendError::Full(m)) => m,
+    };
     tokio::select! {
         r = tx.send(incoming) => if r.is_err() { *in_tx = None; },
         _ = shutdown.cancelled() => { *in_tx = None; }
@@ -624,14 +633,14 @@ impl SeriesGuard {
         Self { max, known: k }
     }
 
-    fn admit(&mut self, key: String) -> bool {
-        if self.known.contains(&key) {
+    fn admit(&mut self, key: &str) -> bool {
+        if self.known.contains(key) {
             return true;
         }
         if self.known.len() >= self.max {
             return false;
         }
-        self.known.insert(key);
+        self.known.insert(key.to_owned());
         true
     }
 }
@@ -656,6 +665,8 @@ struct Committer {
     commits: u64,
     dups_in_group: u64,
     crash_after_commits: Option<u64>,
+    /// Scratch buffer for series keys.
+    key_buf: String,
 }
 
 /// Test failpoint: `EDGEFERRY_FAILPOINT_CRASH_AFTER_COMMITS=N` aborts the process right after
@@ -676,7 +687,7 @@ impl Committer {
         &mut self,
         mut rx: mpsc::Receiver<Incoming>,
         ack_tx: mpsc::UnboundedSender<Vec<AckRequest>>,
-        out: mpsc::Sender<Committed>,
+        out: mpsc::Sender<Vec<Committed>>,
         cfg: &MqttConfig,
         progress: &AtomicU64,
     ) -> Result<(), IngestError> {
@@ -710,46 +721,29 @@ impl Committer {
             };
             let Some(first) = first else { break };
             group.push(first);
-            let deadline = tokio::time::Instant::now() + cfg.commit_interval;
+            // Gather the group: take whatever is queued at once (`recv_many`), one timer for
+            // the whole group rather than one per message.
+            let deadline = tokio::time::sleep(cfg.commit_interval);
+            tokio::pin!(deadline);
             while group.len() < cfg.commit_max {
+                let room = cfg.commit_max - group.len();
                 tokio::select! {
-                    m = rx.recv() => match m {
-                        Some(m) => group.push(m),
-                        None => { closed = true; break; }
-                    },
-                    _ = tokio::time::sleep_until(deadline) => break,
+                    n = rx.recv_many(&mut group, room) => if n == 0 { closed = true; break; },
+                    _ = &mut deadline => break,
                 }
             }
-            let mut appended = 0usize;
-            let mut oldest = None;
-            for m in group.drain(..) {
-                oldest.get_or_insert(m.received_at);
-                if let Some(entry) = self.accept(&m, &mut readings) {
-                    let lsn = tokio::task::block_in_place(|| self.journal.append(&entry))?;
-                    self.recent.insert(entry.dedup);
-                    committed.push(Committed {
-                        lsn,
-                        entry,
-                        received_at: Some(m.received_at),
-                    });
-                    appended += 1;
-                }
-                acks.push(AckRequest {
-                    generation: m.generation,
-                    pkid: m.pkid,
-                    qos: m.qos,
-                });
-                permits.push(m.permit);
-            }
-            if appended > 0 {
-                tokio::task::block_in_place(|| self.journal.sync())?;
-                self.commits += 1;
-                if self.crash_after_commits == Some(self.commits) {
-                    // Failpoint (tests only): die in the narrowest window of the chain, after
-                    // the journal is durable and before any acknowledgement left.
-                    std::process::abort();
-                }
-            }
+            // Decode, append and sync the whole group in one `block_in_place`: each call
+            // hands this worker's core to another thread, which is far too dear per message.
+            let oldest = group.first().map(|m| m.received_at);
+            tokio::task::block_in_place(|| {
+                self.commit_group(
+                    &mut group,
+                    &mut readings,
+                    &mut committed,
+                    &mut acks,
+                    &mut permits,
+                )
+            })?;
             if self.dups_in_group > 0 {
                 tracing::info!(
                     "dropped {} redelivered message(s) already in the journal (duplicates dropped)",
@@ -774,13 +768,60 @@ impl Committer {
                 let now = now_ms();
                 live.offer(now, committed.iter().flat_map(|c| &c.entry.readings));
             }
-            for c in committed.drain(..) {
-                let n = c.entry.readings.len() as u64;
-                if out.send(c).await.is_err() {
+            if !committed.is_empty() {
+                // One hand-off per group, not per record.
+                let n: u64 = committed
+                    .iter()
+                    .map(|c| c.entry.readings.len() as u64)
+                    .sum();
+                let batch = std::mem::replace(&mut committed, Vec::with_capacity(cfg.commit_max));
+                if out.send(batch).await.is_err() {
                     // Processing stopped (shutdown); the journal has it, replay will see it.
                 } else {
                     self.status.readings.fetch_add(n, Ordering::Relaxed);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Journals a gathered group and makes it durable: decode and append every message
+    /// (acknowledgements and permits are collected for all of them, rejected ones included),
+    /// then one `fdatasync`. Blocking: called inside `block_in_place`.
+    fn commit_group(
+        &mut self,
+        group: &mut Vec<Incoming>,
+        readings: &mut Vec<Reading>,
+        committed: &mut Vec<Committed>,
+        acks: &mut Vec<AckRequest>,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+    ) -> Result<(), IngestError> {
+        let mut appended = 0usize;
+        for m in group.drain(..) {
+            if let Some(entry) = self.accept(&m, readings) {
+                let lsn = self.journal.append(&entry)?;
+                self.recent.insert(entry.dedup);
+                committed.push(Committed {
+                    lsn,
+                    entry,
+                    received_at: Some(m.received_at),
+                });
+                appended += 1;
+            }
+            acks.push(AckRequest {
+                generation: m.generation,
+                pkid: m.pkid,
+                qos: m.qos,
+            });
+            permits.push(m.permit);
+        }
+        if appended > 0 {
+            self.journal.sync()?;
+            self.commits += 1;
+            if self.crash_after_commits == Some(self.commits) {
+                // Failpoint (tests only): die in the narrowest window of the chain, after
+                // the journal is durable and before any acknowledgement left.
+                std::process::abort();
             }
         }
         Ok(())
@@ -837,7 +878,10 @@ impl Committer {
         }
         let mut kept = Vec::with_capacity(readings.len());
         for r in readings.drain(..) {
-            if self.series.admit(r.series_key()) {
+            // The key is built in a reused buffer: only a new series allocates.
+            self.key_buf.clear();
+            crate::model::write_series_key(&mut self.key_buf, &r.metric, &r.tags);
+            if self.series.admit(&self.key_buf) {
                 kept.push(r);
             } else {
                 metrics::counter!("edgeferry_ingest_rejected_total", "reason" => "too_many_series")
@@ -920,9 +964,9 @@ mod tests {
     #[test]
     fn series_guard_admits_known_series_beyond_the_limit_but_no_new_ones() {
         let mut g = SeriesGuard::new(2, vec!["a".into()]);
-        assert!(g.admit("b".into()));
-        assert!(!g.admit("c".into()));
-        assert!(g.admit("a".into()));
-        assert!(g.admit("b".into()));
+        assert!(g.admit("b"));
+        assert!(!g.admit("c"));
+        assert!(g.admit("a"));
+        assert!(g.admit("b"));
     }
 }
