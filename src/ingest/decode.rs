@@ -2062,6 +2062,57 @@ mod tests {
         }
     }
 
+    /// Random JSON documents over the keys the paths use, duplicates and nesting included.
+    fn json_documents() -> impl Strategy<Value = String> {
+        let key = prop::sample::select(vec!["value", "ts", "data", "temperature", "x"]);
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            (-1e6f64..1e6).prop_map(|f| f.to_string()),
+            Just("1e400".to_string()),
+            "[a-z]{0,4}".prop_map(|t| format!("{t:?}")),
+        ];
+        leaf.prop_recursive(4, 32, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                prop::collection::vec((key.clone(), inner), 0..5).prop_map(|kv| {
+                    let fields: Vec<String> =
+                        kv.into_iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+                    format!("{{{}}}", fields.join(","))
+                }),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn picking_fields_agrees_with_a_full_value_tree_on_random_documents(
+            doc in json_documents(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            fn shallow(v: &Value) -> Value {
+                match v {
+                    Value::Array(_) => Value::Array(Vec::new()),
+                    Value::Object(_) => Value::Object(serde_json::Map::new()),
+                    other => other.clone(),
+                }
+            }
+            let a = FieldPath::parse("value", "data.temperature").unwrap();
+            let b = FieldPath::parse("timestamp", "ts").unwrap();
+            let truncated = &doc[..cut.index(doc.len() + 1)];
+            for text in [doc.as_str(), truncated] {
+                let fast = pick_json(text, &a, Some(&b));
+                let slow = parse_json(text).map(|root| {
+                    [a.lookup(&root).map(shallow), b.lookup(&root).map(shallow)]
+                });
+                prop_assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{}", text);
+            }
+        }
+    }
+
     #[test]
     fn json_malformed_payload_reports_serde_position() {
         let d = decoder(None, Format::Json, Some("v"), None);
