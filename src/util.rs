@@ -25,10 +25,18 @@ mod tests {
 
 /// Replaces `path` atomically with `bytes`: temp file, `fdatasync`, rename, directory `fsync`.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_parts(path, &[bytes])
+}
+
+/// [`write_atomic`] of the concatenation of `parts`, without building it in memory (a
+/// checkpoint is megabytes; a copy would double its memory peak).
+fn write_atomic_parts(path: &std::path::Path, parts: &[&[u8]]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
+    for part in parts {
+        f.write_all(part)?;
+    }
     f.sync_data()?;
     drop(f);
     std::fs::rename(&tmp, path)?;
@@ -47,13 +55,12 @@ pub fn write_framed(
     version: u16,
     body: &[u8],
 ) -> std::io::Result<()> {
-    let mut framed = Vec::with_capacity(18 + body.len());
-    framed.extend_from_slice(magic);
-    framed.extend_from_slice(&version.to_le_bytes());
-    framed.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    framed.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-    framed.extend_from_slice(body);
-    write_atomic(path, &framed)
+    let mut header = Vec::with_capacity(18);
+    header.extend_from_slice(magic);
+    header.extend_from_slice(&version.to_le_bytes());
+    header.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    header.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    write_atomic_parts(path, &[&header, body])
 }
 
 /// Checks the envelope written by [`write_framed`] and returns the body.

@@ -96,6 +96,37 @@ const CHECKPOINT_MAGIC: &[u8; 4] = b"EFCK";
 const CLOSE_EVERY_MS: i64 = 250;
 const CHECKPOINT_VERSION: u16 = 3;
 
+/// A serialized checkpoint on its way to disk (see [`Processor::begin_checkpoint`]).
+struct PendingCheckpoint {
+    path: std::path::PathBuf,
+    body: Vec<u8>,
+    applied_lsn: u64,
+}
+
+/// A checkpoint that is durable.
+struct WrittenCheckpoint {
+    bytes: usize,
+    applied_lsn: u64,
+    seconds: f64,
+}
+
+impl PendingCheckpoint {
+    /// Writes atomically (temp file, fdatasync, rename, directory fsync). Blocking.
+    fn write(self) -> Result<WrittenCheckpoint, ProcessError> {
+        let started = Instant::now();
+        crate::util::write_framed(&self.path, CHECKPOINT_MAGIC, CHECKPOINT_VERSION, &self.body)
+            .map_err(|source| ProcessError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(WrittenCheckpoint {
+            bytes: self.body.len(),
+            applied_lsn: self.applied_lsn,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
 /// Counters of the processing stage, shared with status.
 #[derive(Debug, Default)]
 pub struct ProcessStatus {
@@ -550,29 +581,45 @@ impl Processor {
     /// Syncs the outbox, writes the checkpoint atomically, then lets the forwarder send up to
     /// it and the journal be trimmed below it.
     pub fn checkpoint(&mut self) -> Result<(), ProcessError> {
+        let pending = self.begin_checkpoint()?;
+        let written = pending.write()?;
+        self.finish_checkpoint(written);
+        Ok(())
+    }
+
+    /// First half of a checkpoint, on the processing task: makes the outbox durable, records
+    /// its positions and serializes the state. What the checkpoint covers is fixed here; the
+    /// (slow) write can then happen elsewhere while records keep being applied.
+    fn begin_checkpoint(&mut self) -> Result<PendingCheckpoint, ProcessError> {
         {
             let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
             ob.sync()?;
             self.state.outbox_next = [ob.next_lsn(Lane::Aggregates), ob.next_lsn(Lane::Alerts)];
         }
         let body = postcard::to_stdvec(&self.state).expect("processing state always encodes");
-        crate::util::write_framed(&self.path, CHECKPOINT_MAGIC, CHECKPOINT_VERSION, &body)
-            .map_err(|source| ProcessError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        metrics::gauge!("edgeferry_checkpoint_bytes").set(body.len() as f64);
+        self.dirty = false;
+        self.appended = false;
+        Ok(PendingCheckpoint {
+            path: self.path.clone(),
+            body,
+            applied_lsn: self.state.applied_lsn,
+        })
+    }
+
+    /// Second half, once the checkpoint is durable: only now may the journal be trimmed below
+    /// it and the forwarder see the outbox batches it covers. (`state.outbox_next` is not
+    /// changed in between: one checkpoint is in flight at a time.)
+    fn finish_checkpoint(&mut self, written: WrittenCheckpoint) {
+        metrics::gauge!("edgeferry_checkpoint_bytes").set(written.bytes as f64);
+        metrics::histogram!("edgeferry_checkpoint_seconds").record(written.seconds);
         self.shared
             .trim_to
-            .store(self.state.applied_lsn, Ordering::Release);
+            .store(written.applied_lsn, Ordering::Release);
         self.publish_watermark();
         self.shared
             .status
             .series
             .store(self.state.series.len() as u64, Ordering::Relaxed);
-        self.dirty = false;
-        self.appended = false;
-        Ok(())
     }
 
     fn publish_watermark(&self) {
@@ -639,12 +686,23 @@ impl Processor {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_checkpoint = Instant::now();
+        // The checkpoint being written, if any. Writing (fdatasync of the whole state: a few
+        // MB with 10,000 series) happens on a blocking thread so that applying records, and
+        // with it the broker's acknowledgements, does not stall behind it.
+        let mut writing: Option<tokio::task::JoinHandle<Result<WrittenCheckpoint, ProcessError>>> =
+            None;
         loop {
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(group) => self.on_committed(group),
                     None => break,
                 },
+                done = async { writing.as_mut().expect("guarded by the condition").await },
+                    if writing.is_some() =>
+                {
+                    writing = None;
+                    self.finish_checkpoint(joined(done)?);
+                }
                 _ = tick.tick() => {
                     // Idle: let the wall clock close windows and silence rules fire
                     // (never moving the clock back).
@@ -661,18 +719,38 @@ impl Processor {
             }
             self.flush_batches(false)?;
             let since = last_checkpoint.elapsed();
-            if (self.dirty && since >= self.cfg.checkpoint_interval)
-                || (self.appended
-                    && since >= Duration::from_secs(1).min(self.cfg.checkpoint_interval))
+            if writing.is_none()
+                && ((self.dirty && since >= self.cfg.checkpoint_interval)
+                    || (self.appended
+                        && since >= Duration::from_secs(1).min(self.cfg.checkpoint_interval)))
             {
-                tokio::task::block_in_place(|| self.checkpoint())?;
+                let pending = tokio::task::block_in_place(|| self.begin_checkpoint())?;
+                writing = Some(tokio::task::spawn_blocking(move || pending.write()));
                 last_checkpoint = Instant::now();
             }
+        }
+        if let Some(w) = writing.take() {
+            self.finish_checkpoint(joined(w.await)?);
         }
         if self.dirty || self.appended {
             self.checkpoint()?;
         }
         Ok(())
+    }
+}
+
+/// The result of a checkpoint write task (it cannot panic: release builds abort on panic,
+/// and a test build's panic is re-raised here).
+fn joined(
+    r: Result<Result<WrittenCheckpoint, ProcessError>, tokio::task::JoinError>,
+) -> Result<WrittenCheckpoint, ProcessError> {
+    match r {
+        Ok(written) => written,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(ProcessError::Io {
+            path: "checkpoint".into(),
+            source: std::io::Error::other(e.to_string()),
+        }),
     }
 }
 
