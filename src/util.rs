@@ -13,6 +13,30 @@ pub fn rfc3339_ms(ms: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
+    #[test]
+    fn a_streamed_framed_file_reads_back_and_replaces_the_old_one_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.bin");
+        super::write_framed(&path, b"TEST", 3, b"old").unwrap();
+
+        let mut w = super::FramedWriter::create(&path, b"TEST", 3).unwrap();
+        let body: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        for chunk in body.chunks(777) {
+            w.write_all(chunk).unwrap();
+        }
+        let (staged, len) = w.finish().unwrap();
+        assert_eq!(len, body.len() as u64);
+        // Not committed (as after a crash right here): the old file is what a reader sees.
+        let old = std::fs::read(&path).unwrap();
+        assert_eq!(super::read_framed(&old, b"TEST", 3).unwrap(), b"old");
+        staged.commit().unwrap();
+        let new = std::fs::read(&path).unwrap();
+        assert_eq!(super::read_framed(&new, b"TEST", 3).unwrap(), &body[..]);
+        assert!(!path.with_extension("tmp").exists());
+    }
+
     #[test]
     fn formats_utc_with_milliseconds() {
         assert_eq!(
@@ -25,26 +49,107 @@ mod tests {
 
 /// Replaces `path` atomically with `bytes`: temp file, `fdatasync`, rename, directory `fsync`.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_atomic_parts(path, &[bytes])
+    use std::io::Write;
+    let mut f = StagingFile::create(path)?;
+    f.file.write_all(bytes)?;
+    f.commit()
 }
 
-/// [`write_atomic`] of the concatenation of `parts`, without building it in memory (a
-/// checkpoint is megabytes; a copy would double its memory peak).
-fn write_atomic_parts(path: &std::path::Path, parts: &[&[u8]]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    for part in parts {
-        f.write_all(part)?;
-    }
-    f.sync_data()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+/// A file being written next to `path` under a temporary name, to replace `path` atomically
+/// with [`StagingFile::commit`].
+pub struct StagingFile {
+    file: std::fs::File,
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
 }
+
+impl StagingFile {
+    fn create(path: &std::path::Path) -> std::io::Result<StagingFile> {
+        let tmp = path.with_extension("tmp");
+        Ok(StagingFile {
+            file: std::fs::File::create(&tmp)?,
+            tmp,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// `fdatasync`, rename over the target, `fsync` of the directory: afterwards a reader sees
+    /// the new file, and after a crash before it the old one. Blocking (the slow part).
+    pub fn commit(self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        drop(self.file);
+        std::fs::rename(&self.tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a file in the envelope of [`write_framed`] while its body is being produced (e.g.
+/// serialized straight into it), so a large body is never held in memory.
+pub struct FramedWriter {
+    out: std::io::BufWriter<StagingFile>,
+    crc: crc32fast::Hasher,
+    len: u64,
+    magic: [u8; 4],
+    version: u16,
+}
+
+impl std::io::Write for StagingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl FramedWriter {
+    /// Starts `path`'s replacement: a temporary file with room for the header.
+    pub fn create(path: &std::path::Path, magic: &[u8; 4], version: u16) -> std::io::Result<Self> {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::with_capacity(64 * 1024, StagingFile::create(path)?);
+        out.write_all(&[0; FRAME_HEADER])?;
+        Ok(FramedWriter {
+            out,
+            crc: crc32fast::Hasher::new(),
+            len: 0,
+            magic: *magic,
+            version,
+        })
+    }
+
+    /// Fills in the header. The file is complete but not yet durable nor in place:
+    /// [`StagingFile::commit`] does that. Returns it and the body length.
+    pub fn finish(self) -> std::io::Result<(StagingFile, u64)> {
+        use std::io::{Seek, Write};
+        let mut staged = self.out.into_inner().map_err(|e| e.into_error())?;
+        let mut header = Vec::with_capacity(FRAME_HEADER);
+        header.extend_from_slice(&self.magic);
+        header.extend_from_slice(&self.version.to_le_bytes());
+        header.extend_from_slice(&self.len.to_le_bytes());
+        header.extend_from_slice(&self.crc.finalize().to_le_bytes());
+        staged.file.seek(std::io::SeekFrom::Start(0))?;
+        staged.file.write_all(&header)?;
+        Ok((staged, self.len))
+    }
+}
+
+impl std::io::Write for FramedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Length of the envelope header: magic, version, body length, CRC32.
+const FRAME_HEADER: usize = 4 + 2 + 8 + 4;
 
 /// Writes `body` to `path` atomically inside a small envelope (magic, version, length, CRC32):
 /// temp file, `fdatasync`, rename, directory `fsync`. A reader sees the old or the new file,
@@ -55,12 +160,10 @@ pub fn write_framed(
     version: u16,
     body: &[u8],
 ) -> std::io::Result<()> {
-    let mut header = Vec::with_capacity(18);
-    header.extend_from_slice(magic);
-    header.extend_from_slice(&version.to_le_bytes());
-    header.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    header.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-    write_atomic_parts(path, &[&header, body])
+    use std::io::Write;
+    let mut w = FramedWriter::create(path, magic, version)?;
+    w.write_all(body)?;
+    w.finish()?.0.commit()
 }
 
 /// Checks the envelope written by [`write_framed`] and returns the body.

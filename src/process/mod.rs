@@ -96,31 +96,32 @@ const CHECKPOINT_MAGIC: &[u8; 4] = b"EFCK";
 const CLOSE_EVERY_MS: i64 = 250;
 const CHECKPOINT_VERSION: u16 = 3;
 
-/// A serialized checkpoint on its way to disk (see [`Processor::begin_checkpoint`]).
+/// A checkpoint written to its temporary file, on its way to being durable and in place
+/// (see [`Processor::begin_checkpoint`]).
 struct PendingCheckpoint {
+    staged: crate::util::StagingFile,
     path: std::path::PathBuf,
-    body: Vec<u8>,
+    bytes: u64,
     applied_lsn: u64,
 }
 
 /// A checkpoint that is durable.
 struct WrittenCheckpoint {
-    bytes: usize,
+    bytes: u64,
     applied_lsn: u64,
     seconds: f64,
 }
 
 impl PendingCheckpoint {
-    /// Writes atomically (temp file, fdatasync, rename, directory fsync). Blocking.
+    /// Makes it durable and puts it in place (fdatasync, rename, directory fsync). Blocking.
     fn write(self) -> Result<WrittenCheckpoint, ProcessError> {
         let started = Instant::now();
-        crate::util::write_framed(&self.path, CHECKPOINT_MAGIC, CHECKPOINT_VERSION, &self.body)
-            .map_err(|source| ProcessError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+        self.staged.commit().map_err(|source| ProcessError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
         Ok(WrittenCheckpoint {
-            bytes: self.body.len(),
+            bytes: self.bytes,
             applied_lsn: self.applied_lsn,
             seconds: started.elapsed().as_secs_f64(),
         })
@@ -588,7 +589,7 @@ impl Processor {
     }
 
     /// First half of a checkpoint, on the processing task: makes the outbox durable, records
-    /// its positions and serializes the state. What the checkpoint covers is fixed here; the
+    /// its positions and serializes the state into the checkpoint's temporary file. What the checkpoint covers is fixed here; the
     /// (slow) write can then happen elsewhere while records keep being applied.
     fn begin_checkpoint(&mut self) -> Result<PendingCheckpoint, ProcessError> {
         {
@@ -596,12 +597,23 @@ impl Processor {
             ob.sync()?;
             self.state.outbox_next = [ob.next_lsn(Lane::Aggregates), ob.next_lsn(Lane::Alerts)];
         }
-        let body = postcard::to_stdvec(&self.state).expect("processing state always encodes");
+        // Serialized straight into the file (page cache): the state can be megabytes, and a
+        // copy in memory would double the process's peak.
+        let io = |source| ProcessError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut out =
+            crate::util::FramedWriter::create(&self.path, CHECKPOINT_MAGIC, CHECKPOINT_VERSION)
+                .map_err(io)?;
+        postcard::to_io(&self.state, &mut out).map_err(|e| io(std::io::Error::other(e)))?;
+        let (staged, bytes) = out.finish().map_err(io)?;
         self.dirty = false;
         self.appended = false;
         Ok(PendingCheckpoint {
+            staged,
             path: self.path.clone(),
-            body,
+            bytes,
             applied_lsn: self.state.applied_lsn,
         })
     }
