@@ -727,7 +727,21 @@ fn edgeferry_live(
 /// or clears an alert; a separate subscriber receives the alerts from the broker and measures
 /// arrival − the triggering reading's publish time (the alert's `time`). Returns the sorted
 /// latencies (ms) and how many alerts were expected.
-fn alert_latency(broker: &Mosquitto, rate: usize, secs: f64) -> (Vec<i64>, usize) {
+/// What edgeferry itself measured in the alert phase (from `/metrics`), to tell its own
+/// delays from the broker's and the watching client's.
+#[derive(Default)]
+struct AlertInside {
+    /// receive → alert handed to the MQTT client, p50 / p99 (s).
+    handed: (Option<f64>, Option<f64>),
+    /// Local alert publications dropped because the queue was full.
+    dropped: Option<f64>,
+    /// Checkpoint write (fdatasync, rename, directory fsync), p99 and max (s).
+    checkpoint: (Option<f64>, Option<f64>),
+    /// receive → durable commit, p99 (s).
+    commit_p99: Option<f64>,
+}
+
+fn alert_latency(broker: &Mosquitto, rate: usize, secs: f64) -> (Vec<i64>, usize, AlertInside) {
     let mut gw = bench_gateway(broker, "bench-alerts", 20_000);
     let mut cfg = std::fs::read_to_string(&gw.config).unwrap();
     cfg.push_str(
@@ -735,6 +749,7 @@ fn alert_latency(broker: &Mosquitto, rate: usize, secs: f64) -> (Vec<i64>, usize
     );
     std::fs::write(&gw.config, cfg).unwrap();
     gw.start();
+    let metrics = Metrics::of(&gw);
     let lat = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let l2 = lat.clone();
     let port = broker.port;
@@ -796,11 +811,24 @@ fn alert_latency(broker: &Mosquitto, rate: usize, secs: f64) -> (Vec<i64>, usize
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(p);
+    let text = metrics.scrape().unwrap_or_default();
+    let inside = AlertInside {
+        handed: (
+            quantile(&text, "edgeferry_alert_latency_seconds", "0.5"),
+            quantile(&text, "edgeferry_alert_latency_seconds", "0.99"),
+        ),
+        dropped: metric_sum(&text, "edgeferry_alerts_publish_dropped_total"),
+        checkpoint: (
+            quantile(&text, "edgeferry_checkpoint_seconds", "0.99"),
+            quantile(&text, "edgeferry_checkpoint_seconds", "1"),
+        ),
+        commit_p99: quantile(&text, "edgeferry_ingest_commit_seconds", "0.99"),
+    };
     let _ = gw.stop();
     let _ = watcher.join();
     let mut v = lat.lock().unwrap().clone();
     v.sort_unstable();
-    (v, want)
+    (v, want, inside)
 }
 
 fn main() {
@@ -858,7 +886,7 @@ fn main() {
     println!(
         "[6/6] publish → alert at {alert_rate} readings/s (every reading raises or clears) for {secs} s"
     );
-    let (alert_lat, alerts_expected) = alert_latency(&broker, alert_rate, secs);
+    let (alert_lat, alerts_expected, inside) = alert_latency(&broker, alert_rate, secs);
 
     // ---- report
     let ms = |s: Option<f64>| {
@@ -956,6 +984,15 @@ fn main() {
         fmt_ms(alert_lat.last().copied()),
         alert_lat.len(),
         alerts_expected
+    );
+    println!(
+        "| alert phase inside edgeferry (/metrics): receive → alert handed to the MQTT client p50 / p99; receive → commit p99; local alerts dropped (queue full); checkpoint write p99 / max | {} / {}; {}; {}; {} / {} |",
+        ms(inside.handed.0),
+        ms(inside.handed.1),
+        ms(inside.commit_p99),
+        inside.dropped.map_or("0".into(), |d| format!("{d:.0}")),
+        ms(inside.checkpoint.0),
+        ms(inside.checkpoint.1),
     );
     println!();
     let goal = |ok: bool| if ok { "met" } else { "NOT met" };
