@@ -140,6 +140,7 @@ const EXIT_CONFIG: u8 = 1;
 const EXIT_RUNTIME: u8 = 2;
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     edgeferry::tls::install_default_provider();
     match cli.command {
@@ -440,3 +441,23 @@ fn status(cfg: &Config, json: bool) -> ExitCode {
         ExitCode::from(3)
     }
 }
+
+/// glibc keeps up to 8 malloc arenas per core and hands them to whichever thread allocates;
+/// tokio moves work between worker and blocking threads, so freed memory piles up in many
+/// arenas. Measured (`cargo bench --bench ingest`, 10,000 series at 10,000 readings/s): peak
+/// RSS 35–73 MiB over five runs with the default, 37.1 and 37.6 MiB with two arenas, at the
+/// same throughput. An explicit `MALLOC_ARENA_MAX` in the environment wins. (musl, the ARM
+/// release target, has no arenas; this is compiled for glibc only.)
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; it is called first thing in
+        // main, before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
