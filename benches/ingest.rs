@@ -666,6 +666,8 @@ struct LiveResult {
     lat: Vec<i64>,
     commit_p50: Option<f64>,
     commit_p99: Option<f64>,
+    /// Poll-loop waits over 250 ms (`edgeferry_ingest_poll_stalls_total`).
+    poll_stalls: Option<f64>,
     peak_rss_kib: u64,
     hwm_kib: u64,
 }
@@ -717,16 +719,12 @@ fn edgeferry_live(
         lat,
         commit_p50,
         commit_p99,
+        poll_stalls: metric_sum(&text, "edgeferry_ingest_poll_stalls_total"),
         peak_rss_kib: peak,
         hwm_kib: hwm,
     }
 }
 
-/// Publish → alert latency: readings at `rate`/s whose values cross an `above = 80,
-/// clear_below = 75` rule on every reading of a series (90, 70, 90, ...), so each reading raises
-/// or clears an alert; a separate subscriber receives the alerts from the broker and measures
-/// arrival − the triggering reading's publish time (the alert's `time`). Returns the sorted
-/// latencies (ms) and how many alerts were expected.
 /// What edgeferry itself measured in the alert phase (from `/metrics`), to tell its own
 /// delays from the broker's and the watching client's.
 #[derive(Default)]
@@ -739,8 +737,15 @@ struct AlertInside {
     checkpoint: (Option<f64>, Option<f64>),
     /// receive → durable commit, p99 (s).
     commit_p99: Option<f64>,
+    /// Poll-loop waits over 250 ms (`edgeferry_ingest_poll_stalls_total`).
+    poll_stalls: Option<f64>,
 }
 
+/// Publish → alert latency: readings at `rate`/s whose values cross an `above = 80,
+/// clear_below = 75` rule on every reading of a series (90, 70, 90, ...), so each reading raises
+/// or clears an alert; a separate subscriber receives the alerts from the broker and measures
+/// arrival − the triggering reading's publish time (the alert's `time`). Returns the sorted
+/// latencies (ms) and how many alerts were expected.
 fn alert_latency(broker: &Mosquitto, rate: usize, secs: f64) -> (Vec<i64>, usize, AlertInside) {
     let mut gw = bench_gateway(broker, "bench-alerts", 20_000);
     let mut cfg = std::fs::read_to_string(&gw.config).unwrap();
@@ -823,6 +828,7 @@ fn alert_latency(broker: &Mosquitto, rate: usize, secs: f64) -> (Vec<i64>, usize
             quantile(&text, "edgeferry_checkpoint_seconds", "1"),
         ),
         commit_p99: quantile(&text, "edgeferry_ingest_commit_seconds", "0.99"),
+        poll_stalls: metric_sum(&text, "edgeferry_ingest_poll_stalls_total"),
     };
     let _ = gw.stop();
     let _ = watcher.join();
@@ -973,6 +979,11 @@ fn main() {
         ms(many.commit_p99)
     );
     println!(
+        "| poll-loop stalls > 250 ms (live phase / 10k-series phase) | {} / {} |",
+        live.poll_stalls.unwrap_or(0.0),
+        many.poll_stalls.unwrap_or(0.0)
+    );
+    println!(
         "| **edgeferry RSS, 10k series: peak VmRSS / VmHWM** | **{} / {}** |",
         fmt_mib(many.peak_rss_kib),
         fmt_mib(many.hwm_kib)
@@ -986,13 +997,14 @@ fn main() {
         alerts_expected
     );
     println!(
-        "| alert phase inside edgeferry (/metrics): receive → alert handed to the MQTT client p50 / p99; receive → commit p99; local alerts dropped (queue full); checkpoint write p99 / max | {} / {}; {}; {}; {} / {} |",
+        "| alert phase inside edgeferry (/metrics): receive → alert handed to the MQTT client p50 / p99; receive → commit p99; local alerts dropped (queue full); checkpoint write p99 / max; poll-loop stalls > 250 ms | {} / {}; {}; {}; {} / {}; {} |",
         ms(inside.handed.0),
         ms(inside.handed.1),
         ms(inside.commit_p99),
         inside.dropped.map_or("0".into(), |d| format!("{d:.0}")),
         ms(inside.checkpoint.0),
         ms(inside.checkpoint.1),
+        inside.poll_stalls.unwrap_or(0.0),
     );
     println!();
     let goal = |ok: bool| if ok { "met" } else { "NOT met" };

@@ -305,6 +305,7 @@ async fn poll_loop(
     let mut in_tx = Some(in_tx);
     let mut pending_sub: Option<u16> = None;
     let mut ever_connected = false;
+    let stalls = RateLimit::new(Duration::from_secs(10));
     loop {
         if in_tx.is_none() {
             break;
@@ -316,7 +317,9 @@ async fn poll_loop(
                 continue;
             }
             Some(group) = acks.recv() => {
+                let since = Instant::now();
                 write_acks(eventloop, group, &generation).await;
+                slow_wait(&stalls, Wait::AckWrite, since);
                 continue;
             }
             ev = eventloop.poll() => ev,
@@ -386,7 +389,10 @@ async fn poll_loop(
                     // saw live already (or a stale one from before edgeferry ran).
                     metrics::counter!("edgeferry_ingest_retained_ignored_total").increment(1);
                     // Acknowledge through the same ordered path as everything else.
-                    let Some(permit) = acquire(&permits, &shutdown).await else {
+                    let since = Instant::now();
+                    let permit = acquire(&permits, &shutdown).await;
+                    slow_wait(&stalls, Wait::Permits, since);
+                    let Some(permit) = permit else {
                         in_tx = None;
                         continue;
                     };
@@ -399,7 +405,10 @@ async fn poll_loop(
                     continue;
                 }
                 let subscription = filters.iter().position(|f| topic_matches(f, &p.topic));
-                let Some(permit) = acquire(&permits, &shutdown).await else {
+                let since = Instant::now();
+                let permit = acquire(&permits, &shutdown).await;
+                slow_wait(&stalls, Wait::Permits, since);
+                let Some(permit) = permit else {
                     in_tx = None;
                     continue;
                 };
@@ -415,7 +424,9 @@ async fn poll_loop(
                     subscription,
                     permit,
                 };
+                let since = Instant::now();
                 forward(&mut in_tx, &shutdown, incoming).await;
+                slow_wait(&stalls, Wait::Committer, since);
             }
             Ok(_) => {}
             Err(e) => {
@@ -500,6 +511,47 @@ fn retained_marker(
         received_at: Instant::now(),
         subscription: None,
         permit,
+    }
+}
+
+/// Waits of the poll loop longer than this are logged and counted: meanwhile edgeferry reads
+/// nothing from the broker and acknowledges nothing, so a stall of the whole chain shows up
+/// here if edgeferry is its cause (and not here if the broker is).
+const SLOW_WAIT: Duration = Duration::from_millis(250);
+
+/// What the poll loop waited for.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// Writing a commit group's PUBACKs into the socket (the broker is not reading).
+    AckWrite,
+    /// A memory permit (`max_unacked` messages received and not yet committed).
+    Permits,
+    /// Room in the committer's queue.
+    Committer,
+}
+
+impl Wait {
+    fn label(self) -> &'static str {
+        match self {
+            Wait::AckWrite => "ack_write",
+            Wait::Permits => "permits",
+            Wait::Committer => "committer_queue",
+        }
+    }
+}
+
+fn slow_wait(limit: &RateLimit, what: Wait, since: Instant) {
+    let waited = since.elapsed();
+    if waited < SLOW_WAIT {
+        return;
+    }
+    metrics::counter!("edgeferry_ingest_poll_stalls_total", "cause" => what.label()).increment(1);
+    if let Some(hidden) = limit.check(what.label()) {
+        tracing::warn!(
+            waited_ms = waited.as_millis() as u64,
+            similar_hidden = hidden,
+            "MQTT poll loop stalled waiting for {what:?}: nothing read from or acknowledged to the broker meanwhile"
+        );
     }
 }
 
@@ -959,6 +1011,16 @@ mod tests {
         assert!(!topic_matches("sensors/+/t", "sensors/a/b/t"));
         assert!(!topic_matches("sensors/a", "sensors/b"));
         assert!(topic_matches("#", "x/y"));
+    }
+
+    #[test]
+    fn only_poll_loop_waits_over_the_threshold_are_reported() {
+        let limit = RateLimit::new(Duration::from_secs(10));
+        slow_wait(&limit, Wait::Permits, Instant::now());
+        assert_eq!(limit.check("permits"), Some(0), "a short wait reports nothing");
+        let long_ago = Instant::now() - SLOW_WAIT - Duration::from_millis(10);
+        slow_wait(&limit, Wait::AckWrite, long_ago);
+        assert_eq!(limit.check("ack_write"), None, "a long wait was just logged");
     }
 
     #[test]
