@@ -1017,10 +1017,18 @@ mod tests {
     fn only_poll_loop_waits_over_the_threshold_are_reported() {
         let limit = RateLimit::new(Duration::from_secs(10));
         slow_wait(&limit, Wait::Permits, Instant::now());
-        assert_eq!(limit.check("permits"), Some(0), "a short wait reports nothing");
+        assert_eq!(
+            limit.check("permits"),
+            Some(0),
+            "a short wait reports nothing"
+        );
         let long_ago = Instant::now() - SLOW_WAIT - Duration::from_millis(10);
         slow_wait(&limit, Wait::AckWrite, long_ago);
-        assert_eq!(limit.check("ack_write"), None, "a long wait was just logged");
+        assert_eq!(
+            limit.check("ack_write"),
+            None,
+            "a long wait was just logged"
+        );
     }
 
     #[test]
