@@ -498,6 +498,20 @@ mod tests {
         agg
     }
 
+    /// Splits `rs` at `cuts` (taken modulo its length), aggregates each contiguous part with
+    /// `of` and merges the parts in order.
+    fn merge_of_splits<T>(rs: &[T], cuts: Vec<usize>, of: fn(&[T]) -> Aggregate) -> Aggregate {
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (rs.len() + 1)).collect();
+        cuts.push(0);
+        cuts.push(rs.len());
+        cuts.sort_unstable();
+        let mut merged = Aggregate::new();
+        for w in cuts.windows(2) {
+            merged.merge(&of(&rs[w[0]..w[1]]));
+        }
+        merged
+    }
+
     /// First/last by the documented rule, computed independently.
     fn naive_first_last(readings: &[(f64, i64)]) -> (f64, f64) {
         let mut first = readings[0];
@@ -547,14 +561,7 @@ mod tests {
             rs in readings(),
             cuts in prop::collection::vec(0usize..200, 0..5),
         ) {
-            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (rs.len() + 1)).collect();
-            cuts.push(0);
-            cuts.push(rs.len());
-            cuts.sort_unstable();
-            let mut merged = Aggregate::new();
-            for w in cuts.windows(2) {
-                merged.merge(&aggregate_of(&rs[w[0]..w[1]]));
-            }
+            let merged = merge_of_splits(&rs, cuts, aggregate_of);
             let all = aggregate_of(&rs);
             let scale = rs.iter().fold(0.0f64, |m, r| m.max(r.0.abs()));
 
@@ -638,14 +645,7 @@ mod tests {
             rs in decimal_readings(),
             cuts in prop::collection::vec(0usize..200, 0..5),
         ) {
-            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (rs.len() + 1)).collect();
-            cuts.push(0);
-            cuts.push(rs.len());
-            cuts.sort_unstable();
-            let mut merged = Aggregate::new();
-            for w in cuts.windows(2) {
-                merged.merge(&aggregate_of_decimals(&rs[w[0]..w[1]]));
-            }
+            let merged = merge_of_splits(&rs, cuts, aggregate_of_decimals);
             prop_assert_eq!(merged, aggregate_of_decimals(&rs));
         }
     }
