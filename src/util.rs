@@ -51,7 +51,7 @@ mod tests {
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = StagingFile::create(path)?;
-    f.file.write_all(bytes)?;
+    f.write_all(bytes)?;
     f.commit()
 }
 
@@ -86,6 +86,15 @@ impl StagingFile {
     }
 }
 
+impl std::io::Write for StagingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Writes a file in the envelope of [`write_framed`] while its body is being produced (e.g.
 /// serialized straight into it), so a large body is never held in memory.
 pub struct FramedWriter {
@@ -94,15 +103,6 @@ pub struct FramedWriter {
     len: u64,
     magic: [u8; 4],
     version: u16,
-}
-
-impl std::io::Write for StagingFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.file.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
 }
 
 impl FramedWriter {
@@ -168,7 +168,7 @@ pub fn write_framed(
 
 /// Checks the envelope written by [`write_framed`] and returns the body.
 pub fn read_framed<'a>(bytes: &'a [u8], magic: &[u8; 4], version: u16) -> Result<&'a [u8], String> {
-    if bytes.len() < 18 || &bytes[..4] != magic {
+    if bytes.len() < FRAME_HEADER || &bytes[..4] != magic {
         return Err("not a file of this kind (bad magic)".into());
     }
     let v = u16::from_le_bytes([bytes[4], bytes[5]]);
@@ -177,7 +177,9 @@ pub fn read_framed<'a>(bytes: &'a [u8], magic: &[u8; 4], version: u16) -> Result
     }
     let len = u64::from_le_bytes(bytes[6..14].try_into().expect("8 bytes")) as usize;
     let crc = u32::from_le_bytes(bytes[14..18].try_into().expect("4 bytes"));
-    let body = bytes.get(18..18 + len).ok_or("truncated")?;
+    let body = bytes
+        .get(FRAME_HEADER..FRAME_HEADER + len)
+        .ok_or("truncated")?;
     if crc32fast::hash(body) != crc {
         return Err("checksum mismatch".into());
     }

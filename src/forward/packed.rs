@@ -298,37 +298,37 @@ pub fn encode(rows: &[Row], created_ms: i64) -> Vec<u8> {
         }
         let k = ints.map_or([0; 4], |k| k.map(i128::from));
         let sk = a.sketch.to_parts();
-        let values = [
-            series - prev_series,
-            i128::from(rel_start),
-            i128::from(row.window_secs),
-            i128::from(row.version),
-            i128::from(a.count),
-            i128::from(a.first.0.wrapping_sub(start)),
-            i128::from(a.last.0.wrapping_sub(a.first.0)),
-            mode,
-            i128::from(scale),
-            k[0],
-            k[1] - k[0],
-            // min <= min(first, last) and max >= max(first, last): the differences from those
-            // are usually 0 or small.
-            k[2] - k[0].min(k[1]),
-            k[3] - k[0].max(k[1]),
-            sum_rel,
-            w,
-            i128::from(sk.zero),
-            sk.positive.len() as i128,
-            top_of(sk.positive_offset, sk.positive.len()) - top_hint(a.max, true),
-            sk.negative.len() as i128,
-            top_of(sk.negative_offset, sk.negative.len()) - top_hint(a.min, false),
-        ];
-        for (col, v) in cols.iter_mut().zip(values) {
-            col.push(v);
+        // Laid out by the COL_* indices that `decode` reads them with.
+        let mut v = [0i128; COLUMNS];
+        v[COL_SERIES] = series - prev_series;
+        v[COL_START] = i128::from(rel_start);
+        v[COL_SECS] = i128::from(row.window_secs);
+        v[COL_VERSION] = i128::from(row.version);
+        v[COL_COUNT] = i128::from(a.count);
+        v[COL_FIRST_DT] = i128::from(a.first.0.wrapping_sub(start));
+        v[COL_LAST_DT] = i128::from(a.last.0.wrapping_sub(a.first.0));
+        v[COL_MODE] = mode;
+        v[COL_SCALE] = i128::from(scale);
+        v[COL_FIRST] = k[0];
+        v[COL_FIRST + 1] = k[1] - k[0];
+        // min <= min(first, last) and max >= max(first, last): the differences from those
+        // are usually 0 or small.
+        v[COL_FIRST + 2] = k[2] - k[0].min(k[1]);
+        v[COL_FIRST + 3] = k[3] - k[0].max(k[1]);
+        v[COL_SUM] = sum_rel;
+        v[COL_W] = w;
+        v[COL_ZERO] = i128::from(sk.zero);
+        v[COL_POS_LEN] = sk.positive.len() as i128;
+        v[COL_POS_TOP] = top_of(sk.positive_offset, sk.positive.len()) - top_hint(a.max, true);
+        v[COL_NEG_LEN] = sk.negative.len() as i128;
+        v[COL_NEG_TOP] = top_of(sk.negative_offset, sk.negative.len()) - top_hint(a.min, false);
+        for (col, x) in cols.iter_mut().zip(v) {
+            col.push(x);
         }
         // The last bin is left out: it is what the count leaves for it.
-        let mut counts: Vec<u64> = sk.positive.iter().chain(&sk.negative).copied().collect();
-        counts.pop();
-        bins.extend(counts.into_iter().map(i128::from));
+        let sent = (sk.positive.len() + sk.negative.len()).saturating_sub(1);
+        let counts = sk.positive.iter().chain(&sk.negative).take(sent);
+        bins.extend(counts.map(|&c| i128::from(c)));
         prev_series = series;
     }
     let mut w = BitWriter::default();

@@ -589,8 +589,9 @@ impl Processor {
     }
 
     /// First half of a checkpoint, on the processing task: makes the outbox durable, records
-    /// its positions and serializes the state into the checkpoint's temporary file. What the checkpoint covers is fixed here; the
-    /// (slow) write can then happen elsewhere while records keep being applied.
+    /// its positions and serializes the state into the checkpoint's temporary file. What the
+    /// checkpoint covers is fixed here; the (slow) write can then happen elsewhere while
+    /// records keep being applied.
     fn begin_checkpoint(&mut self) -> Result<PendingCheckpoint, ProcessError> {
         {
             let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
