@@ -9,7 +9,7 @@
 //! Without `--bench` (as `cargo test --all-targets` runs it) it runs a few iterations and
 //! checks only that both paths are taken.
 
-use edgeferry::process::aggregate::{Aggregate, decimal_of};
+use edgeferry::model::aggregate::{Aggregate, decimal_of};
 use std::hint::black_box;
 use std::time::Instant;
 

@@ -22,10 +22,10 @@
 //! ```
 //! Without `--bench` (as `cargo test --all-targets` runs it) it simulates 5 minutes.
 
-use edgeferry::forward::batch::{BatchKind, OutboxBatch, OutboxItem};
-use edgeferry::forward::protocol::{self, DictDecoder, DictEncoder, Frame};
 use edgeferry::model::SeriesInfo;
+use edgeferry::model::batch::{BatchKind, OutboxBatch, OutboxItem};
 use edgeferry::process::window::{WindowSpec, Windows};
+use edgeferry::protocol::{self, DictDecoder, DictEncoder, Frame};
 use std::collections::BTreeMap;
 
 /// xorshift64: deterministic, so every run measures the same data.

@@ -38,6 +38,9 @@ pub enum DaemonError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The store epoch could not be read or made.
+    #[error(transparent)]
+    Epoch(#[from] crate::store::epoch::EpochError),
     /// Ingest failed.
     #[error(transparent)]
     Ingest(#[from] crate::ingest::IngestError),
@@ -110,7 +113,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         data_dir.join("journal").display()
     );
 
-    let epoch = load_or_create_epoch(&data_dir)?;
+    let epoch = crate::store::epoch::load_or_create(&data_dir)?;
     let (outbox, recs) = Outbox::open(&data_dir.join("outbox"), cfg.store.segment_size.as_u64())
         .map_err(crate::store::StoreError::from)?;
     log_recovery("outbox aggregates lane", &recs[0]);
@@ -161,7 +164,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     }
 
     let status = Arc::new(IngestStatus::default());
-    let progress = Arc::new(AtomicU64::new(crate::ingest::now_ms() as u64));
+    let progress = Arc::new(AtomicU64::new(crate::clock::now_ms() as u64));
     // Committed records go to processing one commit group per message; a few groups in
     // flight (each at most `mqtt.commit_max` records).
     let (tx, rx) = mpsc::channel(4);
@@ -348,7 +351,7 @@ async fn systemd_loop(
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let now = crate::ingest::now_ms() as u64;
+        let now = crate::clock::now_ms() as u64;
         let last = progress.load(Ordering::Relaxed);
         if watchdog && now.saturating_sub(last) < stale_after.max(2000) {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -371,64 +374,6 @@ async fn systemd_loop(
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
     }
-}
-
-/// The store epoch: a random id made when the data directory is created. Batch ids are
-/// (gateway, epoch, seq), so a wiped or replaced gateway never reuses ids the central side has
-/// already seen. A damaged epoch file is moved aside (`epoch.bad-<ms>`) and a new epoch is
-/// made, with an error log: the daemon never refuses to start because of it (unacknowledged
-/// batches are then sent again under new ids).
-pub fn load_or_create_epoch(data_dir: &std::path::Path) -> Result<u64, DaemonError> {
-    let path = data_dir.join("epoch");
-    let err = |source| DaemonError::DataDir {
-        path: path.display().to_string(),
-        source,
-    };
-    match std::fs::read(&path) {
-        Ok(bytes) => match parse_epoch(&bytes) {
-            Ok(epoch) => return Ok(epoch),
-            Err(why) => {
-                let aside = data_dir.join(format!("epoch.bad-{}", crate::ingest::now_ms()));
-                std::fs::rename(&path, &aside).map_err(err)?;
-                tracing::error!(
-                    "store epoch {} is damaged ({why}); moved to {} and starting a new epoch \
-                     (batches not yet acknowledged will be sent again under new ids)",
-                    path.display(),
-                    aside.display()
-                );
-            }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let epoch: u64 = rand::random();
-    crate::util::write_atomic(&path, format!("{epoch:016x}\n").as_bytes()).map_err(err)?;
-    tracing::info!("new store epoch {epoch:016x}");
-    Ok(epoch)
-}
-
-/// Replaces the store epoch with a new random one (see [`load_or_create_epoch`]).
-pub fn new_epoch(data_dir: &std::path::Path) -> std::io::Result<u64> {
-    let epoch: u64 = rand::random();
-    crate::util::write_atomic(
-        &data_dir.join("epoch"),
-        format!("{epoch:016x}\n").as_bytes(),
-    )?;
-    Ok(epoch)
-}
-
-/// Parses the contents of the `epoch` file: 16 hexadecimal digits (and a newline).
-pub fn parse_epoch(bytes: &[u8]) -> Result<u64, String> {
-    let s = std::str::from_utf8(bytes)
-        .map_err(|_| "not text".to_string())?
-        .trim();
-    if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
-            "expected 16 hexadecimal digits, found {} byte(s)",
-            bytes.len()
-        ));
-    }
-    u64::from_str_radix(s, 16).map_err(|e| e.to_string())
 }
 
 /// Writes every journal record as one JSON line: `{"lsn":..,"received_ms":..,"readings":[..]}`.

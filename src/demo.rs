@@ -23,9 +23,10 @@
 //! linger), and only then stops edgeferry, then the collector. The embedded broker has no
 //! shutdown (rumqttd): it ends with the process.
 
-use crate::admin::StatusReport;
+use crate::clock::now_ms;
 use crate::collect::CollectConfig;
 use crate::ingest::embedded::EmbeddedBroker;
+use crate::model::StatusReport;
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -935,10 +936,6 @@ async fn watch_interrupts(interrupt: CancellationToken) {
             std::process::exit(2);
         }
     }
-}
-
-fn now_ms() -> i64 {
-    crate::ingest::now_ms()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -16,24 +16,31 @@
 //!          store::journal     checkpoint (window state + journal position)
 //! ```
 //!
-//! - [`config`]: the configuration file, environment overrides and validation; each stage
-//!   owns the type of its own section.
-//! - [`ingest`]: MQTT session (rumqttc, manual acknowledgements), payload decoding
-//!   ([`ingest::decode`]), redelivery recognition ([`ingest::dedup`]) and the group-commit loop.
-//! - [`store`]: the append-only segment log ([`store::seglog`]) and the reading journal
-//!   ([`store::journal`]) built on it.
-//! - [`process`]: windowed aggregates, quantile sketches and their checkpoints.
-//! - [`live`]: the live event feed behind the admin endpoint's `/live` WebSocket (sampled
-//!   readings, emitted windows, alerts), for the dashboard and `edgeferry tail`.
-//! - [`daemon`]: wiring of the stages, ordered shutdown, systemd readiness and watchdog.
-//! - [`demo`]: `edgeferry demo`, the whole product in one process (embedded broker,
-//!   simulated sensors, the daemon and the reference collector).
-//! - [`tls`], [`telemetry`], [`backoff`], [`util`]: shared plumbing.
+//! Layers, lowest first; a module imports only lower layers (`tests/layering.rs` checks it,
+//! and that no two files import each other in a cycle):
+//!
+//! 0. [`util`], [`clock`] (the one wall-clock helper), [`backoff`]: plumbing.
+//! 1. [`model`]: the owned values every stage shares (readings, journal records, aggregates
+//!    with exact moments, sketches, outbox batches, alerts, channel messages, the status
+//!    report); [`tls`], [`telemetry`].
+//! 2. [`protocol`]: the upstream wire format (frames, dictionary, packed columns) used by both
+//!    sides; [`store`]: segment log, journal, outbox and the store epoch; [`live`]: the live
+//!    event bus behind `/live`.
+//! 3. The stages, which never import one another: [`ingest`] (MQTT session, decoding,
+//!    redelivery recognition, group commit), [`process`] (windows, rules, checkpoints),
+//!    [`forward`] (the upstream links), [`collect`] (the central receiver).
+//! 4. [`admin`] (`/metrics`, `/status`, dashboard), [`check`] (`edgeferry store
+//!    verify|repair`, offline).
+//! 5. [`config`]: the configuration file; each stage owns the type of its own section.
+//! 6. [`daemon`]: wiring of the stages, ordered shutdown, systemd readiness and watchdog.
+//! 7. [`demo`]: `edgeferry demo`, the whole product in one process.
 //!
 //! The durability contract is written once, in `docs/ARCHITECTURE.md`.
 
 pub mod admin;
 pub mod backoff;
+pub mod check;
+pub mod clock;
 pub mod collect;
 pub mod config;
 pub mod daemon;
@@ -43,6 +50,7 @@ pub mod ingest;
 pub mod live;
 pub mod model;
 pub mod process;
+pub mod protocol;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -7,7 +7,7 @@
 //! and a receiver that falls more than [`CAPACITY`] events behind misses the oldest ones
 //! (counted in `edgeferry_live_events_lagged_total`).
 
-use crate::admin::StatusReport;
+use crate::model::StatusReport;
 use crate::model::{AlertState, Reading};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};

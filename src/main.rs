@@ -78,7 +78,7 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         max_connections: usize,
         /// Largest frame body accepted, bytes.
-        #[arg(long, hide = true, default_value_t = edgeferry::forward::protocol::DEFAULT_MAX_FRAME)]
+        #[arg(long, hide = true, default_value_t = edgeferry::protocol::DEFAULT_MAX_FRAME)]
         max_frame: u32,
         /// Heartbeat interval (whole seconds).
         #[arg(long, hide = true, default_value = "15s", value_parser = humantime::parse_duration)]
@@ -308,7 +308,7 @@ fn store(action: StoreAction) -> ExitCode {
         }
     };
     if verify {
-        match edgeferry::store::check::verify(data_dir) {
+        match edgeferry::check::verify(data_dir) {
             Ok(r) => {
                 print(r.to_string(), serde_json::to_string_pretty(&r));
                 if r.clean {
@@ -324,7 +324,7 @@ fn store(action: StoreAction) -> ExitCode {
         }
     } else {
         edgeferry::telemetry::init(&cfg.log);
-        match edgeferry::store::check::repair(data_dir, cfg.store.segment_size.as_u64()) {
+        match edgeferry::check::repair(data_dir, cfg.store.segment_size.as_u64()) {
             Ok(r) => {
                 print(r.to_string(), serde_json::to_string_pretty(&r));
                 if r.after.clean {
@@ -423,7 +423,7 @@ fn status(cfg: &Config, json: bool) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let report: edgeferry::admin::StatusReport = match serde_json::from_str(&body) {
+    let report: edgeferry::model::StatusReport = match serde_json::from_str(&body) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("edgeferry status: unexpected answer from {addr}: {e}");

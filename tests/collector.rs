@@ -1,16 +1,16 @@
 //! `edgeferry collect` as a real process on an ephemeral loopback port, driven by a small
-//! test client built on `edgeferry::forward::protocol` and tokio-tungstenite.
+//! test client built on `edgeferry::protocol` and tokio-tungstenite.
 
 mod common;
 
 use common::certs::{Ca, ca, leaf, write};
 
-use edgeferry::forward::protocol::{
+use edgeferry::model::aggregate::Aggregate;
+use edgeferry::model::{Alert, AlertState, SeriesInfo};
+use edgeferry::protocol::{
     self, BatchKind, DictEncoder, ErrorCode, ErrorFrame, Frame, HEADER_LEN, Hello, OutboxBatch,
     OutboxItem, Welcome,
 };
-use edgeferry::model::{Alert, AlertState, SeriesInfo};
-use edgeferry::process::aggregate::Aggregate;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ mod common;
 use common::certs::{Ca, ca, leaf, write};
 
 use common::*;
-use edgeferry::forward::protocol::{self, DictDecoder, Frame, HEADER_LEN, OutboxItem};
+use edgeferry::protocol::{self, DictDecoder, Frame, HEADER_LEN, OutboxItem};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -6,9 +6,10 @@
 //! after an [`ErrorFrame`](protocol::ErrorFrame) where the protocol allows one, and is logged
 //! through a rate limiter.
 
-use super::CollectConfig;
+use super::config::CollectConfig;
 use super::store::{Store, Stored};
-use crate::forward::protocol::{
+use crate::clock::now_ms;
+use crate::protocol::{
     self, Ack, ErrorCode, Frame, HEADER_LEN, Heartbeat, MAX_STORED_RANGES, SUPPORTED_VERSIONS,
     Welcome,
 };
@@ -155,13 +156,6 @@ fn unauthorized() -> ErrorResponse {
         http::HeaderValue::from_static("Bearer"),
     );
     resp
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Runs the collector until `shutdown` is cancelled: then stops accepting, lets every

@@ -22,7 +22,7 @@
 //!
 //! # Floors
 //!
-//! A [`Hello`](crate::forward::protocol::Hello) says every seq below `first_seq` is
+//! A [`Hello`](crate::protocol::Hello) says every seq below `first_seq` is
 //! acknowledged or dropped by the gateway and will never be sent again. The collector records
 //! that *floor* per (gateway, epoch), deletes the marks below it (so marks stay bounded by
 //! what gateways still hold) and acknowledges without writing any batch below the floor
@@ -34,8 +34,8 @@
 //! `b'f' gateway 0x00 epoch(u64 BE)` → `first_seq` (u64 BE): the floor.
 //! Gateway ids never contain `0x00` (see [`valid_gateway_id`]), so prefixes are unambiguous.
 
-use crate::forward::protocol::{OutboxItem, valid_gateway_id};
 use crate::model::AlertState;
+use crate::protocol::{OutboxItem, valid_gateway_id};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -470,8 +470,8 @@ pub fn write_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::aggregate::Aggregate;
     use crate::model::{Alert, SeriesInfo};
-    use crate::process::aggregate::Aggregate;
 
     fn agg_item(v: u32) -> OutboxItem {
         let mut agg = Aggregate::new();

@@ -2,11 +2,8 @@
 //! ([`protocol`], specified in docs/PROTOCOL.md) and the two links: WebSocket(+TLS) ([`ws`])
 //! and MQTT ([`mqtt`]).
 
-pub mod batch;
 pub mod config;
 pub mod mqtt;
-pub mod packed;
-pub mod protocol;
 pub mod ws;
 
 pub use config::UpstreamConfig;

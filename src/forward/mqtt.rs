@@ -7,10 +7,10 @@
 //! series the batch uses) and `Batch`. Consumers deduplicate by (gateway, epoch, seq): a
 //! batch whose PUBACK was lost in a disconnect is published again.
 
-use super::protocol::{self, DictEncoder, Frame, Hello};
 use super::{Cursors, ForwardStatus, UpstreamConfig, next_batch};
 use crate::backoff::Backoff;
-use crate::forward::batch::OutboxBatch;
+use crate::model::batch::OutboxBatch;
+use crate::protocol::{self, DictEncoder, Frame, Hello};
 use crate::store::outbox::Outbox;
 use rumqttc::{
     AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,

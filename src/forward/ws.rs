@@ -16,10 +16,10 @@
 //! Only batches below the processor's checkpointed watermark are ever read, so nothing that a
 //! crash could make the processor emit differently is ever sent.
 
-use super::protocol::{self, DictEncoder, Frame, Hello};
 use super::{Cursors, ForwardStatus, UpstreamConfig, next_batch};
 use crate::backoff::Backoff;
-use crate::forward::batch::OutboxBatch;
+use crate::model::batch::OutboxBatch;
+use crate::protocol::{self, DictEncoder, Frame, Hello};
 use crate::store::outbox::{Outbox, lane_lsn};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -212,7 +212,7 @@ impl Link {
             };
             if ahead {
                 let old = self.epoch;
-                self.epoch = crate::daemon::new_epoch(&self.data_dir)
+                self.epoch = crate::store::epoch::renew(&self.data_dir)
                     .map_err(|e| LinkError::Connect(format!("cannot write a new epoch: {e}")))?;
                 metrics::counter!("edgeferry_upstream_epoch_rotations_total").increment(1);
                 tracing::error!(
@@ -327,7 +327,7 @@ impl Link {
                     if last_heard.elapsed() > heartbeat * 3 {
                         return Err(LinkError::Broken(format!("no frame from the central side for {:?}", last_heard.elapsed())));
                     }
-                    let hb = Frame::Heartbeat(protocol::Heartbeat { time_ms: crate::ingest::now_ms() });
+                    let hb = Frame::Heartbeat(protocol::Heartbeat { time_ms: crate::clock::now_ms() });
                     send(&mut ws, &hb, max_frame).await?;
                 }
                 _ = rotation_check.tick() => {

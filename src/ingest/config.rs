@@ -104,3 +104,36 @@ fn default_keep_alive() -> Duration {
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
 }
+
+/// Checks an MQTT topic filter: non-empty, `+` and `#` alone in their level, `#` last.
+pub fn validate_filter(filter: &str) -> Result<(), String> {
+    if filter.is_empty() {
+        return Err("expected a topic filter such as \"sensors/#\"".into());
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, l) in levels.iter().enumerate() {
+        if l.contains('#') && (*l != "#" || i + 1 != levels.len()) {
+            return Err("`#` must be a whole level and the last one".into());
+        }
+        if l.contains('+') && *l != "+" {
+            return Err("`+` must be a whole level".into());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_filters_are_checked_like_mqtt_does() {
+        assert!(validate_filter("sensors/#").is_ok());
+        assert!(validate_filter("sensors/+/temp").is_ok());
+        assert!(validate_filter("#").is_ok());
+        assert!(validate_filter("").is_err());
+        assert!(validate_filter("sensors/#/x").is_err());
+        assert!(validate_filter("sensors/a#").is_err());
+        assert!(validate_filter("sensors/a+/x").is_err());
+    }
+}

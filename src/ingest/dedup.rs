@@ -5,7 +5,7 @@
 //! same bytes. Those must be acknowledged and dropped, not committed a second time. Only
 //! messages flagged DUP are ever checked: a fresh publish with identical bytes is a new reading.
 
-use crate::store::journal::DedupKey;
+use crate::model::DedupKey;
 use std::collections::{HashMap, VecDeque};
 
 /// The keys of the most recently committed messages, bounded to `cap` entries (FIFO).

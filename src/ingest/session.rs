@@ -1,12 +1,16 @@
 //! The MQTT session and the commit pipeline (see the module docs of [`crate::ingest`]).
 
+use super::config::MqttConfig;
 use super::decode::{Decoder, Reject, TemplateError};
 use super::dedup::RecentCommits;
-use super::{Committed, IngestStatus, MqttConfig, RejectedMessage};
+use super::status::IngestStatus;
 use crate::backoff::Backoff;
+use crate::clock::now_ms;
 use crate::model::Reading;
+use crate::model::{Committed, RejectedMessage};
+use crate::model::{DedupKey, JournalEntry};
 use crate::store::StoreError;
-use crate::store::journal::{DedupKey, Journal, JournalEntry};
+use crate::store::journal::Journal;
 use crate::telemetry::RateLimit;
 use bytes::Bytes;
 use rumqttc::{
@@ -16,7 +20,7 @@ use rumqttc::{
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -95,14 +99,6 @@ struct AckRequest {
     qos: QoS,
 }
 
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Runs ingest until `shutdown` is cancelled (then drains and commits what was received)
 /// or the journal fails. `ready` becomes true once every subscription is acknowledged.
 /// `progress` is bumped by the commit loop at least once a second: it feeds the watchdog.
@@ -113,7 +109,7 @@ pub async fn run(
     params: IngestParams,
     journal: Journal,
     out: mpsc::Sender<Vec<Committed>>,
-    publications: mpsc::Receiver<super::Publication>,
+    publications: mpsc::Receiver<crate::model::Publication>,
     status: Arc<IngestStatus>,
     ready: watch::Sender<bool>,
     progress: Arc<AtomicU64>,
@@ -607,7 +603,7 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
 
 /// Publishes alerts on the local broker (QoS 1). A separate task because `publish` can wait
 /// for room in rumqttc's request queue, which must never stall the poll loop.
-async fn publish_loop(client: AsyncClient, mut rx: mpsc::Receiver<super::Publication>) {
+async fn publish_loop(client: AsyncClient, mut rx: mpsc::Receiver<crate::model::Publication>) {
     while let Some(p) = rx.recv().await {
         match client
             .publish(p.topic.clone(), QoS::AtLeastOnce, false, p.payload)

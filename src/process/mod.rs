@@ -26,17 +26,15 @@
 //! which makes replay after a crash see the same lateness decisions as the live run did.
 //! Idle periods advance the clock from the wall clock so windows still close without traffic.
 
-pub mod aggregate;
 pub mod config;
 pub mod rules;
-pub mod sketch;
 pub mod window;
 
 pub use config::{ProcessConfig, RuleConfig};
 
-use crate::forward::batch::{BatchKind, OutboxBatch, OutboxItem};
-use crate::ingest::{Committed, Publication};
+use crate::model::batch::{BatchKind, OutboxBatch, OutboxItem};
 use crate::model::{Alert, AlertState, SeriesInfo};
+use crate::model::{Committed, Publication};
 use crate::store::journal::Journal;
 use crate::store::outbox::{Lane, Outbox};
 use crate::store::{StoreConfig, WhenFull};
@@ -245,7 +243,7 @@ impl Processor {
                 }
                 Err(why) => {
                     let aside =
-                        state_dir.join(format!("checkpoint.bin.bad-{}", crate::ingest::now_ms()));
+                        state_dir.join(format!("checkpoint.bin.bad-{}", crate::clock::now_ms()));
                     let _ = std::fs::rename(&path, &aside);
                     tracing::error!(
                         "checkpoint {} is damaged ({why}); moved to {} and rebuilding from the journal",
@@ -719,7 +717,7 @@ impl Processor {
                 _ = tick.tick() => {
                     // Idle: let the wall clock close windows and silence rules fire
                     // (never moving the clock back).
-                    let now = crate::ingest::now_ms();
+                    let now = crate::clock::now_ms();
                     if now > self.state.clock_ms {
                         self.state.clock_ms = now;
                         self.state.rules.on_tick(now, &mut self.alerts);
@@ -775,7 +773,7 @@ impl Processor {
     /// hundreds of thousands of samples into the quantile summaries during a backlog drain.
     fn on_committed(&mut self, group: Vec<Committed>) {
         let Some(first) = group.first() else { return };
-        let now = crate::ingest::now_ms();
+        let now = crate::clock::now_ms();
         let age = now - first.entry.received_ms;
         self.lag_histogram.record(age.max(0) as f64 / 1000.0);
         let budget = self.cfg.budget.as_millis() as i64;

@@ -65,7 +65,7 @@ use std::ops::Bound;
 use serde::{Deserialize, Serialize, Serializer};
 use thiserror::Error;
 
-use crate::process::aggregate::Aggregate;
+use crate::model::aggregate::Aggregate;
 
 /// Which windows to compute and how long to accept late readings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

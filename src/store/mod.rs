@@ -9,8 +9,8 @@
 //! Why not sled for FIFO data: see docs/DECISIONS.md (measured: space amplification and
 //! resident memory far beyond what a 512 MB gateway can give).
 
-pub mod check;
 pub mod config;
+pub mod epoch;
 pub mod journal;
 pub mod outbox;
 pub mod seglog;

@@ -69,7 +69,6 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Record sequence number: 0, 1, 2, … contiguous across segments; gaps appear only where
 /// recovery quarantined damaged data.
@@ -539,13 +538,6 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
         .map_err(io_err("fsync directory", dir))
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn acquire_lock(dir: &Path) -> Result<File, LogError> {
     let path = dir.join(LOCK_FILE);
     let mut file = OpenOptions::new()
@@ -670,7 +662,7 @@ impl SegmentLog {
         fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         let lock = acquire_lock(dir)?;
         let (names, _ignored) = list_segments(dir)?;
-        let stamp = unix_now();
+        let stamp = crate::clock::now_secs();
         let mut rec = Recovery::default();
         let mut kept: VecDeque<SegMeta> = VecDeque::new();
         // Lsns below `floor` may have been issued by a file that went into quarantine whole.

@@ -1,8 +1,9 @@
 //! What the outbox stores: batches of aggregates or alerts, self-contained (series travel with
 //! their names here; the wire protocol replaces them by per-connection dictionary ids).
 
-use crate::model::{Alert, SeriesInfo};
-use crate::process::aggregate::Aggregate;
+use super::aggregate::Aggregate;
+use super::alert::Alert;
+use super::reading::SeriesInfo;
 use serde::{Deserialize, Serialize};
 
 /// One item of a batch.

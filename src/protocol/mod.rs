@@ -33,9 +33,9 @@
 //! [`DictDecoder::apply`] and turn [`Batch`] frames into outbox items with
 //! [`DictDecoder::decode_batch`].
 
-use super::packed;
+pub mod packed;
+use crate::model::aggregate::Aggregate;
 use crate::model::{Alert, AlertState, SeriesInfo};
-use crate::process::aggregate::Aggregate;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -43,7 +43,7 @@ use std::collections::{BTreeMap, HashMap};
 // What the outbox stores
 // ---------------------------------------------------------------------------------------------
 
-pub use super::batch::{BatchKind, OutboxBatch, OutboxItem};
+pub use crate::model::batch::{BatchKind, OutboxBatch, OutboxItem};
 
 // ---------------------------------------------------------------------------------------------
 // Constants
@@ -770,7 +770,7 @@ mod tests {
             })
     }
 
-    use crate::process::aggregate::{MAX_MANTISSA, decimal_value};
+    use crate::model::aggregate::{MAX_MANTISSA, decimal_value};
 
     fn aggregate() -> impl Strategy<Value = Aggregate> {
         prop::collection::vec(

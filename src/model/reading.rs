@@ -1,8 +1,7 @@
-//! The owned values that flow between pipeline stages.
+//! A reading and the identity of its series.
 //!
-//! Kept deliberately small: a [`Reading`] is what ingest hands to the journal and to
-//! processing. Everything else (aggregates, alerts, batches) is defined by the stage that
-//! produces it.
+//! A [`Reading`] is what ingest hands to the journal and to processing; its series key is the
+//! identity every later stage (windows, rules, the wire dictionary, the central side) groups by.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -65,35 +64,6 @@ mod tests {
         assert_eq!(series_key("temp", &tags), "temp{device=d1,site=a}");
         assert_eq!(series_key("temp", &BTreeMap::new()), "temp");
     }
-}
-
-/// Whether an alert starts or ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AlertState {
-    /// The condition began.
-    Raised,
-    /// The condition ended.
-    Cleared,
-}
-
-/// A local alert, raised or cleared by a rule for one series.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Alert {
-    /// The rule's name.
-    pub rule: String,
-    /// The series key (see [`series_key`]).
-    pub series: String,
-    /// The series' metric.
-    pub metric: String,
-    /// The series' tags.
-    pub tags: BTreeMap<String, String>,
-    /// Raised or cleared.
-    pub state: AlertState,
-    /// The value that triggered it (none for silence alerts).
-    pub value: Option<f64>,
-    /// Event time of the triggering reading, or the processing time for silence alerts (ms).
-    pub time_ms: i64,
 }
 
 /// Identity of a series as it travels upstream: the key plus its parts, so the central side

@@ -43,7 +43,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::process::sketch::Sketch;
+use super::sketch::Sketch;
 
 /// Largest decimal scale (digits after the point) an exact aggregate keeps.
 pub const MAX_SCALE: u8 = 15;

@@ -17,9 +17,9 @@
 //!
 //! The daemon itself never needs `repair` to start: it salvages the same way on its own.
 
-use super::outbox::RangeSet;
-use super::seglog::{self, LOCK_FILE, LogConfig, LogError, QUARANTINE_DIR, SegmentLog};
 use crate::process::CheckpointSummary;
+use crate::store::outbox::RangeSet;
+use crate::store::seglog::{self, LOCK_FILE, LogConfig, LogError, QUARANTINE_DIR, SegmentLog};
 use serde::Serialize;
 use std::fmt::{self, Write as _};
 use std::fs::{self, File};
@@ -412,7 +412,7 @@ fn verify_acks(path: &Path) -> PartReport {
         Ok(None) => return missing(PART, path, "none yet (nothing acknowledged)"),
         Err(r) => return *r,
     };
-    match super::outbox::decode_acks(&bytes) {
+    match crate::store::outbox::decode_acks(&bytes) {
         Ok(acks) => {
             let count = |r: &RangeSet| r.len();
             intact(
@@ -442,7 +442,7 @@ fn verify_epoch(path: &Path) -> PartReport {
         Ok(None) => return missing(PART, path, "none yet (the daemon makes one)"),
         Err(r) => return *r,
     };
-    match crate::daemon::parse_epoch(&bytes) {
+    match crate::store::epoch::parse_epoch(&bytes) {
         Ok(e) => intact(PART, path, bytes.len() as u64, format!("{e:016x}")),
         Err(why) => damaged(
             PART,

@@ -1,5 +1,5 @@
 //! Column-packed aggregates: how protocol version 2 carries a run of aggregates in a
-//! [`Batch`](super::protocol::Batch).
+//! [`Batch`](crate::protocol::Batch).
 //!
 //! # Why columns
 //!
@@ -25,10 +25,10 @@
 //! their scale send the affected fields as raw little-endian `f64` after the columns, so
 //! every aggregate round-trips bit for bit. docs/PROTOCOL.md §4 is the normative layout.
 
-use crate::process::aggregate::{
+use crate::model::aggregate::{
     AggregateParts, MAX_MANTISSA, MAX_SCALE, Moments, decimal_of, decimal_value,
 };
-use crate::process::sketch::{self, Sketch, SketchParts};
+use crate::model::sketch::{self, Sketch, SketchParts};
 
 /// Most aggregates one packed group may hold (bounds a receiver's memory; the gateway's
 /// `upstream.batch_max` is limited to it).
@@ -519,7 +519,7 @@ pub fn decode(bytes: &[u8], created_ms: i64) -> Result<Vec<Row>, PackedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::process::aggregate::Aggregate;
+    use crate::model::aggregate::Aggregate;
     use proptest::prelude::*;
 
     fn row(series: u32, start: i64, readings: &[(f64, i64)]) -> Row {
@@ -680,7 +680,7 @@ mod tests {
 #[cfg(test)]
 mod worked_example {
     use super::*;
-    use crate::process::aggregate::Aggregate;
+    use crate::model::aggregate::Aggregate;
 
     /// docs/PROTOCOL.md §9, "A packed group".
     #[test]

@@ -1,0 +1,59 @@
+//! The collector's settings: command-line flags of `edgeferry collect`, with defaults sized for
+//! a fleet of gateways per instance.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything `edgeferry collect` is configured with.
+#[derive(Debug, Clone)]
+pub struct CollectConfig {
+    /// Listen address, e.g. `0.0.0.0:9443` (port 0: ephemeral; the bound address is written
+    /// to `DIR/collect.addr`).
+    pub listen: String,
+    /// Output files, dedup marks and `collect.addr`.
+    pub data_dir: PathBuf,
+    /// Accepted bearer tokens, one per line (blank lines and `#` comments ignored); `None`
+    /// accepts every client.
+    pub token_file: Option<PathBuf>,
+    /// Server certificate chain (PEM); with `tls_key`, enables TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to; enables mutual TLS.
+    pub client_ca: Option<PathBuf>,
+    /// Most concurrent connections; more are closed right after accepting.
+    pub max_connections: usize,
+    /// Largest frame body accepted.
+    pub max_frame: u32,
+    /// Most unacknowledged batches a client may have outstanding (announced in Welcome).
+    pub max_in_flight: u32,
+    /// Heartbeat interval (whole seconds, at least 1); silence for 3 intervals drops a peer.
+    pub heartbeat: Duration,
+    /// Time allowed for the TLS handshake, the WebSocket upgrade and the Hello frame, each.
+    pub handshake_timeout: Duration,
+    /// Time allowed for sending one frame to a client (slow readers are dropped).
+    pub write_timeout: Duration,
+    /// How long shutdown waits for connections to finish their current batch.
+    pub shutdown_timeout: Duration,
+}
+
+impl CollectConfig {
+    /// Defaults for everything but the addresses and files.
+    pub fn new(listen: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        CollectConfig {
+            listen: listen.into(),
+            data_dir: data_dir.into(),
+            token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            max_connections: 1024,
+            max_frame: crate::protocol::DEFAULT_MAX_FRAME,
+            max_in_flight: 64,
+            heartbeat: Duration::from_secs(15),
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(20),
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Live counters and state of ingest: written by the poll task and the committer, read by
+//! `/status`, `/metrics` and the systemd status line.
+
+use crate::model::RejectedMessage;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Live counters and state of ingest, shared with status reporting.
+#[derive(Debug, Default)]
+pub struct IngestStatus {
+    /// Connected to the broker right now.
+    pub connected: AtomicBool,
+    /// Every subscription acknowledged by the broker in the current connection.
+    pub subscribed: AtomicBool,
+    /// Messages received from the broker.
+    pub messages: AtomicU64,
+    /// Readings committed to the journal.
+    pub readings: AtomicU64,
+    /// Messages rejected (any reason).
+    pub rejected: AtomicU64,
+    /// Redeliveries recognised and dropped.
+    pub duplicates: AtomicU64,
+    /// Reconnects to the broker.
+    pub reconnects: AtomicU64,
+    /// Last connection error, for status.
+    pub last_error: Mutex<Option<String>>,
+    /// The last rejected messages (bounded by [`REJECTS_KEPT`]).
+    pub rejects: Mutex<VecDeque<RejectedMessage>>,
+}
+
+/// How many rejected messages status keeps.
+pub const REJECTS_KEPT: usize = 20;
+
+impl IngestStatus {
+    pub(crate) fn remember_reject(&self, r: RejectedMessage) {
+        let mut q = self.rejects.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() == REJECTS_KEPT {
+            q.pop_front();
+        }
+        q.push_back(r);
+    }
+
+    pub(crate) fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+
+    /// A copy of the kept rejected messages, oldest first.
+    pub fn recent_rejects(&self) -> Vec<RejectedMessage> {
+        self.rejects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The last connection error, if the link is down.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Shorthand used by status.
+    pub fn get(v: &AtomicU64) -> u64 {
+        v.load(Ordering::Relaxed)
+    }
+}
