@@ -202,31 +202,26 @@ impl Link {
         // side already stored: it would acknowledge new batches as duplicates and drop them.
         // The resume point gives it away (stored seqs this outbox has not written yet); the
         // cure is a new epoch, which makes every batch id new.
-        if let Some(&(_, highest)) = welcome.stored.last() {
-            let ahead = {
-                let ob = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
-                [highest, highest.saturating_sub(1)].into_iter().any(|seq| {
-                    let (lane, lsn) = lane_lsn(seq);
-                    lsn >= ob.next_lsn(lane)
-                })
-            };
-            if ahead {
-                let old = self.epoch;
-                self.epoch = crate::store::epoch::renew(&self.data_dir)
-                    .map_err(|e| LinkError::Connect(format!("cannot write a new epoch: {e}")))?;
-                metrics::counter!("edgeferry_upstream_epoch_rotations_total").increment(1);
-                tracing::error!(
-                    old = %format!("{old:016x}"),
-                    new = %format!("{:016x}", self.epoch),
-                    "the central side already stored batches this gateway has not written yet \
-                     (seq {highest}): this data directory was restored from an older copy; \
-                     continuing under a new store epoch"
-                );
-                let _ = ws.close(None).await;
-                return Err(LinkError::Connect(
-                    "store epoch renewed; reconnecting".into(),
-                ));
-            }
+        let ahead = {
+            let ob = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            stored_beyond_written(&welcome.stored, |lane| ob.next_lsn(lane))
+        };
+        if let Some(highest) = ahead {
+            let old = self.epoch;
+            self.epoch = crate::store::epoch::renew(&self.data_dir)
+                .map_err(|e| LinkError::Connect(format!("cannot write a new epoch: {e}")))?;
+            metrics::counter!("edgeferry_upstream_epoch_rotations_total").increment(1);
+            tracing::error!(
+                old = %format!("{old:016x}"),
+                new = %format!("{:016x}", self.epoch),
+                "the central side already stored batches this gateway has not written yet \
+                 (seq {highest}): this data directory was restored from an older copy; \
+                 continuing under a new store epoch"
+            );
+            let _ = ws.close(None).await;
+            return Err(LinkError::Connect(
+                "store epoch renewed; reconnecting".into(),
+            ));
         }
         {
             let mut ob = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
@@ -342,6 +337,36 @@ impl Link {
     }
 }
 
+/// The first stored seq (per lane, the highest one of that lane) that this outbox has not
+/// written yet, if any: proof that the data directory is an older copy than what the central
+/// side saw.
+///
+/// Seqs interleave the lanes (`lsn << 1 | lane`), so each lane is judged by its own highest
+/// stored seq. (Judging `highest` and `highest - 1` together took an aggregates seq `2N` for
+/// alerts lsn `N - 1`, which a gateway that never raised an alert has not written: every
+/// reconnect after the first stored batch renewed the epoch.)
+fn stored_beyond_written(
+    stored: &[(u64, u64)],
+    next_lsn: impl Fn(crate::store::outbox::Lane) -> u64,
+) -> Option<u64> {
+    use crate::store::outbox::Lane;
+    [Lane::Aggregates, Lane::Alerts]
+        .into_iter()
+        .find_map(|lane| {
+            let of_lane = |seq: u64| lane_lsn(seq).0 == lane;
+            let highest = stored.iter().rev().find_map(|&(a, b)| {
+                if of_lane(b) {
+                    Some(b)
+                } else if b > a {
+                    Some(b - 1)
+                } else {
+                    None
+                }
+            })?;
+            (lane_lsn(highest).1 >= next_lsn(lane)).then_some(highest)
+        })
+}
+
 /// Bytes of the frame envelope around a body (magic, version, kind, length, CRC).
 const ENVELOPE_LEN: usize = 12;
 
@@ -367,4 +392,49 @@ fn mtimes(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
         .iter()
         .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::outbox::{Lane, seq_of};
+
+    fn next(aggs: u64, alerts: u64) -> impl Fn(Lane) -> u64 {
+        move |l| match l {
+            Lane::Aggregates => aggs,
+            Lane::Alerts => alerts,
+        }
+    }
+
+    #[test]
+    fn a_gateway_without_alerts_is_not_taken_for_a_restored_copy() {
+        // Aggregates lsn 0..=5 stored, no alert ever written: seqs 0, 2, .., 10.
+        let stored: Vec<(u64, u64)> = (0..6)
+            .map(|l| (seq_of(Lane::Aggregates, l), seq_of(Lane::Aggregates, l)))
+            .collect();
+        assert_eq!(stored_beyond_written(&stored, next(6, 0)), None);
+        // Nothing stored at all.
+        assert_eq!(stored_beyond_written(&[], next(0, 0)), None);
+    }
+
+    #[test]
+    fn both_lanes_stored_up_to_what_was_written_is_not_a_restored_copy() {
+        // Both lanes lsn 0..=4 stored: one contiguous range 0..=9.
+        assert_eq!(stored_beyond_written(&[(0, 9)], next(5, 5)), None);
+    }
+
+    #[test]
+    fn a_restored_copy_is_caught_in_either_lane() {
+        // The central side stored aggregates up to lsn 7, this outbox has written only 0..=4.
+        let agg7 = seq_of(Lane::Aggregates, 7);
+        assert_eq!(
+            stored_beyond_written(&[(0, 0), (agg7, agg7)], next(5, 0)),
+            Some(agg7)
+        );
+        // Alerts lsn 3 stored, this outbox's alerts lane has written 0..=1.
+        let al3 = seq_of(Lane::Alerts, 3);
+        assert_eq!(stored_beyond_written(&[(al3, al3)], next(0, 2)), Some(al3));
+        // In a range ending on the other lane's seq.
+        assert_eq!(stored_beyond_written(&[(0, 9)], next(5, 4)), Some(9));
+    }
 }
