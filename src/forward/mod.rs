@@ -1,5 +1,5 @@
-//! Forwarding to the central system: what the outbox stores ([`batch`]), the wire protocol
-//! ([`protocol`], specified in docs/PROTOCOL.md) and the two links: WebSocket(+TLS) ([`ws`])
+//! Forwarding to the central system: the outbox batches ([`crate::model::batch`]) in the wire protocol
+//! ([`crate::protocol`], specified in docs/PROTOCOL.md) and the two links: WebSocket(+TLS) ([`ws`])
 //! and MQTT ([`mqtt`]).
 
 pub mod config;

@@ -1,10 +1,10 @@
 //! Local processing: windowed aggregates and alert rules, checkpointed with the journal position.
 //!
-//! Readings arrive as [`Committed`](crate::ingest::Committed) journal records. For each
+//! Readings arrive as [`Committed`](crate::model::Committed) journal records. For each
 //! reading the alert rules ([`rules`]) are evaluated first (an alert is published on the local
 //! broker right away: publish→alert is the latency that must stay inside the budget), then the
-//! reading is folded into tumbling windows ([`window`]) whose statistics ([`aggregate`]) include
-//! a mergeable quantile sketch ([`sketch`]).
+//! reading is folded into tumbling windows ([`window`]) whose statistics ([`crate::model::aggregate`]) include
+//! a mergeable quantile sketch ([`crate::model::sketch`]).
 //!
 //! Closed windows and alerts are gathered into batches and appended to the outbox. The whole
 //! state (windows, rules, pending items, outbox positions) is checkpointed atomically with the

@@ -3,7 +3,7 @@
 //! - [`seglog`]: an append-only segment log (CRC per record, group-commit `fdatasync`, whole
 //!   segments deleted once no longer needed). FIFO data lives here: the reading journal.
 //! - [`journal`]: the reading journal, a typed layer over the segment log.
-//! - [`check`]: offline verification and repair of a whole data directory
+//! - [`crate::check`]: offline verification and repair of a whole data directory
 //!   (`edgeferry store verify|repair`).
 //!
 //! Why not sled for FIFO data: see docs/DECISIONS.md (measured: space amplification and
