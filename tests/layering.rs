@@ -440,15 +440,10 @@ fn no_import_cycles_between_files() {
                 C::White => visit(m, g, colour, stack, cycles),
                 C::Grey => {
                     let at = stack.iter().position(|s| *s == m).unwrap();
-                    let mut names: Vec<String> = stack[at..]
-                        .iter()
-                        .map(|s| {
-                            let next = stack
-                                .get(stack.iter().position(|x| x == s).unwrap() + 1)
-                                .copied()
-                                .unwrap_or(m);
-                            format!("{} (`{}`)", rel(s), g.edges[*s][next])
-                        })
+                    let ring: Vec<&PathBuf> = stack[at..].iter().copied().chain([m]).collect();
+                    let mut names: Vec<String> = ring
+                        .windows(2)
+                        .map(|w| format!("{} (`{}`)", rel(w[0]), g.edges[w[0]][w[1]]))
                         .collect();
                     names.push(rel(m));
                     cycles.push(names.join(" → "));

@@ -18,6 +18,7 @@
 //! The daemon itself never needs `repair` to start: it salvages the same way on its own.
 
 use crate::process::CheckpointSummary;
+use crate::store::epoch::EPOCH_FILE as EPOCH;
 use crate::store::outbox::RangeSet;
 use crate::store::seglog::{self, LOCK_FILE, LogConfig, LogError, QUARANTINE_DIR, SegmentLog};
 use serde::Serialize;
@@ -33,7 +34,6 @@ const LOGS: [(&str, &str); 3] = [
 ];
 const CHECKPOINT: &str = "state/checkpoint.bin";
 const ACKS: &str = "outbox/acked.bin";
-const EPOCH: &str = "epoch";
 /// Where repair collects quarantined pieces (one dated folder per run).
 pub const STORE_QUARANTINE: &str = "quarantine";
 

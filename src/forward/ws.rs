@@ -20,7 +20,7 @@ use super::{Cursors, ForwardStatus, UpstreamConfig, next_batch};
 use crate::backoff::Backoff;
 use crate::model::batch::OutboxBatch;
 use crate::protocol::{self, DictEncoder, Frame, Hello};
-use crate::store::outbox::{Outbox, lane_lsn};
+use crate::store::outbox::{Lane, Outbox, lane_lsn};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -345,26 +345,20 @@ impl Link {
 /// stored seq. (Judging `highest` and `highest - 1` together took an aggregates seq `2N` for
 /// alerts lsn `N - 1`, which a gateway that never raised an alert has not written: every
 /// reconnect after the first stored batch renewed the epoch.)
-fn stored_beyond_written(
-    stored: &[(u64, u64)],
-    next_lsn: impl Fn(crate::store::outbox::Lane) -> u64,
-) -> Option<u64> {
-    use crate::store::outbox::Lane;
-    [Lane::Aggregates, Lane::Alerts]
-        .into_iter()
-        .find_map(|lane| {
-            let of_lane = |seq: u64| lane_lsn(seq).0 == lane;
-            let highest = stored.iter().rev().find_map(|&(a, b)| {
-                if of_lane(b) {
-                    Some(b)
-                } else if b > a {
-                    Some(b - 1)
-                } else {
-                    None
-                }
-            })?;
-            (lane_lsn(highest).1 >= next_lsn(lane)).then_some(highest)
-        })
+fn stored_beyond_written(stored: &[(u64, u64)], next_lsn: impl Fn(Lane) -> u64) -> Option<u64> {
+    Lane::PRIORITY.into_iter().find_map(|lane| {
+        let of_lane = |seq: u64| lane_lsn(seq).0 == lane;
+        let highest = stored.iter().rev().find_map(|&(a, b)| {
+            if of_lane(b) {
+                Some(b)
+            } else if b > a {
+                Some(b - 1)
+            } else {
+                None
+            }
+        })?;
+        (lane_lsn(highest).1 >= next_lsn(lane)).then_some(highest)
+    })
 }
 
 /// Bytes of the frame envelope around a body (magic, version, kind, length, CRC).
@@ -397,7 +391,7 @@ fn mtimes(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::outbox::{Lane, seq_of};
+    use crate::store::outbox::seq_of;
 
     fn next(aggs: u64, alerts: u64) -> impl Fn(Lane) -> u64 {
         move |l| match l {

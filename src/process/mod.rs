@@ -1,6 +1,6 @@
 //! Local processing: windowed aggregates and alert rules, checkpointed with the journal position.
 //!
-//! Readings arrive as [`Committed`](crate::model::Committed) journal records. For each
+//! Readings arrive as [`Committed`] journal records. For each
 //! reading the alert rules ([`rules`]) are evaluated first (an alert is published on the local
 //! broker right away: publish→alert is the latency that must stay inside the budget), then the
 //! reading is folded into tumbling windows ([`window`]) whose statistics ([`crate::model::aggregate`]) include

@@ -315,8 +315,8 @@ impl Frame {
 /// the format.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WireGroup {
-    /// Aggregates, packed in columns (see [`packed`](packed)); at most
-    /// [`packed::MAX_ROWS`](packed::MAX_ROWS) per group.
+    /// Aggregates, packed in columns (see [`packed`]); at most
+    /// [`packed::MAX_ROWS`] per group.
     Aggregates(Vec<u8>),
     /// Alerts.
     Alerts(Vec<WireAlert>),
