@@ -34,12 +34,15 @@
 //! 5. [`config`]: the configuration file; each stage owns the type of its own section.
 //! 6. [`daemon`]: wiring of the stages, ordered shutdown, systemd readiness and watchdog.
 //! 7. [`demo`]: `edgeferry demo`, the whole product in one process.
+//! 8. [`cli`]: what each command prints and the exit code it returns; `main.rs` only parses
+//!    the command line and calls it.
 //!
 //! The durability contract is written once, in `docs/ARCHITECTURE.md`.
 
 pub mod admin;
 pub mod backoff;
 pub mod check;
+pub mod cli;
 pub mod clock;
 pub mod collect;
 pub mod config;

@@ -1,10 +1,9 @@
-//! The `edgeferry` binary: parses the command line, installs the TLS crypto provider, starts
-//! logging and hands over to the library. Exit codes: 0 clean stop, 1 configuration error,
-//! 2 runtime failure (`status` and `store verify`: 3 unhealthy / damage found).
+//! The `edgeferry` binary: parses the command line, installs the TLS crypto provider and hands
+//! over to [`edgeferry::cli`], which prints and picks the exit code (0 clean stop, 1
+//! configuration error, 2 runtime failure, 3 unhealthy or damage found).
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use edgeferry::Config;
+use edgeferry::cli::{self, Exit};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -136,62 +135,22 @@ enum StoreAction {
     },
 }
 
-const EXIT_CONFIG: u8 = 1;
-const EXIT_RUNTIME: u8 = 2;
-
 fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
     edgeferry::tls::install_default_provider();
-    match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(cfg) => {
-                println!("# {}: OK\n", config.display());
-                print!("{}", cfg.to_redacted_toml());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprint!("{e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
-        Command::Run { config } => {
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            edgeferry::telemetry::init(&cfg.log);
-            match run(cfg) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("edgeferry: {e:#}");
-                    ExitCode::from(EXIT_RUNTIME)
-                }
-            }
+    let with_config = |path: &std::path::Path, f: &dyn Fn(edgeferry::Config) -> Exit| {
+        match cli::load_config(path) {
+            Ok(cfg) => f(cfg),
+            Err(e) => e,
         }
-        Command::Status { config, json } => {
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            status(&cfg, json)
-        }
+    };
+    let exit = match cli.command {
+        Command::CheckConfig { config } => cli::check_config(&config),
+        Command::Run { config } => with_config(&config, &cli::run_daemon),
+        Command::Status { config, json } => with_config(&config, &|c| cli::status(&c, json)),
         Command::Tail { config, series } => {
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            tail(&cfg, series.as_deref())
+            with_config(&config, &|c| cli::tail(&c, series.as_deref()))
         }
         Command::Collect {
             listen,
@@ -205,7 +164,6 @@ fn main() -> ExitCode {
             heartbeat,
             handshake_timeout,
         } => {
-            edgeferry::telemetry::init(&edgeferry::telemetry::LogConfig::default());
             let mut cfg = edgeferry::collect::CollectConfig::new(listen, data_dir);
             cfg.token_file = token_file;
             cfg.tls_cert = tls_cert;
@@ -215,231 +173,21 @@ fn main() -> ExitCode {
             cfg.max_frame = max_frame;
             cfg.heartbeat = heartbeat;
             cfg.handshake_timeout = handshake_timeout;
-            match collect(cfg) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("edgeferry collect: {e:#}");
-                    ExitCode::from(EXIT_RUNTIME)
-                }
-            }
+            cli::run_collect(cfg)
         }
-        Command::Store { action } => store(action),
-        Command::Demo { duration, keep } => {
-            match edgeferry::demo::run(edgeferry::demo::DemoOptions { duration, keep }) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(EXIT_RUNTIME),
-                Err(e) => {
-                    eprintln!("edgeferry demo: {e:#}");
-                    ExitCode::from(EXIT_RUNTIME)
-                }
-            }
-        }
-        Command::DumpJournal { config } => {
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+        Command::Store { action } => {
+            let (config, json, tool) = match action {
+                StoreAction::Verify { config, json } => (config, json, cli::StoreTool::Verify),
+                StoreAction::Repair { config, json } => (config, json, cli::StoreTool::Repair),
             };
-            match edgeferry::daemon::dump_journal(&cfg, &mut std::io::stdout().lock()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("edgeferry: {e:#}");
-                    ExitCode::from(EXIT_RUNTIME)
-                }
-            }
+            with_config(&config, &|c| cli::store(&c, tool, json))
         }
-    }
-}
-
-fn run(cfg: Config) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("edgeferry")
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async {
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(edgeferry::daemon::watch_signals(shutdown.clone()));
-        edgeferry::daemon::run(cfg, shutdown).await
-    })?;
-    Ok(())
-}
-
-fn collect(cfg: edgeferry::collect::CollectConfig) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("edgeferry-collect")
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async {
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(edgeferry::daemon::watch_signals(shutdown.clone()));
-        edgeferry::collect::run(cfg, shutdown).await
-    })
-}
-
-/// `edgeferry store verify|repair`.
-fn store(action: StoreAction) -> ExitCode {
-    let (config, json, verify) = match action {
-        StoreAction::Verify { config, json } => (config, json, true),
-        StoreAction::Repair { config, json } => (config, json, false),
+        Command::Demo { duration, keep } => {
+            cli::demo(edgeferry::demo::DemoOptions { duration, keep })
+        }
+        Command::DumpJournal { config } => with_config(&config, &|c| cli::dump_journal(&c)),
     };
-    let cfg = match Config::load(&config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprint!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let data_dir = &cfg.gateway.data_dir;
-    let print = |text: String, value: serde_json::Result<String>| {
-        if json {
-            match value {
-                Ok(s) => println!("{s}"),
-                Err(e) => eprintln!("edgeferry store: cannot encode the report: {e}"),
-            }
-        } else {
-            print!("{text}");
-        }
-    };
-    if verify {
-        match edgeferry::check::verify(data_dir) {
-            Ok(r) => {
-                print(r.to_string(), serde_json::to_string_pretty(&r));
-                if r.clean {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(3)
-                }
-            }
-            Err(e) => {
-                eprintln!("edgeferry store verify: {e}");
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        }
-    } else {
-        edgeferry::telemetry::init(&cfg.log);
-        match edgeferry::check::repair(data_dir, cfg.store.segment_size.as_u64()) {
-            Ok(r) => {
-                print(r.to_string(), serde_json::to_string_pretty(&r));
-                if r.after.clean {
-                    ExitCode::SUCCESS
-                } else {
-                    eprintln!("edgeferry store repair: damage remains (see above)");
-                    ExitCode::from(EXIT_RUNTIME)
-                }
-            }
-            Err(e) => {
-                eprintln!("edgeferry store repair: {e}");
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        }
-    }
-}
-
-/// `edgeferry tail`: 0 when stopped (Ctrl-C, or the daemon shut down), 2 when the daemon is
-/// unreachable or the connection broke.
-fn tail(cfg: &Config, series: Option<&str>) -> ExitCode {
-    let addr = edgeferry::admin::resolve_addr(&cfg.admin.listen, &cfg.gateway.data_dir);
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("edgeferry tail: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    };
-    let ended = rt.block_on(async {
-        let stop = async {
-            use tokio::signal::unix::{SignalKind, signal};
-            match (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) {
-                (Ok(mut int), Ok(mut term)) => {
-                    tokio::select! {
-                        _ = int.recv() => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                _ => std::future::pending().await,
-            }
-        };
-        edgeferry::live::tail(
-            &addr,
-            series,
-            &mut std::io::stdout(),
-            &mut std::io::stderr(),
-            stop,
-        )
-        .await
-    });
-    match ended {
-        Ok(edgeferry::live::TailEnd::Stopped) => ExitCode::SUCCESS,
-        Ok(edgeferry::live::TailEnd::DaemonClosed(reason)) => {
-            eprintln!(
-                "edgeferry tail: the daemon closed the feed{}",
-                if reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {reason}")
-                }
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e @ edgeferry::live::TailError::Connect { .. }) => {
-            eprintln!("edgeferry tail: {e}\nis it running? (systemctl status edgeferry)");
-            ExitCode::from(EXIT_RUNTIME)
-        }
-        Err(e) => {
-            eprintln!("edgeferry tail: {e}");
-            ExitCode::from(EXIT_RUNTIME)
-        }
-    }
-}
-
-/// `edgeferry status`: 0 healthy, 3 unhealthy, 2 daemon unreachable.
-fn status(cfg: &Config, json: bool) -> ExitCode {
-    let addr = edgeferry::admin::resolve_addr(&cfg.admin.listen, &cfg.gateway.data_dir);
-    let got = edgeferry::admin::http_get(&addr, "/status", std::time::Duration::from_secs(3));
-    let body = match got {
-        Ok((200, body)) => body,
-        Ok((code, body)) => {
-            eprintln!("edgeferry status: {addr} answered HTTP {code}: {body}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-        Err(e) => {
-            eprintln!(
-                "edgeferry status: cannot reach the daemon's admin endpoint at {addr}: {e}\n\
-                 is it running? (systemctl status edgeferry)"
-            );
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    };
-    let report: edgeferry::model::StatusReport = match serde_json::from_str(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("edgeferry status: unexpected answer from {addr}: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    };
-    if json {
-        println!("{body}");
-    } else {
-        print!("{}", edgeferry::admin::render_report(&report));
-    }
-    if report.healthy {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(3)
-    }
+    ExitCode::from(exit.code())
 }
 
 /// glibc keeps up to 8 malloc arenas per core and hands them to whichever thread allocates;

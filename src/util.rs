@@ -166,22 +166,71 @@ pub fn write_framed(
     w.finish()?.0.commit()
 }
 
+/// Why the bytes of a framed file (see [`write_framed`]) are unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The file does not start with the expected magic: another kind of file, or garbage.
+    #[error("not a file of this kind (bad magic)")]
+    BadMagic,
+    /// Written by a version of edgeferry whose format this one does not read.
+    #[error("unknown format version {found} (expected {expected})")]
+    Version {
+        /// The version in the file.
+        found: u16,
+        /// The version this build reads.
+        expected: u16,
+    },
+    /// Shorter than its header says: cut off while being written or copied.
+    #[error("truncated")]
+    Truncated,
+    /// The body does not match its checksum.
+    #[error("checksum mismatch")]
+    Checksum,
+}
+
+/// Why a framed state file (the checkpoint, the acknowledgement state) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    /// The envelope (magic, version, length, checksum) is wrong.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// The envelope is intact but its body does not decode as this version's contents.
+    #[error("undecodable contents: {0}")]
+    Body(#[from] postcard::Error),
+}
+
+/// Checks the envelope written by [`write_framed`] and decodes its postcard body.
+pub fn decode_framed<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    magic: &[u8; 4],
+    version: u16,
+) -> Result<T, StateFileError> {
+    Ok(postcard::from_bytes(read_framed(bytes, magic, version)?)?)
+}
+
 /// Checks the envelope written by [`write_framed`] and returns the body.
-pub fn read_framed<'a>(bytes: &'a [u8], magic: &[u8; 4], version: u16) -> Result<&'a [u8], String> {
+pub fn read_framed<'a>(
+    bytes: &'a [u8],
+    magic: &[u8; 4],
+    version: u16,
+) -> Result<&'a [u8], FrameError> {
     if bytes.len() < FRAME_HEADER || &bytes[..4] != magic {
-        return Err("not a file of this kind (bad magic)".into());
+        return Err(FrameError::BadMagic);
     }
     let v = u16::from_le_bytes([bytes[4], bytes[5]]);
     if v != version {
-        return Err(format!("unknown format version {v} (expected {version})"));
+        return Err(FrameError::Version {
+            found: v,
+            expected: version,
+        });
     }
     let len = u64::from_le_bytes(bytes[6..14].try_into().expect("8 bytes")) as usize;
     let crc = u32::from_le_bytes(bytes[14..18].try_into().expect("4 bytes"));
     let body = bytes
         .get(FRAME_HEADER..FRAME_HEADER + len)
-        .ok_or("truncated")?;
+        .ok_or(FrameError::Truncated)?;
     if crc32fast::hash(body) != crc {
-        return Err("checksum mismatch".into());
+        return Err(FrameError::Checksum);
     }
     Ok(body)
 }
@@ -197,14 +246,24 @@ mod framed_tests {
         write_framed(&p, b"TEST", 3, b"hello").unwrap();
         let bytes = std::fs::read(&p).unwrap();
         assert_eq!(read_framed(&bytes, b"TEST", 3).unwrap(), b"hello");
-        assert!(read_framed(&bytes, b"TEST", 4).is_err());
-        assert!(read_framed(&bytes, b"NOPE", 3).is_err());
+        assert_eq!(
+            read_framed(&bytes, b"TEST", 4),
+            Err(FrameError::Version {
+                found: 3,
+                expected: 4
+            })
+        );
+        assert_eq!(read_framed(&bytes, b"NOPE", 3), Err(FrameError::BadMagic));
         let mut bad = bytes.clone();
         *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(read_framed(&bad, b"TEST", 3), Err(FrameError::Checksum));
         assert_eq!(
-            read_framed(&bad, b"TEST", 3).unwrap_err(),
+            read_framed(&bytes[..bytes.len() - 1], b"TEST", 3),
+            Err(FrameError::Truncated)
+        );
+        assert_eq!(
+            read_framed(&bad, b"TEST", 3).unwrap_err().to_string(),
             "checksum mismatch"
         );
-        assert!(read_framed(&bytes[..bytes.len() - 1], b"TEST", 3).is_err());
     }
 }

@@ -105,6 +105,17 @@ fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
 }
 
+impl MqttConfig {
+    /// The largest MQTT packet accepted: 16 MiB or four times `max_payload`, whichever is
+    /// larger (a packet carries topic and properties besides the payload, and a smaller limit
+    /// would make rumqttc drop the connection instead of letting ingest reject the message).
+    pub fn packet_limit(&self) -> usize {
+        (self.max_payload.as_u64() as usize)
+            .saturating_mul(4)
+            .max(16 * 1024 * 1024)
+    }
+}
+
 /// Checks an MQTT topic filter: non-empty, `+` and `#` alone in their level, `#` last.
 pub fn validate_filter(filter: &str) -> Result<(), String> {
     if filter.is_empty() {

@@ -21,10 +21,13 @@
 //! QoS 0 messages are journaled too, but cannot be protected: the broker forgets them as soon
 //! as they are sent, so one in the socket buffer when edgeferry dies is gone.
 
+mod commit;
 pub mod config;
 pub mod decode;
 pub mod dedup;
 pub mod embedded;
+mod error;
+mod poll;
 pub mod session;
 pub mod status;
 

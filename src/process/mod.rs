@@ -26,154 +26,36 @@
 //! which makes replay after a crash see the same lateness decisions as the live run did.
 //! Idle periods advance the clock from the wall clock so windows still close without traffic.
 
+mod batching;
+mod checkpoint;
 pub mod config;
+mod error;
+mod quota;
 pub mod rules;
+mod shared;
 pub mod window;
 
+pub use checkpoint::{CheckpointError, CheckpointSummary, inspect_checkpoint};
 pub use config::{ProcessConfig, RuleConfig};
+pub use error::ProcessError;
+pub use shared::{ProcessLimits, ProcessShared, ProcessStatus};
 
-use crate::model::batch::{BatchKind, OutboxBatch, OutboxItem};
+use crate::model::batch::OutboxItem;
 use crate::model::{Alert, AlertState, SeriesInfo};
 use crate::model::{Committed, Publication};
 use crate::store::journal::Journal;
-use crate::store::outbox::{Lane, Outbox};
-use crate::store::{StoreConfig, WhenFull};
-use serde::{Deserialize, Serialize};
+use crate::store::outbox::Lane;
+use checkpoint::{Checkpoint, PendingCheckpoint, WrittenCheckpoint, decode_checkpoint, joined};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use window::{WindowAggregate, WindowSpec, Windows};
 
-/// Errors of the processing stage.
-#[derive(Debug, thiserror::Error)]
-pub enum ProcessError {
-    /// The state directory or checkpoint file could not be written.
-    #[error("checkpoint {path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The journal could not be replayed.
-    #[error("replaying the journal: {0}")]
-    Replay(#[from] crate::store::StoreError),
-    /// The outbox failed.
-    #[error("outbox: {0}")]
-    Outbox(#[from] crate::store::seglog::LogError),
-}
-
-/// What is checkpointed: all processing state and the positions it reflects.
-#[derive(Debug, Serialize, Deserialize)]
-struct Checkpoint {
-    /// Every journal record below this lsn is reflected here.
-    applied_lsn: u64,
-    /// The processing clock (ms since epoch).
-    clock_ms: i64,
-    /// Window state.
-    windows: Windows,
-    /// Alert rule state.
-    rules: rules::Rules,
-    /// Metric and tags of every series with state (bounded by `max_series`).
-    series: BTreeMap<String, SeriesInfo>,
-    /// Closed windows not yet in an outbox batch.
-    pending: Vec<OutboxItem>,
-    /// Processing time of the oldest pending item (for `linger`).
-    pending_since_ms: Option<i64>,
-    /// Outbox next lsn per lane (aggregates, alerts) when this checkpoint was taken: batches
-    /// at or beyond it after a crash were never sent and are forgotten.
-    outbox_next: [u64; 2],
-}
-
-const CHECKPOINT_MAGIC: &[u8; 4] = b"EFCK";
 /// Closing windows at most this often (processing time) coalesces corrections.
 const CLOSE_EVERY_MS: i64 = 250;
-const CHECKPOINT_VERSION: u16 = 3;
-
-/// A checkpoint written to its temporary file, on its way to being durable and in place
-/// (see [`Processor::begin_checkpoint`]).
-struct PendingCheckpoint {
-    staged: crate::util::StagingFile,
-    path: std::path::PathBuf,
-    bytes: u64,
-    applied_lsn: u64,
-}
-
-/// A checkpoint that is durable.
-struct WrittenCheckpoint {
-    bytes: u64,
-    applied_lsn: u64,
-    seconds: f64,
-}
-
-impl PendingCheckpoint {
-    /// Makes it durable and puts it in place (fdatasync, rename, directory fsync). Blocking.
-    fn write(self) -> Result<WrittenCheckpoint, ProcessError> {
-        let started = Instant::now();
-        self.staged.commit().map_err(|source| ProcessError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
-        Ok(WrittenCheckpoint {
-            bytes: self.bytes,
-            applied_lsn: self.applied_lsn,
-            seconds: started.elapsed().as_secs_f64(),
-        })
-    }
-}
-
-/// Counters of the processing stage, shared with status.
-#[derive(Debug, Default)]
-pub struct ProcessStatus {
-    /// Series with state.
-    pub series: AtomicU64,
-    /// Alerts currently raised.
-    pub alerts_active: AtomicU64,
-    /// Alerts raised or cleared since start.
-    pub alerts: AtomicU64,
-    /// Windows emitted (including corrections).
-    pub windows_emitted: AtomicU64,
-    /// Times the processing backlog was older than the budget.
-    pub budget_violations: AtomicU64,
-    /// Items dropped at the disk quota.
-    pub dropped_items: AtomicU64,
-    /// Ingest is held back because the disk quota is reached and `when_full = "block"`
-    /// (shared with the committer, which stops taking messages while it is set).
-    pub blocked: Arc<AtomicBool>,
-}
-
-/// Handles the processor shares with other stages.
-#[derive(Clone)]
-pub struct ProcessShared {
-    /// The outbox (the forwarder reads and acknowledges through it).
-    pub outbox: Arc<Mutex<Outbox>>,
-    /// Outbox lsns (aggregates, alerts) covered by the last checkpoint: the forwarder sends
-    /// only below them.
-    pub watermark: watch::Sender<[u64; 2]>,
-    /// Lowest journal position still needed: the committer trims below it.
-    pub trim_to: Arc<AtomicU64>,
-    /// Journal bytes on disk (kept up to date by the committer) for the quota.
-    pub journal_bytes: Arc<AtomicU64>,
-    /// Live counters.
-    pub status: Arc<ProcessStatus>,
-    /// The live feed: emitted windows and alerts are sent to it (never blocks).
-    pub live: Option<crate::live::LiveFeed>,
-}
-
-/// Limits and policies the processor applies that live in other sections.
-#[derive(Debug, Clone)]
-pub struct ProcessLimits {
-    /// `[upstream] batch_max`.
-    pub batch_max: usize,
-    /// `[upstream] linger`.
-    pub linger: Duration,
-    /// `[store]`.
-    pub store: StoreConfig,
-}
 
 /// The processing stage.
 pub struct Processor {
@@ -534,46 +416,21 @@ impl Processor {
     /// Moves pending items into outbox batches: alerts at once, aggregates when `batch_max`
     /// are pending or the oldest waited `linger` (on the processing clock), or when `force`.
     fn flush_batches(&mut self, force: bool) -> Result<(), ProcessError> {
-        if self.state.pending.is_empty() {
-            return Ok(());
-        }
-        let (alerts, aggregates): (Vec<_>, Vec<_>) = self
-            .state
-            .pending
-            .drain(..)
-            .partition(|i| matches!(i, OutboxItem::Alert(_)));
-        let now = self.state.clock_ms;
-        let linger_over = self
-            .state
-            .pending_since_ms
-            .is_some_and(|t| now - t >= self.limits.linger.as_millis() as i64);
         let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
-        for chunk in alerts.chunks(self.limits.batch_max.max(1)) {
-            append(&mut ob, Lane::Alerts, BatchKind::Alerts, now, chunk)?;
-            self.appended = true;
-        }
-        let mut rest = aggregates;
-        while rest.len() >= self.limits.batch_max.max(1)
-            || (!rest.is_empty() && (linger_over || force))
-        {
-            let take = rest.len().min(self.limits.batch_max.max(1));
-            let chunk: Vec<_> = rest.drain(..take).collect();
-            append(
-                &mut ob,
-                Lane::Aggregates,
-                BatchKind::Aggregates,
-                now,
-                &chunk,
-            )?;
-            self.appended = true;
-        }
-        drop(ob);
-        self.state.pending_since_ms = if rest.is_empty() {
-            None
-        } else {
-            self.state.pending_since_ms
+        let pending = batching::Pending {
+            items: &mut self.state.pending,
+            since_ms: &mut self.state.pending_since_ms,
         };
-        self.state.pending = rest;
+        if batching::flush(
+            pending,
+            &mut ob,
+            self.state.clock_ms,
+            self.limits.batch_max,
+            self.limits.linger,
+            force,
+        )? {
+            self.appended = true;
+        }
         Ok(())
     }
 
@@ -596,25 +453,10 @@ impl Processor {
             ob.sync()?;
             self.state.outbox_next = [ob.next_lsn(Lane::Aggregates), ob.next_lsn(Lane::Alerts)];
         }
-        // Serialized straight into the file (page cache): the state can be megabytes, and a
-        // copy in memory would double the process's peak.
-        let io = |source| ProcessError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let mut out =
-            crate::util::FramedWriter::create(&self.path, CHECKPOINT_MAGIC, CHECKPOINT_VERSION)
-                .map_err(io)?;
-        postcard::to_io(&self.state, &mut out).map_err(|e| io(std::io::Error::other(e)))?;
-        let (staged, bytes) = out.finish().map_err(io)?;
+        let pending = self.state.stage(&self.path)?;
         self.dirty = false;
         self.appended = false;
-        Ok(PendingCheckpoint {
-            staged,
-            path: self.path.clone(),
-            bytes,
-            applied_lsn: self.state.applied_lsn,
-        })
+        Ok(pending)
     }
 
     /// Second half, once the checkpoint is durable: only now may the journal be trimmed below
@@ -637,53 +479,15 @@ impl Processor {
         self.shared.watermark.send_replace(self.state.outbox_next);
     }
 
-    /// Applies the disk quota to journal + outbox.
+    /// Applies the disk quota to journal + outbox.    /// Applies the disk quota to journal + outbox.
     fn enforce_quota(&mut self) -> Result<(), ProcessError> {
-        let max = self.limits.store.max_disk.as_u64();
         let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
-        let used =
-            |ob: &Outbox| ob.disk_bytes() + self.shared.journal_bytes.load(Ordering::Relaxed);
-        let full = used(&ob) > max;
-        metrics::gauge!("edgeferry_store_bytes").set(used(&ob) as f64);
-        match self.limits.store.when_full {
-            WhenFull::Block => {
-                let was = self.shared.status.blocked.swap(full, Ordering::Relaxed);
-                if full && !was {
-                    tracing::warn!(
-                        "store.max_disk ({}) reached: no longer acknowledging the broker until the upstream drains the outbox",
-                        self.limits.store.max_disk
-                    );
-                } else if !full && was {
-                    tracing::info!("below store.max_disk again: ingest resumes");
-                }
-            }
-            WhenFull::DropOldest => {
-                while used(&ob) > max {
-                    // Oldest aggregates first; alerts only when no aggregate segment is left.
-                    let d = match ob.drop_oldest(Lane::Aggregates)? {
-                        Some(d) => d,
-                        None => match ob.drop_oldest(Lane::Alerts)? {
-                            Some(d) => d,
-                            None => break,
-                        },
-                    };
-                    metrics::counter!("edgeferry_outbox_dropped_items_total").increment(d.items);
-                    metrics::counter!("edgeferry_outbox_dropped_batches_total")
-                        .increment(d.batches);
-                    self.shared
-                        .status
-                        .dropped_items
-                        .fetch_add(d.items, Ordering::Relaxed);
-                    tracing::warn!(
-                        batches = d.batches,
-                        items = d.items,
-                        "store.max_disk ({}) reached: dropped the oldest unsent batches",
-                        self.limits.store.max_disk
-                    );
-                }
-            }
-        }
-        Ok(())
+        quota::enforce(
+            &self.limits.store,
+            &mut ob,
+            self.shared.journal_bytes.load(Ordering::Relaxed),
+            &self.shared.status,
+        )
     }
 
     /// Runs until the channel closes (ingest finished) or `shutdown`, checkpointing every
@@ -749,22 +553,6 @@ impl Processor {
         Ok(())
     }
 }
-
-/// The result of a checkpoint write task (it cannot panic: release builds abort on panic,
-/// and a test build's panic is re-raised here).
-fn joined(
-    r: Result<Result<WrittenCheckpoint, ProcessError>, tokio::task::JoinError>,
-) -> Result<WrittenCheckpoint, ProcessError> {
-    match r {
-        Ok(written) => written,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(ProcessError::Io {
-            path: "checkpoint".into(),
-            source: std::io::Error::other(e.to_string()),
-        }),
-    }
-}
-
 impl Processor {
     /// One commit group of live records: measured against the budget, then applied.
     ///
@@ -802,53 +590,4 @@ impl Processor {
         self.apply_histogram
             .record(started.elapsed().as_secs_f64() / group.len() as f64);
     }
-}
-
-fn append(
-    ob: &mut Outbox,
-    lane: Lane,
-    kind: BatchKind,
-    now: i64,
-    items: &[OutboxItem],
-) -> Result<u64, ProcessError> {
-    let batch = OutboxBatch {
-        kind,
-        created_ms: now,
-        items: items.to_vec(),
-    };
-    let bytes = postcard::to_stdvec(&batch).expect("batches always encode");
-    metrics::counter!("edgeferry_outbox_batches_total", "lane" => lane.as_str()).increment(1);
-    Ok(ob.append(lane, items.len() as u32, now, &bytes)?)
-}
-
-/// What `edgeferry store verify` shows of a checkpoint file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CheckpointSummary {
-    /// Every journal record below this lsn is reflected in the checkpoint.
-    pub applied_lsn: u64,
-    /// The processing clock (ms since epoch).
-    pub clock_ms: i64,
-    /// Series with state.
-    pub series: usize,
-    /// Closed windows not yet in an outbox batch.
-    pub pending_items: usize,
-    /// Outbox next lsn per lane (aggregates, alerts) when the checkpoint was taken.
-    pub outbox_next: [u64; 2],
-}
-
-/// Decodes the bytes of a checkpoint file (offline checks); the error says why it is unusable.
-pub fn inspect_checkpoint(bytes: &[u8]) -> Result<CheckpointSummary, String> {
-    let c = decode_checkpoint(bytes)?;
-    Ok(CheckpointSummary {
-        applied_lsn: c.applied_lsn,
-        clock_ms: c.clock_ms,
-        series: c.series.len(),
-        pending_items: c.pending.len(),
-        outbox_next: c.outbox_next,
-    })
-}
-
-fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, String> {
-    let body = crate::util::read_framed(bytes, CHECKPOINT_MAGIC, CHECKPOINT_VERSION)?;
-    postcard::from_bytes(body).map_err(|e| e.to_string())
 }

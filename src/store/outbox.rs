@@ -156,9 +156,8 @@ const RECORD_HEADER: usize = 12;
 
 /// Decodes the bytes of `acked.bin` (acknowledged lsn ranges of the aggregates and alerts
 /// lanes); the error says why the file is unusable.
-pub fn decode_acks(bytes: &[u8]) -> Result<[RangeSet; 2], String> {
-    let body = crate::util::read_framed(bytes, ACKS_MAGIC, ACKS_VERSION)?;
-    postcard::from_bytes::<[RangeSet; 2]>(body).map_err(|e| e.to_string())
+pub fn decode_acks(bytes: &[u8]) -> Result<[RangeSet; 2], crate::util::StateFileError> {
+    crate::util::decode_framed(bytes, ACKS_MAGIC, ACKS_VERSION)
 }
 
 /// What was dropped at the disk quota.

@@ -1,0 +1,441 @@
+//! The command-line front-ends: what `check-config`, `status`, `tail`, `store verify|repair`,
+//! `dump-journal`, `run`, `collect` and `demo` print, and the exit code each returns. `main.rs`
+//! only parses the command line and calls one of these.
+//!
+//! Exit codes (the same for every command, so scripts and systemd units can rely on them):
+//! 0 success, 1 configuration error, 2 runtime failure or daemon unreachable, 3 unhealthy
+//! (`status`) or damage found (`store verify`).
+
+use crate::Config;
+use crate::model::StatusReport;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Done, healthy, clean.
+    Success,
+    /// The configuration could not be loaded; every problem was printed.
+    Config,
+    /// A runtime failure, or the daemon could not be reached.
+    Runtime,
+    /// `status`: the daemon reports itself unhealthy; `store verify`: damage found.
+    Unhealthy,
+}
+
+impl Exit {
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Success => 0,
+            Exit::Config => 1,
+            Exit::Runtime => 2,
+            Exit::Unhealthy => 3,
+        }
+    }
+}
+
+/// Loads the configuration, or prints every problem in it (to stderr) and says so. The one
+/// place where "load the configuration or stop" is written.
+pub fn load_config(path: &Path) -> Result<Config, Exit> {
+    Config::load(path).map_err(|e| {
+        eprint!("{e}");
+        Exit::Config
+    })
+}
+
+/// `edgeferry check-config`: the effective configuration (secrets redacted) or every problem.
+pub fn check_config(path: &Path) -> Exit {
+    match load_config(path) {
+        Ok(cfg) => {
+            println!("# {}: OK\n", path.display());
+            print!("{}", cfg.to_redacted_toml());
+            Exit::Success
+        }
+        Err(e) => e,
+    }
+}
+
+/// A multi-threaded runtime of two workers (gateways have 1–4 cores; more threads only cost
+/// memory), or a printed error.
+fn runtime(what: &str, name: &str) -> Result<tokio::runtime::Runtime, Exit> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name(name)
+        .build()
+        .map_err(|e| {
+            eprintln!("{what}: cannot start the async runtime: {e}");
+            Exit::Runtime
+        })
+}
+
+/// `edgeferry run`: the daemon in the foreground until SIGTERM/SIGINT.
+pub fn run_daemon(cfg: Config) -> Exit {
+    crate::telemetry::init(&cfg.log);
+    let rt = match runtime("edgeferry", "edgeferry") {
+        Ok(rt) => rt,
+        Err(e) => return e,
+    };
+    let result = rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(crate::daemon::watch_signals(shutdown.clone()));
+        crate::daemon::run(cfg, shutdown).await
+    });
+    match result {
+        Ok(()) => Exit::Success,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("edgeferry: {e}");
+            Exit::Runtime
+        }
+    }
+}
+
+/// `edgeferry collect`: the reference central receiver until SIGTERM/SIGINT.
+pub fn run_collect(cfg: crate::collect::CollectConfig) -> Exit {
+    crate::telemetry::init(&crate::telemetry::LogConfig::default());
+    let rt = match runtime("edgeferry collect", "edgeferry-collect") {
+        Ok(rt) => rt,
+        Err(e) => return e,
+    };
+    let result = rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(crate::daemon::watch_signals(shutdown.clone()));
+        crate::collect::run(cfg, shutdown).await
+    });
+    match result {
+        Ok(()) => Exit::Success,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("edgeferry collect: {e:#}");
+            Exit::Runtime
+        }
+    }
+}
+
+/// `edgeferry demo`: success only when the closing report matches.
+pub fn demo(opts: crate::demo::DemoOptions) -> Exit {
+    match crate::demo::run(opts) {
+        Ok(true) => Exit::Success,
+        Ok(false) => Exit::Runtime,
+        Err(e) => {
+            eprintln!("edgeferry demo: {e:#}");
+            Exit::Runtime
+        }
+    }
+}
+
+/// `edgeferry dump-journal`: every journal record as a JSON line on stdout.
+pub fn dump_journal(cfg: &Config) -> Exit {
+    match crate::daemon::dump_journal(cfg, &mut std::io::stdout().lock()) {
+        Ok(()) => Exit::Success,
+        Err(e) => {
+            eprintln!("edgeferry: {e}");
+            Exit::Runtime
+        }
+    }
+}
+
+/// Which store tool to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreTool {
+    /// Read everything, change nothing.
+    Verify,
+    /// Salvage like start-up does, move every damaged piece into one dated folder.
+    Repair,
+}
+
+/// `edgeferry store verify|repair`: the report as text or JSON; verify exits 3 on damage,
+/// repair 2 when damage remains.
+pub fn store(cfg: &Config, tool: StoreTool, json: bool) -> Exit {
+    let data_dir = &cfg.gateway.data_dir;
+    let print = |text: String, value: serde_json::Result<String>| {
+        if json {
+            match value {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("edgeferry store: cannot encode the report: {e}"),
+            }
+        } else {
+            print!("{text}");
+        }
+    };
+    match tool {
+        StoreTool::Verify => match crate::check::verify(data_dir) {
+            Ok(r) => {
+                print(r.to_string(), serde_json::to_string_pretty(&r));
+                if r.clean {
+                    Exit::Success
+                } else {
+                    Exit::Unhealthy
+                }
+            }
+            Err(e) => {
+                eprintln!("edgeferry store verify: {e}");
+                Exit::Runtime
+            }
+        },
+        StoreTool::Repair => {
+            crate::telemetry::init(&cfg.log);
+            match crate::check::repair(data_dir, cfg.store.segment_size.as_u64()) {
+                Ok(r) => {
+                    print(r.to_string(), serde_json::to_string_pretty(&r));
+                    if r.after.clean {
+                        Exit::Success
+                    } else {
+                        eprintln!("edgeferry store repair: damage remains (see above)");
+                        Exit::Runtime
+                    }
+                }
+                Err(e) => {
+                    eprintln!("edgeferry store repair: {e}");
+                    Exit::Runtime
+                }
+            }
+        }
+    }
+}
+
+/// `edgeferry tail`: success when stopped (Ctrl-C, or the daemon shut down); runtime failure
+/// when the daemon is unreachable or the connection broke.
+pub fn tail(cfg: &Config, series: Option<&str>) -> Exit {
+    let addr = crate::admin::resolve_addr(&cfg.admin.listen, &cfg.gateway.data_dir);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgeferry tail: cannot start the async runtime: {e}");
+            return Exit::Runtime;
+        }
+    };
+    let ended = rt.block_on(async {
+        let stop = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(mut int), Ok(mut term)) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        crate::live::tail(
+            &addr,
+            series,
+            &mut std::io::stdout(),
+            &mut std::io::stderr(),
+            stop,
+        )
+        .await
+    });
+    match ended {
+        Ok(crate::live::TailEnd::Stopped) => Exit::Success,
+        Ok(crate::live::TailEnd::DaemonClosed(reason)) => {
+            eprintln!(
+                "edgeferry tail: the daemon closed the feed{}",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                }
+            );
+            Exit::Success
+        }
+        Err(e @ crate::live::TailError::Connect { .. }) => {
+            eprintln!("edgeferry tail: {e}\nis it running? (systemctl status edgeferry)");
+            Exit::Runtime
+        }
+        Err(e) => {
+            eprintln!("edgeferry tail: {e}");
+            Exit::Runtime
+        }
+    }
+}
+
+/// `edgeferry status`: the daemon's report for a human (or its JSON); unhealthy exits 3, an
+/// unreachable daemon 2.
+pub fn status(cfg: &Config, json: bool) -> Exit {
+    let addr = crate::admin::resolve_addr(&cfg.admin.listen, &cfg.gateway.data_dir);
+    let body = match crate::admin::http_get(&addr, "/status", Duration::from_secs(3)) {
+        Ok((200, body)) => body,
+        Ok((code, body)) => {
+            eprintln!("edgeferry status: {addr} answered HTTP {code}: {body}");
+            return Exit::Runtime;
+        }
+        Err(e) => {
+            eprintln!(
+                "edgeferry status: cannot reach the daemon's admin endpoint at {addr}: {e}\n\
+                 is it running? (systemctl status edgeferry)"
+            );
+            return Exit::Runtime;
+        }
+    };
+    let report: StatusReport = match serde_json::from_str(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgeferry status: unexpected answer from {addr}: {e}");
+            return Exit::Runtime;
+        }
+    };
+    if json {
+        println!("{body}");
+    } else {
+        print!("{}", render_status(&report));
+    }
+    if report.healthy {
+        Exit::Success
+    } else {
+        Exit::Unhealthy
+    }
+}
+
+/// Renders a status report for a human (`edgeferry status`).
+pub fn render_status(r: &StatusReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "edgeferry {} on gateway {}: {} (up {})",
+        r.version,
+        r.gateway,
+        if r.healthy { "HEALTHY" } else { "UNHEALTHY" },
+        humantime::format_duration(Duration::from_secs(r.uptime_secs))
+    );
+    let _ = writeln!(
+        s,
+        "broker   {} — {}{}, {} reconnects",
+        r.broker.url,
+        if r.broker.connected {
+            "connected"
+        } else {
+            "DOWN"
+        },
+        if r.broker.subscribed {
+            ", subscribed"
+        } else {
+            ""
+        },
+        r.broker.reconnects
+    );
+    let _ = writeln!(
+        s,
+        "ingest   {} messages, {} readings journaled, {} rejected, {} redeliveries dropped",
+        r.ingest.messages, r.ingest.readings, r.ingest.rejected, r.ingest.duplicates_dropped
+    );
+    let _ = writeln!(
+        s,
+        "process  {} series, {} windows emitted, {} alerts active ({} events), {} budget violations",
+        r.process.series,
+        r.process.windows_emitted,
+        r.process.alerts_active,
+        r.process.alerts,
+        r.process.budget_violations
+    );
+    let _ = writeln!(
+        s,
+        "backlog  {} batches, {} items, {} bytes, oldest {}{}",
+        r.backlog.batches,
+        r.backlog.items,
+        r.backlog.bytes,
+        r.backlog
+            .oldest_age_secs
+            .map(|a| format!("{a} s ago"))
+            .unwrap_or_else(|| "-".into()),
+        if r.process.dropped_items > 0 {
+            format!(
+                ", {} items DROPPED at the disk quota",
+                r.process.dropped_items
+            )
+        } else {
+            String::new()
+        }
+    );
+    match &r.upstream {
+        Some(u) => {
+            let _ = writeln!(
+                s,
+                "upstream {} — {}, {} batches sent, {} acknowledged, {} reconnects",
+                u.url,
+                if u.connected { "connected" } else { "DOWN" },
+                u.batches_sent,
+                u.batches_acked,
+                u.reconnects
+            );
+        }
+        None => {
+            let _ = writeln!(s, "upstream none configured (batches stay in the outbox)");
+        }
+    }
+    for p in &r.problems {
+        let _ = writeln!(s, "PROBLEM  {p}");
+    }
+    if !r.rejected_recent.is_empty() {
+        let _ = writeln!(s, "last rejected messages (oldest first):");
+        for m in &r.rejected_recent {
+            let _ = writeln!(
+                s,
+                "  {} {} [{}] {} — payload: {:?}",
+                m.time, m.topic, m.reason, m.detail, m.payload
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> StatusReport {
+        serde_json::from_value(serde_json::json!({
+            "version": "9.9.9", "gateway": "gw-1", "healthy": false, "ready": true, "uptime_secs": 3725,
+            "broker": {"url": "mqtt://127.0.0.1:1883", "connected": true, "subscribed": true, "reconnects": 2, "last_error": null},
+            "ingest": {"messages": 10, "readings": 12, "rejected": 1, "duplicates_dropped": 3},
+            "process": {"series": 4, "windows_emitted": 5, "alerts_active": 1, "alerts": 2,
+                        "budget_violations": 0, "dropped_items": 7, "blocked": false},
+            "backlog": {"batches": 2, "items": 9, "bytes": 512, "oldest_age_secs": 40},
+            "upstream": {"url": "wss://central:9443", "connected": false, "batches_sent": 6,
+                         "batches_acked": 4, "reconnects": 1, "last_error": "refused"},
+            "problems": ["upstream unreachable for 40 s"],
+            "rejected_recent": [],
+        }))
+        .expect("a StatusReport in its JSON form")
+    }
+
+    #[test]
+    fn the_status_page_says_what_is_wrong_first_and_every_count_after() {
+        let text = render_status(&report());
+        let first = text.lines().next().unwrap();
+        assert_eq!(
+            first,
+            "edgeferry 9.9.9 on gateway gw-1: UNHEALTHY (up 1h 2m 5s)"
+        );
+        for want in [
+            "broker   mqtt://127.0.0.1:1883 — connected, subscribed, 2 reconnects",
+            "12 readings journaled, 1 rejected, 3 redeliveries dropped",
+            "backlog  2 batches, 9 items, 512 bytes, oldest 40 s ago, 7 items DROPPED at the disk quota",
+            "upstream wss://central:9443 — DOWN, 6 batches sent, 4 acknowledged, 1 reconnects",
+            "PROBLEM  upstream unreachable for 40 s",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn exit_codes_are_the_documented_ones() {
+        let codes: Vec<u8> = [Exit::Success, Exit::Config, Exit::Runtime, Exit::Unhealthy]
+            .iter()
+            .map(|e| e.code())
+            .collect();
+        assert_eq!(codes, [0, 1, 2, 3]);
+    }
+}

@@ -1,0 +1,368 @@
+//! The committer: decodes, deduplicates and journals each message, syncs a group, then
+//! releases its acknowledgements and hands the committed readings to processing.
+
+use super::config::MqttConfig;
+use super::decode::{Decoder, Reject};
+use super::dedup::RecentCommits;
+use super::error::IngestError;
+use super::poll::{AckRequest, Incoming};
+use super::status::IngestStatus;
+use crate::clock::now_ms;
+use crate::model::Reading;
+use crate::model::{Committed, RejectedMessage};
+use crate::model::{DedupKey, JournalEntry};
+use crate::store::journal::Journal;
+use crate::telemetry::RateLimit;
+use rumqttc::QoS;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+/// Admits at most `max` distinct series; readings of new series beyond it are rejected.
+pub(super) struct SeriesGuard {
+    pub(super) max: usize,
+    pub(super) known: HashSet<String>,
+}
+
+impl SeriesGuard {
+    pub(super) fn new(max: usize, known: Vec<String>) -> Self {
+        let mut k = HashSet::with_capacity(known.len().min(max));
+        for s in known.into_iter().take(max) {
+            k.insert(s);
+        }
+        Self { max, known: k }
+    }
+
+    pub(super) fn admit(&mut self, key: &str) -> bool {
+        if self.known.contains(key) {
+            return true;
+        }
+        if self.known.len() >= self.max {
+            return false;
+        }
+        self.known.insert(key.to_owned());
+        true
+    }
+}
+
+pub(super) struct Committer {
+    pub(super) journal: Journal,
+    pub(super) decoders: Vec<Decoder>,
+    pub(super) recent: RecentCommits,
+    pub(super) series: SeriesGuard,
+    pub(super) status: Arc<IngestStatus>,
+    pub(super) future_skew_ms: i64,
+    pub(super) max_payload: usize,
+    /// Per-subscription counters, registered once (a registry lookup per message is not free
+    /// at 100k+ messages/s).
+    pub(super) readings_counters: Vec<metrics::Counter>,
+    pub(super) log_limit: RateLimit,
+    pub(super) trim_to: Arc<AtomicU64>,
+    pub(super) journal_bytes: Arc<AtomicU64>,
+    pub(super) blocked: Arc<std::sync::atomic::AtomicBool>,
+    pub(super) live: Option<crate::live::ReadingSampler>,
+    pub(super) keep_tail: u64,
+    pub(super) commits: u64,
+    pub(super) dups_in_group: u64,
+    pub(super) crash_after_commits: Option<u64>,
+    /// Scratch buffer for series keys.
+    pub(super) key_buf: String,
+}
+
+/// Test failpoint: `EDGEFERRY_FAILPOINT_CRASH_AFTER_COMMITS=N` aborts the process right after
+/// the N-th journal sync, before its acknowledgements are sent. The crash-torture test uses it
+/// to hit the narrowest window of the durability chain on purpose rather than by luck.
+pub const FAILPOINT_ENV: &str = "EDGEFERRY_FAILPOINT_CRASH_AFTER_COMMITS";
+
+/// The reason labels ingest adds to the decoders' own.
+pub const INGEST_REASONS: &[&str] = &[
+    "too_large",
+    "too_many_series",
+    "future_timestamp",
+    "no_subscription",
+];
+
+impl Committer {
+    pub(super) async fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<Incoming>,
+        ack_tx: mpsc::UnboundedSender<Vec<AckRequest>>,
+        out: mpsc::Sender<Vec<Committed>>,
+        cfg: &MqttConfig,
+        progress: &AtomicU64,
+    ) -> Result<(), IngestError> {
+        let mut group: Vec<Incoming> = Vec::with_capacity(cfg.commit_max);
+        let mut acks: Vec<AckRequest> = Vec::with_capacity(cfg.commit_max);
+        let mut committed: Vec<Committed> = Vec::with_capacity(cfg.commit_max);
+        let mut readings: Vec<Reading> = Vec::new();
+        let mut permits: Vec<OwnedSemaphorePermit> = Vec::with_capacity(cfg.commit_max);
+        let mut closed = false;
+        while !closed {
+            progress.store(now_ms() as u64, Ordering::Relaxed);
+            if self.blocked.load(Ordering::Relaxed) {
+                // Processing keeps checkpointing while ingest is held: keep trimming so the
+                // journal gives its share of the quota back.
+                self.trim()?;
+                self.journal_bytes
+                    .store(self.journal.disk_bytes(), Ordering::Relaxed);
+                // Backpressure: stop taking messages; the channel fills, the poll task stops
+                // reading and the broker queues for us.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if rx.is_closed() {
+                    // Shutting down: what is still queued was never acknowledged and the
+                    // broker redelivers it to the next session.
+                    break;
+                }
+                continue;
+            }
+            let first = tokio::select! {
+                m = rx.recv() => m,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            };
+            let Some(first) = first else { break };
+            group.push(first);
+            // Gather the group: take whatever is queued at once (`recv_many`), one timer for
+            // the whole group rather than one per message.
+            let deadline = tokio::time::sleep(cfg.commit_interval);
+            tokio::pin!(deadline);
+            while group.len() < cfg.commit_max {
+                let room = cfg.commit_max - group.len();
+                tokio::select! {
+                    n = rx.recv_many(&mut group, room) => if n == 0 { closed = true; break; },
+                    _ = &mut deadline => break,
+                }
+            }
+            // Decode, append and sync the whole group in one `block_in_place`: each call
+            // hands this worker's core to another thread, which is far too dear per message.
+            let oldest = group.first().map(|m| m.received_at);
+            tokio::task::block_in_place(|| {
+                self.commit_group(
+                    &mut group,
+                    &mut readings,
+                    &mut committed,
+                    &mut acks,
+                    &mut permits,
+                )
+            })?;
+            if self.dups_in_group > 0 {
+                tracing::info!(
+                    "dropped {} redelivered message(s) already in the journal (duplicates dropped)",
+                    self.dups_in_group
+                );
+                self.dups_in_group = 0;
+            }
+            self.trim()?;
+            let commit_latency = oldest.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+            metrics::histogram!("edgeferry_ingest_commit_seconds").record(commit_latency);
+            let jb = self.journal.disk_bytes();
+            self.journal_bytes.store(jb, Ordering::Relaxed);
+            metrics::gauge!("edgeferry_journal_bytes").set(jb as f64);
+            // Durable now: the memory they held is free, acknowledge in order, then hand on
+            // to processing.
+            permits.clear();
+            if !acks.is_empty() {
+                let group = std::mem::replace(&mut acks, Vec::with_capacity(cfg.commit_max));
+                let _ = ack_tx.send(group);
+            }
+            if let Some(live) = self.live.as_mut().filter(|l| l.active()) {
+                let now = now_ms();
+                live.offer(now, committed.iter().flat_map(|c| &c.entry.readings));
+            }
+            if !committed.is_empty() {
+                // One hand-off per group, not per record.
+                let n: u64 = committed
+                    .iter()
+                    .map(|c| c.entry.readings.len() as u64)
+                    .sum();
+                let batch = std::mem::replace(&mut committed, Vec::with_capacity(cfg.commit_max));
+                if out.send(batch).await.is_err() {
+                    // Processing stopped (shutdown); the journal has it, replay will see it.
+                } else {
+                    self.status.readings.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Journals a gathered group and makes it durable: decode and append every message
+    /// (acknowledgements and permits are collected for all of them, rejected ones included),
+    /// then one `fdatasync`. Blocking: called inside `block_in_place`.
+    pub(super) fn commit_group(
+        &mut self,
+        group: &mut Vec<Incoming>,
+        readings: &mut Vec<Reading>,
+        committed: &mut Vec<Committed>,
+        acks: &mut Vec<AckRequest>,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+    ) -> Result<(), IngestError> {
+        let mut appended = 0usize;
+        for m in group.drain(..) {
+            if let Some(entry) = self.accept(&m, readings) {
+                let lsn = self.journal.append(&entry)?;
+                self.recent.insert(entry.dedup);
+                committed.push(Committed {
+                    lsn,
+                    entry,
+                    received_at: Some(m.received_at),
+                });
+                appended += 1;
+            }
+            acks.push(AckRequest {
+                generation: m.generation,
+                pkid: m.pkid,
+                qos: m.qos,
+            });
+            permits.push(m.permit);
+        }
+        if appended > 0 {
+            self.journal.sync()?;
+            self.commits += 1;
+            if self.crash_after_commits == Some(self.commits) {
+                // Failpoint (tests only): die in the narrowest window of the chain, after
+                // the journal is durable and before any acknowledgement left.
+                std::process::abort();
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides what to do with one message: `Some(entry)` to journal, `None` when it is a
+    /// recognised duplicate, a retained copy or rejected (all of which are still acknowledged).
+    pub(super) fn accept(
+        &mut self,
+        m: &Incoming,
+        readings: &mut Vec<Reading>,
+    ) -> Option<JournalEntry> {
+        if m.topic.is_empty() {
+            return None; // retained-copy marker
+        }
+        let dedup = DedupKey::new(m.pkid, &m.topic, &m.payload);
+        if m.dup && m.qos != QoS::AtMostOnce && self.recent.contains(&dedup) {
+            self.status.duplicates.fetch_add(1, Ordering::Relaxed);
+            self.dups_in_group += 1;
+            metrics::counter!("edgeferry_ingest_duplicates_dropped_total").increment(1);
+            return None;
+        }
+        let Some(sub) = m.subscription else {
+            self.reject(
+                m,
+                "no_subscription",
+                "topic matches no [[mqtt.subscribe]] filter".into(),
+            );
+            return None;
+        };
+        if m.payload.len() > self.max_payload {
+            self.reject(
+                m,
+                "too_large",
+                format!(
+                    "payload of {} bytes exceeds mqtt.max_payload ({} bytes)",
+                    m.payload.len(),
+                    self.max_payload
+                ),
+            );
+            return None;
+        }
+        readings.clear();
+        if let Err(r) = self.decoders[sub].decode(&m.topic, &m.payload, m.received_ms, readings) {
+            self.reject_decode(m, &r);
+            return None;
+        }
+        let limit = m.received_ms + self.future_skew_ms;
+        if let Some(r) = readings.iter().find(|r| r.time_ms > limit) {
+            let detail = format!(
+                "event time {} ms is {} s ahead of this gateway's clock (mqtt.future_skew allows {} s)",
+                r.time_ms,
+                (r.time_ms - m.received_ms) / 1000,
+                self.future_skew_ms / 1000
+            );
+            self.reject(m, "future_timestamp", detail);
+            return None;
+        }
+        let mut kept = Vec::with_capacity(readings.len());
+        for r in readings.drain(..) {
+            // The key is built in a reused buffer: only a new series allocates.
+            self.key_buf.clear();
+            crate::model::write_series_key(&mut self.key_buf, &r.metric, &r.tags);
+            if self.series.admit(&self.key_buf) {
+                kept.push(r);
+            } else {
+                metrics::counter!("edgeferry_ingest_rejected_total", "reason" => "too_many_series")
+                    .increment(1);
+                self.status.rejected.fetch_add(1, Ordering::Relaxed);
+                if let Some(n) = self.log_limit.check("too_many_series") {
+                    tracing::warn!(
+                        topic = %m.topic,
+                        suppressed = n,
+                        "reading of a new series {} rejected: process.max_series ({}) reached",
+                        r.series_key(),
+                        self.series.max
+                    );
+                }
+            }
+        }
+        if kept.is_empty() {
+            return None;
+        }
+        self.readings_counters[sub].increment(kept.len() as u64);
+        Some(JournalEntry {
+            dedup,
+            received_ms: m.received_ms,
+            subscription: sub as u16,
+            readings: kept,
+        })
+    }
+
+    /// Deletes journal segments that processing no longer needs, always keeping the last
+    /// `keep_tail` records so redeliveries after a crash can still be recognised.
+    pub(super) fn trim(&mut self) -> Result<(), IngestError> {
+        let safe = self.trim_to.load(Ordering::Acquire);
+        let keep = self.journal.next_lsn().saturating_sub(self.keep_tail);
+        let to = safe.min(keep);
+        if to > self.journal.first_lsn() {
+            let freed = tokio::task::block_in_place(|| self.journal.trim_before(to))?;
+            if freed > 0 {
+                tracing::debug!(freed, to, "journal trimmed");
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn reject_decode(&self, m: &Incoming, r: &Reject) {
+        self.reject(m, r.reason(), r.to_string());
+    }
+
+    pub(super) fn reject(&self, m: &Incoming, reason: &'static str, detail: String) {
+        self.status.rejected.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("edgeferry_ingest_rejected_total", "reason" => reason).increment(1);
+        if let Some(n) = self.log_limit.check(reason) {
+            tracing::warn!(topic = %m.topic, reason, suppressed = n, "payload rejected: {detail}");
+        }
+        let preview: String =
+            String::from_utf8_lossy(&m.payload[..m.payload.len().min(120)]).into_owned();
+        self.status.remember_reject(RejectedMessage {
+            time: crate::util::rfc3339_ms(m.received_ms),
+            topic: m.topic.clone(),
+            reason: reason.to_string(),
+            detail,
+            payload: preview,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_guard_admits_known_series_beyond_the_limit_but_no_new_ones() {
+        let mut g = SeriesGuard::new(2, vec!["a".into()]);
+        assert!(g.admit("b"));
+        assert!(!g.admit("c"));
+        assert!(g.admit("a"));
+        assert!(g.admit("b"));
+    }
+}

@@ -1,0 +1,54 @@
+//! The payload formats a subscription can declare.
+
+use std::fmt;
+
+/// The payload encoding of a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A JSON document (object, or a bare number/boolean). The default because it is what
+    /// most off-the-shelf sensors and bridges publish.
+    #[default]
+    Json,
+    /// A plain ASCII decimal number, as published by minimal firmware.
+    Number,
+    /// An RFC 8428 SenML pack in JSON.
+    Senml,
+}
+
+impl Format {
+    /// The configuration spelling (`json`, `number`, `senml`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Number => "number",
+            Format::Senml => "senml",
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_defaults_to_json_and_uses_lowercase_config_names() {
+        assert_eq!(Format::default(), Format::Json);
+        for (text, f) in [
+            ("\"json\"", Format::Json),
+            ("\"number\"", Format::Number),
+            ("\"senml\"", Format::Senml),
+        ] {
+            assert_eq!(serde_json::from_str::<Format>(text).unwrap(), f);
+            assert_eq!(serde_json::to_string(&f).unwrap(), text);
+            assert_eq!(format!("\"{f}\""), text);
+        }
+        assert!(serde_json::from_str::<Format>("\"Json\"").is_err());
+    }
+}

@@ -1,0 +1,475 @@
+//! The poll task: owns rumqttc's event loop, hands each message to the committer under a
+//! permit, and writes each commit group's PUBACKs into the connection with one flush.
+
+use super::config::MqttConfig;
+use super::status::IngestStatus;
+use crate::backoff::Backoff;
+use crate::clock::now_ms;
+use crate::telemetry::RateLimit;
+use bytes::Bytes;
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, EventLoop, Packet, QoS, SubscribeFilter,
+    SubscribeReasonCode,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// One message received from the broker, on its way to the journal.
+pub(super) struct Incoming {
+    pub(super) generation: u64,
+    pub(super) pkid: u16,
+    pub(super) qos: QoS,
+    pub(super) dup: bool,
+    pub(super) topic: String,
+    pub(super) payload: Bytes,
+    pub(super) received_ms: i64,
+    pub(super) received_at: Instant,
+    pub(super) subscription: Option<usize>,
+    pub(super) permit: OwnedSemaphorePermit,
+}
+
+/// An acknowledgement to send once everything before it is durable.
+///
+/// It carries no permit: the permit (the memory bound on undecided messages) is returned as
+/// soon as the message is durable. Tying it to the acknowledgement instead would deadlock:
+/// acks leave only while the event loop is polled, and the poll task waits for permits.
+pub(super) struct AckRequest {
+    pub(super) generation: u64,
+    pub(super) pkid: u16,
+    pub(super) qos: QoS,
+}
+
+/// Connection state, logged once per change rather than once per attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum LinkState {
+    Connecting,
+    Up,
+    Down(String),
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn poll_loop(
+    cfg: &MqttConfig,
+    client: AsyncClient,
+    eventloop: &mut EventLoop,
+    in_tx: mpsc::Sender<Incoming>,
+    permits: Arc<Semaphore>,
+    generation: Arc<AtomicU64>,
+    status: Arc<IngestStatus>,
+    ready: watch::Sender<bool>,
+    shutdown: CancellationToken,
+    mut acks: mpsc::UnboundedReceiver<Vec<AckRequest>>,
+) {
+    let filters: Vec<String> = cfg.subscribe.iter().map(|s| s.filter.clone()).collect();
+    let mut backoff = Backoff::new(Duration::from_millis(200), cfg.reconnect_max);
+    let mut state = LinkState::Connecting;
+    let mut in_tx = Some(in_tx);
+    let mut pending_sub: Option<u16> = None;
+    let mut ever_connected = false;
+    let stalls = RateLimit::new(Duration::from_secs(10));
+    loop {
+        if in_tx.is_none() {
+            break;
+        }
+        let ev = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                in_tx = None;
+                continue;
+            }
+            Some(group) = acks.recv() => {
+                let since = Instant::now();
+                write_acks(eventloop, group, &generation).await;
+                slow_wait(&stalls, Wait::AckWrite, since);
+                continue;
+            }
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                if ack.code != ConnectReturnCode::Success {
+                    continue;
+                }
+                backoff.reset();
+                if ever_connected {
+                    status.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                ever_connected = true;
+                if !ack.session_present {
+                    // Acks still queued for the previous connection would now acknowledge
+                    // *new* messages that reuse those packet ids; a new generation makes the
+                    // ack task drop them (their messages are durable already).
+                    generation.fetch_add(1, Ordering::SeqCst);
+                }
+                status.connected.store(true, Ordering::Relaxed);
+                status.set_error(None);
+                if state != LinkState::Up {
+                    tracing::info!(
+                        session_present = ack.session_present,
+                        "connected to MQTT broker {}",
+                        cfg.url
+                    );
+                    state = LinkState::Up;
+                }
+                // Subscribe on every connect: rumqttc does not resubscribe when the broker
+                // lost the session, and re-subscribing a live session is harmless.
+                let subs = filters
+                    .iter()
+                    .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                match client.try_subscribe_many(subs) {
+                    Ok(()) => pending_sub = Some(0),
+                    Err(e) => tracing::error!("cannot queue subscription: {e}"),
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused: Vec<_> = ack
+                    .return_codes
+                    .iter()
+                    .zip(&filters)
+                    .filter(|(c, _)| matches!(c, SubscribeReasonCode::Failure))
+                    .map(|(_, f)| f.as_str())
+                    .collect();
+                if refused.is_empty() {
+                    status.subscribed.store(true, Ordering::Relaxed);
+                    if pending_sub.take().is_some() {
+                        tracing::info!(filters = ?filters, "subscribed with QoS 1");
+                    }
+                    let _ = ready.send(true);
+                } else {
+                    tracing::error!(
+                        ?refused,
+                        "the broker refused these subscriptions; check its ACLs for this user"
+                    );
+                    status.set_error(Some(format!("subscription refused: {refused:?}")));
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                status.messages.fetch_add(1, Ordering::Relaxed);
+                if p.retain {
+                    // A retained copy is resent on every (re)subscribe; it is a reading we
+                    // saw live already (or a stale one from before edgeferry ran).
+                    metrics::counter!("edgeferry_ingest_retained_ignored_total").increment(1);
+                    // Acknowledge through the same ordered path as everything else.
+                    let since = Instant::now();
+                    let permit = acquire(&permits, &shutdown).await;
+                    slow_wait(&stalls, Wait::Permits, since);
+                    let Some(permit) = permit else {
+                        in_tx = None;
+                        continue;
+                    };
+                    forward(
+                        &mut in_tx,
+                        &shutdown,
+                        retained_marker(&p, &generation, permit),
+                    )
+                    .await;
+                    continue;
+                }
+                let subscription = filters.iter().position(|f| topic_matches(f, &p.topic));
+                let since = Instant::now();
+                let permit = acquire(&permits, &shutdown).await;
+                slow_wait(&stalls, Wait::Permits, since);
+                let Some(permit) = permit else {
+                    in_tx = None;
+                    continue;
+                };
+                let incoming = Incoming {
+                    generation: generation.load(Ordering::SeqCst),
+                    pkid: p.pkid,
+                    qos: p.qos,
+                    dup: p.dup,
+                    topic: p.topic,
+                    payload: p.payload,
+                    received_ms: now_ms(),
+                    received_at: Instant::now(),
+                    subscription,
+                    permit,
+                };
+                let since = Instant::now();
+                forward(&mut in_tx, &shutdown, incoming).await;
+                slow_wait(&stalls, Wait::Committer, since);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                status.connected.store(false, Ordering::Relaxed);
+                status.subscribed.store(false, Ordering::Relaxed);
+                let mut msg = e.to_string();
+                if matches!(
+                    e,
+                    rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                        rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)
+                    ))
+                ) {
+                    msg = format!(
+                        "{msg}: a message larger than {} bytes is stuck in the broker's queue; \
+                         set `message_size_limit` in mosquitto.conf below that",
+                        cfg.packet_limit()
+                    );
+                }
+                status.set_error(Some(msg.clone()));
+                // Compare without digits: the same failure often carries a changing time
+                // or counter, and must still be logged once, not once per attempt.
+                let next = LinkState::Down(crate::telemetry::failure_key(&msg));
+                if state != next {
+                    tracing::warn!(
+                        "MQTT broker {} unreachable: {msg}; retrying with backoff",
+                        cfg.url
+                    );
+                    state = next;
+                }
+                let pause = backoff.next_delay();
+                tokio::select! {
+                    _ = shutdown.cancelled() => { in_tx = None; }
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+    // Flush: the committer commits what it already has and then drops its sender; write
+    // every acknowledgement it sends until then (bounded by a deadline), then say goodbye.
+    // Anything received but not committed stays unacknowledged and the broker redelivers it
+    // to the next session.
+    drop(in_tx);
+    let deadline = tokio::time::sleep(Duration::from_secs(5));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut deadline => break,
+            g = acks.recv() => match g {
+                Some(group) => write_acks(eventloop, group, &generation).await,
+                None => break,
+            },
+            ev = eventloop.poll() => if ev.is_err() { break },
+        }
+    }
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// A retained delivery only needs its acknowledgement, in order with the rest.
+pub(super) fn retained_marker(
+    p: &rumqttc::Publish,
+    generation: &AtomicU64,
+    permit: OwnedSemaphorePermit,
+) -> Incoming {
+    Incoming {
+        generation: generation.load(Ordering::SeqCst),
+        pkid: p.pkid,
+        qos: p.qos,
+        dup: p.dup,
+        topic: String::new(),
+        payload: Bytes::new(),
+        received_ms: now_ms(),
+        received_at: Instant::now(),
+        subscription: None,
+        permit,
+    }
+}
+
+/// Waits of the poll loop longer than this are logged and counted: meanwhile edgeferry reads
+/// nothing from the broker and acknowledges nothing, so a stall of the whole chain shows up
+/// here if edgeferry is its cause (and not here if the broker is).
+pub(super) const SLOW_WAIT: Duration = Duration::from_millis(250);
+
+/// What the poll loop waited for.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Wait {
+    /// Writing a commit group's PUBACKs into the socket (the broker is not reading).
+    AckWrite,
+    /// A memory permit (`max_unacked` messages received and not yet committed).
+    Permits,
+    /// Room in the committer's queue.
+    Committer,
+}
+
+impl Wait {
+    fn label(self) -> &'static str {
+        match self {
+            Wait::AckWrite => "ack_write",
+            Wait::Permits => "permits",
+            Wait::Committer => "committer_queue",
+        }
+    }
+}
+
+pub(super) fn slow_wait(limit: &RateLimit, what: Wait, since: Instant) {
+    let waited = since.elapsed();
+    if waited < SLOW_WAIT {
+        return;
+    }
+    metrics::counter!("edgeferry_ingest_poll_stalls_total", "cause" => what.label()).increment(1);
+    if let Some(hidden) = limit.check(what.label()) {
+        tracing::warn!(
+            waited_ms = waited.as_millis() as u64,
+            similar_hidden = hidden,
+            "MQTT poll loop stalled waiting for {what:?}: nothing read from or acknowledged to the broker meanwhile"
+        );
+    }
+}
+
+pub(super) async fn acquire(
+    permits: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = permits.clone().try_acquire_owned() {
+        return Some(p);
+    }
+    metrics::counter!("edgeferry_ingest_backpressure_total").increment(1);
+    tokio::select! {
+        p = permits.clone().acquire_owned() => p.ok(),
+        _ = shutdown.cancelled() => None,
+    }
+}
+
+pub(super) async fn forward(
+    in_tx: &mut Option<mpsc::Sender<Incoming>>,
+    shutdown: &CancellationToken,
+    incoming: Incoming,
+) {
+    let Some(tx) = in_tx.as_ref() else { return };
+    // Almost always there is room: skip the select! (and its cancellation waiter).
+    let incoming = match tx.try_send(incoming) {
+        Ok(()) => return,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            *in_tx = None;
+            return;
+        }
+        Err(mpsc::error::TrySendError::Full(m)) => m,
+    };
+    tokio::select! {
+        r = tx.send(incoming) => if r.is_err() { *in_tx = None; },
+        _ = shutdown.cancelled() => { *in_tx = None; }
+    }
+}
+
+/// MQTT topic filter matching (`+` one level, `#` the rest).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Publishes alerts on the local broker (QoS 1). A separate task because `publish` can wait
+/// for room in rumqttc's request queue, which must never stall the poll loop.
+pub(super) async fn publish_loop(
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<crate::model::Publication>,
+) {
+    while let Some(p) = rx.recv().await {
+        match client
+            .publish(p.topic.clone(), QoS::AtLeastOnce, false, p.payload)
+            .await
+        {
+            Ok(()) => {
+                metrics::counter!("edgeferry_alerts_published_total").increment(1);
+                if let Some(t) = p.received_at {
+                    metrics::histogram!("edgeferry_alert_latency_seconds")
+                        .record(t.elapsed().as_secs_f64());
+                }
+            }
+            Err(e) => tracing::warn!(topic = %p.topic, "alert not published: {e}"),
+        }
+    }
+}
+
+/// Writes a commit group's PUBACKs straight into the connection's write buffer and flushes
+/// once. Acks of an older connection generation (the broker lost the session) are dropped:
+/// their messages are durable, and the packet ids now belong to new messages. Without a
+/// connection they are dropped too: the broker redelivers those messages (DUP) and the
+/// committer recognises them.
+pub(super) async fn write_acks(
+    eventloop: &mut EventLoop,
+    group: Vec<AckRequest>,
+    generation: &AtomicU64,
+) {
+    let current = generation.load(Ordering::SeqCst);
+    let Some(net) = eventloop.network.as_mut() else {
+        metrics::counter!("edgeferry_ingest_acks_unsent_total").increment(group.len() as u64);
+        return;
+    };
+    let mut written = 0usize;
+    for a in group {
+        if a.qos == QoS::AtMostOnce {
+            continue;
+        }
+        if a.generation != current {
+            metrics::counter!("edgeferry_ingest_stale_acks_dropped_total").increment(1);
+            continue;
+        }
+        let req = rumqttc::Request::PubAck(rumqttc::PubAck::new(a.pkid));
+        match eventloop.state.handle_outgoing_packet(req) {
+            Ok(Some(packet)) => {
+                if let Err(e) = net.write(packet).await {
+                    tracing::debug!("ack not written: {e}");
+                    return;
+                }
+                written += 1;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!("ack refused by client state: {e}"),
+        }
+    }
+    // handle_outgoing_packet queues an "outgoing PubAck" event per ack; nobody needs them.
+    eventloop
+        .state
+        .events
+        .retain(|e| !matches!(e, Event::Outgoing(rumqttc::Outgoing::PubAck(_))));
+    if written > 0
+        && let Err(e) = net.flush().await
+    {
+        tracing::debug!("acks not flushed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_filter_matching_follows_mqtt_rules() {
+        assert!(topic_matches("sensors/#", "sensors/a/b"));
+        assert!(topic_matches("sensors/#", "sensors"));
+        assert!(topic_matches("sensors/+/t", "sensors/a/t"));
+        assert!(!topic_matches("sensors/+/t", "sensors/a/b/t"));
+        assert!(!topic_matches("sensors/a", "sensors/b"));
+        assert!(topic_matches("#", "x/y"));
+    }
+
+    #[test]
+    fn only_poll_loop_waits_over_the_threshold_are_reported() {
+        let limit = RateLimit::new(Duration::from_secs(10));
+        slow_wait(&limit, Wait::Permits, Instant::now());
+        assert_eq!(
+            limit.check("permits"),
+            Some(0),
+            "a short wait reports nothing"
+        );
+        let long_ago = Instant::now() - SLOW_WAIT - Duration::from_millis(10);
+        slow_wait(&limit, Wait::AckWrite, long_ago);
+        assert_eq!(
+            limit.check("ack_write"),
+            None,
+            "a long wait was just logged"
+        );
+    }
+}

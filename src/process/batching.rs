@@ -1,0 +1,174 @@
+//! Batching: closed windows and alerts gathered into outbox batches of at most `batch_max`
+//! items; alerts at once, aggregates when a batch is full or has lingered long enough.
+
+use super::error::ProcessError;
+use crate::model::batch::{BatchKind, OutboxBatch, OutboxItem};
+use crate::store::outbox::{Lane, Outbox};
+use std::time::Duration;
+
+/// Items waiting for a batch, and since when (processing time).
+pub(super) struct Pending<'a> {
+    /// Items not yet in a batch, in emission order.
+    pub(super) items: &'a mut Vec<OutboxItem>,
+    /// Processing time of the oldest of them.
+    pub(super) since_ms: &'a mut Option<i64>,
+}
+
+/// Moves what is due from `pending` into outbox batches: every alert, and aggregates in full
+/// batches of `batch_max`, or all of them once the oldest has waited `linger` (or `force`).
+/// Returns whether anything was appended.
+pub(super) fn flush(
+    pending: Pending<'_>,
+    ob: &mut Outbox,
+    now: i64,
+    batch_max: usize,
+    linger: Duration,
+    force: bool,
+) -> Result<bool, ProcessError> {
+    if pending.items.is_empty() {
+        return Ok(false);
+    }
+    let batch_max = batch_max.max(1);
+    let (alerts, aggregates): (Vec<_>, Vec<_>) = pending
+        .items
+        .drain(..)
+        .partition(|i| matches!(i, OutboxItem::Alert(_)));
+    let linger_over = pending
+        .since_ms
+        .is_some_and(|t| now - t >= linger.as_millis() as i64);
+    let mut appended = false;
+    for chunk in alerts.chunks(batch_max) {
+        append(ob, Lane::Alerts, BatchKind::Alerts, now, chunk)?;
+        appended = true;
+    }
+    let mut rest = aggregates;
+    while rest.len() >= batch_max || (!rest.is_empty() && (linger_over || force)) {
+        let take = rest.len().min(batch_max);
+        let chunk: Vec<_> = rest.drain(..take).collect();
+        append(ob, Lane::Aggregates, BatchKind::Aggregates, now, &chunk)?;
+        appended = true;
+    }
+    if rest.is_empty() {
+        *pending.since_ms = None;
+    }
+    *pending.items = rest;
+    Ok(appended)
+}
+
+fn append(
+    ob: &mut Outbox,
+    lane: Lane,
+    kind: BatchKind,
+    now: i64,
+    items: &[OutboxItem],
+) -> Result<u64, ProcessError> {
+    let batch = OutboxBatch {
+        kind,
+        created_ms: now,
+        items: items.to_vec(),
+    };
+    let bytes = postcard::to_stdvec(&batch).expect("batches always encode");
+    metrics::counter!("edgeferry_outbox_batches_total", "lane" => lane.as_str()).increment(1);
+    Ok(ob.append(lane, items.len() as u32, now, &bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::aggregate::Aggregate;
+    use crate::model::{Alert, AlertState, SeriesInfo};
+
+    fn aggregate(i: i64) -> OutboxItem {
+        OutboxItem::Aggregate {
+            series: SeriesInfo {
+                key: "t".into(),
+                metric: "t".into(),
+                tags: Default::default(),
+            },
+            window_start_ms: i * 10_000,
+            window_secs: 10,
+            version: 1,
+            agg: Aggregate::new(),
+        }
+    }
+
+    fn alert() -> OutboxItem {
+        OutboxItem::Alert(Alert {
+            rule: "hot".into(),
+            series: "t".into(),
+            metric: "t".into(),
+            tags: Default::default(),
+            state: AlertState::Raised,
+            value: Some(1.0),
+            time_ms: 0,
+        })
+    }
+
+    fn outbox() -> (tempfile::TempDir, Outbox) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(dir.path(), 1 << 20).unwrap();
+        (dir, ob)
+    }
+
+    /// Runs one flush and returns (appended, items left, since left, batches per lane).
+    fn flush_once(
+        items: &mut Vec<OutboxItem>,
+        since: &mut Option<i64>,
+        ob: &mut Outbox,
+        now: i64,
+        force: bool,
+    ) -> bool {
+        let pending = Pending {
+            items,
+            since_ms: since,
+        };
+        flush(pending, ob, now, 3, Duration::from_secs(5), force).unwrap()
+    }
+
+    #[test]
+    fn alerts_leave_at_once_and_aggregates_only_in_full_batches() {
+        let (_d, mut ob) = outbox();
+        let mut items = vec![aggregate(0), alert(), aggregate(1)];
+        let mut since = Some(1_000);
+        assert!(flush_once(&mut items, &mut since, &mut ob, 2_000, false));
+        assert_eq!(
+            ob.next_lsn(Lane::Alerts),
+            1,
+            "the alert is in a batch of its own lane"
+        );
+        assert_eq!(
+            ob.next_lsn(Lane::Aggregates),
+            0,
+            "two aggregates wait for a third"
+        );
+        assert_eq!(items.len(), 2);
+        assert_eq!(since, Some(1_000), "the oldest waiting item keeps its time");
+
+        items.extend([aggregate(2), aggregate(3), aggregate(4), aggregate(5)]);
+        assert!(flush_once(&mut items, &mut since, &mut ob, 2_000, false));
+        assert_eq!(
+            ob.next_lsn(Lane::Aggregates),
+            2,
+            "six aggregates: two full batches"
+        );
+        assert!(items.is_empty());
+        assert_eq!(since, None);
+    }
+
+    #[test]
+    fn a_partial_batch_leaves_after_linger_or_when_forced() {
+        let (_d, mut ob) = outbox();
+        let mut items = vec![aggregate(0)];
+        let mut since = Some(1_000);
+        assert!(!flush_once(&mut items, &mut since, &mut ob, 5_999, false));
+        assert_eq!(items.len(), 1, "not lingered long enough");
+        assert!(flush_once(&mut items, &mut since, &mut ob, 6_000, false));
+        assert_eq!(ob.next_lsn(Lane::Aggregates), 1);
+
+        let mut items = vec![aggregate(1)];
+        let mut since = Some(10_000);
+        assert!(flush_once(&mut items, &mut since, &mut ob, 10_001, true));
+        assert_eq!(ob.next_lsn(Lane::Aggregates), 2, "forced (shutdown)");
+        assert!(!flush_once(&mut items, &mut since, &mut ob, 10_001, true));
+    }
+}

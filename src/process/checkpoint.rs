@@ -1,0 +1,219 @@
+//! The checkpoint: all processing state with the journal and outbox positions it reflects,
+//! written atomically (temporary file, `fdatasync`, rename, directory `fsync`) in two halves so
+//! that the slow write happens off the processing task.
+
+use super::error::ProcessError;
+use super::rules;
+use super::window::Windows;
+use crate::model::SeriesInfo;
+use crate::model::batch::OutboxItem;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// What is checkpointed: all processing state and the positions it reflects.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Checkpoint {
+    /// Every journal record below this lsn is reflected here.
+    pub(super) applied_lsn: u64,
+    /// The processing clock (ms since epoch).
+    pub(super) clock_ms: i64,
+    /// Window state.
+    pub(super) windows: Windows,
+    /// Alert rule state.
+    pub(super) rules: rules::Rules,
+    /// Metric and tags of every series with state (bounded by `max_series`).
+    pub(super) series: BTreeMap<String, SeriesInfo>,
+    /// Closed windows not yet in an outbox batch.
+    pub(super) pending: Vec<OutboxItem>,
+    /// Processing time of the oldest pending item (for `linger`).
+    pub(super) pending_since_ms: Option<i64>,
+    /// Outbox next lsn per lane (aggregates, alerts) when this checkpoint was taken: batches
+    /// at or beyond it after a crash were never sent and are forgotten.
+    pub(super) outbox_next: [u64; 2],
+}
+
+const CHECKPOINT_MAGIC: &[u8; 4] = b"EFCK";
+const CHECKPOINT_VERSION: u16 = 3;
+
+/// Why a checkpoint file is unusable.
+pub type CheckpointError = crate::util::StateFileError;
+
+impl Checkpoint {
+    /// Serializes the state straight into `path`'s temporary file (page cache, not yet
+    /// durable): the state can be megabytes, and a copy in memory would double the process's
+    /// peak. The caller makes it durable with [`PendingCheckpoint::write`].
+    pub(super) fn stage(&self, path: &Path) -> Result<PendingCheckpoint, ProcessError> {
+        let io = |source| ProcessError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut out = crate::util::FramedWriter::create(path, CHECKPOINT_MAGIC, CHECKPOINT_VERSION)
+            .map_err(io)?;
+        postcard::to_io(self, &mut out).map_err(|e| io(std::io::Error::other(e)))?;
+        let (staged, bytes) = out.finish().map_err(io)?;
+        Ok(PendingCheckpoint {
+            staged,
+            path: path.to_path_buf(),
+            bytes,
+            applied_lsn: self.applied_lsn,
+        })
+    }
+}
+
+/// A checkpoint written to its temporary file, on its way to being durable and in place
+/// (see [`Processor::begin_checkpoint`]).
+pub(super) struct PendingCheckpoint {
+    pub(super) staged: crate::util::StagingFile,
+    pub(super) path: std::path::PathBuf,
+    pub(super) bytes: u64,
+    pub(super) applied_lsn: u64,
+}
+
+/// A checkpoint that is durable.
+pub(super) struct WrittenCheckpoint {
+    pub(super) bytes: u64,
+    pub(super) applied_lsn: u64,
+    pub(super) seconds: f64,
+}
+
+impl PendingCheckpoint {
+    /// Makes it durable and puts it in place (fdatasync, rename, directory fsync). Blocking.
+    pub(super) fn write(self) -> Result<WrittenCheckpoint, ProcessError> {
+        let started = Instant::now();
+        self.staged.commit().map_err(|source| ProcessError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(WrittenCheckpoint {
+            bytes: self.bytes,
+            applied_lsn: self.applied_lsn,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// The result of a checkpoint write task (it cannot panic: release builds abort on panic,
+/// and a test build's panic is re-raised here).
+pub(super) fn joined(
+    r: Result<Result<WrittenCheckpoint, ProcessError>, tokio::task::JoinError>,
+) -> Result<WrittenCheckpoint, ProcessError> {
+    match r {
+        Ok(written) => written,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(ProcessError::Io {
+            path: "checkpoint".into(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+/// What `edgeferry store verify` shows of a checkpoint file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckpointSummary {
+    /// Every journal record below this lsn is reflected in the checkpoint.
+    pub applied_lsn: u64,
+    /// The processing clock (ms since epoch).
+    pub clock_ms: i64,
+    /// Series with state.
+    pub series: usize,
+    /// Closed windows not yet in an outbox batch.
+    pub pending_items: usize,
+    /// Outbox next lsn per lane (aggregates, alerts) when the checkpoint was taken.
+    pub outbox_next: [u64; 2],
+}
+
+/// Decodes the bytes of a checkpoint file (offline checks); the error says why it is unusable.
+pub fn inspect_checkpoint(bytes: &[u8]) -> Result<CheckpointSummary, CheckpointError> {
+    let c = decode_checkpoint(bytes)?;
+    Ok(CheckpointSummary {
+        applied_lsn: c.applied_lsn,
+        clock_ms: c.clock_ms,
+        series: c.series.len(),
+        pending_items: c.pending.len(),
+        outbox_next: c.outbox_next,
+    })
+}
+
+/// Decodes the bytes of a checkpoint file.
+pub(super) fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
+    crate::util::decode_framed(bytes, CHECKPOINT_MAGIC, CHECKPOINT_VERSION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::window::WindowSpec;
+    use crate::util::{FrameError, StateFileError};
+
+    fn state(applied_lsn: u64) -> Checkpoint {
+        Checkpoint {
+            applied_lsn,
+            clock_ms: 1_700_000_000_000,
+            windows: Windows::new(WindowSpec {
+                lengths_secs: vec![10, 60],
+                allowed_lateness_ms: 5_000,
+                retention_ms: 120_000,
+            }),
+            rules: rules::Rules::new(&[]),
+            series: BTreeMap::new(),
+            pending: Vec::new(),
+            pending_since_ms: Some(3),
+            outbox_next: [7, 2],
+        }
+    }
+
+    #[test]
+    fn a_staged_checkpoint_is_invisible_until_written_then_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        let pending = state(41).stage(&path).unwrap();
+        assert!(
+            !path.exists(),
+            "staged only: a crash here keeps the previous checkpoint"
+        );
+        let written = pending.write().unwrap();
+        assert_eq!(written.applied_lsn, 41);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            written.bytes > 0 && written.bytes <= bytes.len() as u64,
+            "the body's size"
+        );
+        let back = decode_checkpoint(&bytes).unwrap();
+        assert_eq!((back.applied_lsn, back.outbox_next), (41, [7, 2]));
+        assert_eq!(back.pending_since_ms, Some(3));
+        let summary = inspect_checkpoint(&bytes).unwrap();
+        assert_eq!(summary.applied_lsn, 41);
+        assert_eq!(summary.series, 0);
+
+        state(42).stage(&path).unwrap().write().unwrap();
+        let again = decode_checkpoint(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(again.applied_lsn, 42, "replaced atomically");
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_says_why_it_is_unusable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        state(1).stage(&path).unwrap().write().unwrap();
+        let good = std::fs::read(&path).unwrap();
+
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 0x40;
+        assert!(matches!(
+            decode_checkpoint(&flipped),
+            Err(StateFileError::Frame(FrameError::Checksum))
+        ));
+        assert!(matches!(
+            decode_checkpoint(&good[..good.len() - 3]),
+            Err(StateFileError::Frame(FrameError::Truncated))
+        ));
+        assert!(matches!(
+            decode_checkpoint(b"EFAK\x01\x00 something else entirely"),
+            Err(StateFileError::Frame(FrameError::BadMagic))
+        ));
+        let err = inspect_checkpoint(&flipped).unwrap_err().to_string();
+        assert_eq!(err, "checksum mismatch");
+    }
+}

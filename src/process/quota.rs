@@ -1,0 +1,132 @@
+//! The disk quota: journal and outbox together stay within `[store] max_disk`; at the limit
+//! either ingest is held back (`when_full = "block"`, the broker keeps the messages) or the
+//! oldest unsent batches are dropped and counted (`when_full = "drop_oldest"`).
+
+use super::error::ProcessError;
+use super::shared::ProcessStatus;
+use crate::store::outbox::{Lane, Outbox};
+use crate::store::{StoreConfig, WhenFull};
+use std::sync::atomic::Ordering;
+
+/// Applies the quota of `store` to `ob` plus the journal's `journal_bytes`.
+pub(super) fn enforce(
+    store: &StoreConfig,
+    ob: &mut Outbox,
+    journal_bytes: u64,
+    status: &ProcessStatus,
+) -> Result<(), ProcessError> {
+    let max = store.max_disk.as_u64();
+    let used = |ob: &Outbox| ob.disk_bytes() + journal_bytes;
+    let full = used(ob) > max;
+    metrics::gauge!("edgeferry_store_bytes").set(used(ob) as f64);
+    match store.when_full {
+        WhenFull::Block => {
+            let was = status.blocked.swap(full, Ordering::Relaxed);
+            if full && !was {
+                tracing::warn!(
+                    "store.max_disk ({}) reached: no longer acknowledging the broker until the upstream drains the outbox",
+                    store.max_disk
+                );
+            } else if !full && was {
+                tracing::info!("below store.max_disk again: ingest resumes");
+            }
+        }
+        WhenFull::DropOldest => {
+            while used(ob) > max {
+                // Oldest aggregates first; alerts only when no aggregate segment is left.
+                let d = match ob.drop_oldest(Lane::Aggregates)? {
+                    Some(d) => d,
+                    None => match ob.drop_oldest(Lane::Alerts)? {
+                        Some(d) => d,
+                        None => break,
+                    },
+                };
+                metrics::counter!("edgeferry_outbox_dropped_items_total").increment(d.items);
+                metrics::counter!("edgeferry_outbox_dropped_batches_total").increment(d.batches);
+                status.dropped_items.fetch_add(d.items, Ordering::Relaxed);
+                tracing::warn!(
+                    batches = d.batches,
+                    items = d.items,
+                    "store.max_disk ({}) reached: dropped the oldest unsent batches",
+                    store.max_disk
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytesize::ByteSize;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    fn status() -> ProcessStatus {
+        ProcessStatus {
+            series: Default::default(),
+            alerts_active: Default::default(),
+            alerts: Default::default(),
+            windows_emitted: Default::default(),
+            budget_violations: Default::default(),
+            dropped_items: Default::default(),
+            blocked: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn store(max: u64, when_full: WhenFull) -> StoreConfig {
+        StoreConfig {
+            max_disk: ByteSize::b(max),
+            when_full,
+            ..StoreConfig::default()
+        }
+    }
+
+    #[test]
+    fn block_holds_ingest_back_while_over_the_quota_and_releases_it_below() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ob, _) = Outbox::open(dir.path(), 4096).unwrap();
+        let s = status();
+        let base = ob.disk_bytes();
+        enforce(&store(base + 1000, WhenFull::Block), &mut ob, 2000, &s).unwrap();
+        assert!(s.blocked.load(Ordering::Relaxed), "journal bytes count too");
+        enforce(&store(base + 1000, WhenFull::Block), &mut ob, 500, &s).unwrap();
+        assert!(!s.blocked.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn drop_oldest_drops_whole_aggregate_segments_first_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ob, _) = Outbox::open(dir.path(), 1024).unwrap();
+        for i in 0..40 {
+            ob.append(Lane::Aggregates, 2, i, &[7; 200]).unwrap();
+        }
+        ob.append(Lane::Alerts, 1, 0, &[1; 50]).unwrap();
+        ob.sync().unwrap();
+        let before = ob.disk_bytes();
+        let s = status();
+        enforce(&store(before / 2, WhenFull::DropOldest), &mut ob, 0, &s).unwrap();
+        assert!(
+            ob.disk_bytes() <= before / 2,
+            "{} > {}",
+            ob.disk_bytes(),
+            before / 2
+        );
+        let dropped = s.dropped_items.load(Ordering::Relaxed);
+        assert!(
+            dropped > 0 && dropped.is_multiple_of(2),
+            "whole batches of 2 items: {dropped}"
+        );
+        assert_eq!(ob.next_lsn(Lane::Alerts), 1);
+        assert_eq!(
+            ob.first_lsn(Lane::Alerts),
+            0,
+            "alerts kept while aggregates remain"
+        );
+        assert!(
+            !s.blocked.load(Ordering::Relaxed),
+            "drop_oldest never blocks"
+        );
+    }
+}

@@ -1,0 +1,58 @@
+//! The handles the processor shares with the other stages, and the limits it takes from
+//! other configuration sections.
+
+use crate::store::StoreConfig;
+use crate::store::outbox::Outbox;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Counters of the processing stage, shared with status.
+#[derive(Debug, Default)]
+pub struct ProcessStatus {
+    /// Series with state.
+    pub series: AtomicU64,
+    /// Alerts currently raised.
+    pub alerts_active: AtomicU64,
+    /// Alerts raised or cleared since start.
+    pub alerts: AtomicU64,
+    /// Windows emitted (including corrections).
+    pub windows_emitted: AtomicU64,
+    /// Times the processing backlog was older than the budget.
+    pub budget_violations: AtomicU64,
+    /// Items dropped at the disk quota.
+    pub dropped_items: AtomicU64,
+    /// Ingest is held back because the disk quota is reached and `when_full = "block"`
+    /// (shared with the committer, which stops taking messages while it is set).
+    pub blocked: Arc<AtomicBool>,
+}
+
+/// Handles the processor shares with other stages.
+#[derive(Clone)]
+pub struct ProcessShared {
+    /// The outbox (the forwarder reads and acknowledges through it).
+    pub outbox: Arc<Mutex<Outbox>>,
+    /// Outbox lsns (aggregates, alerts) covered by the last checkpoint: the forwarder sends
+    /// only below them.
+    pub watermark: watch::Sender<[u64; 2]>,
+    /// Lowest journal position still needed: the committer trims below it.
+    pub trim_to: Arc<AtomicU64>,
+    /// Journal bytes on disk (kept up to date by the committer) for the quota.
+    pub journal_bytes: Arc<AtomicU64>,
+    /// Live counters.
+    pub status: Arc<ProcessStatus>,
+    /// The live feed: emitted windows and alerts are sent to it (never blocks).
+    pub live: Option<crate::live::LiveFeed>,
+}
+
+/// Limits and policies the processor applies that live in other sections.
+#[derive(Debug, Clone)]
+pub struct ProcessLimits {
+    /// `[upstream] batch_max`.
+    pub batch_max: usize,
+    /// `[upstream] linger`.
+    pub linger: Duration,
+    /// `[store]`.
+    pub store: StoreConfig,
+}

@@ -1,0 +1,195 @@
+//! The bytes on disk: segment names, the header, frames and their checksums, and the
+//! kinds of damage a stretch of a segment can show.
+
+use std::fmt;
+use std::io::{self, BufReader, Read, Seek};
+
+/// Record sequence number: 0, 1, 2, … contiguous across segments; gaps appear only where
+/// recovery quarantined damaged data.
+pub type Lsn = u64;
+
+/// Extension of segment files; files without it are ignored.
+pub const SEGMENT_EXT: &str = "seg";
+/// Sub-directory that receives damaged bytes found by recovery.
+pub const QUARANTINE_DIR: &str = "quarantine";
+/// Lock file taken exclusively by [`SegmentLog::open`].
+pub const LOCK_FILE: &str = "LOCK";
+/// Size of the segment header in bytes.
+pub const HEADER_LEN: u64 = 20;
+/// Bytes a record takes on disk besides its payload (len, crc, lsn).
+pub const FRAME_OVERHEAD: u64 = 16;
+
+pub(super) const MAGIC: [u8; 6] = *b"EFLOG\0";
+pub(super) const FORMAT_VERSION: u16 = 1;
+pub(super) const WRITE_BUFFER: usize = 64 * 1024;
+pub(super) const READ_BUFFER: usize = 64 * 1024;
+
+/// What is wrong with a stretch of a segment file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Damage {
+    /// The file is shorter than a segment header.
+    ShortHeader { len: u64 },
+    /// The file does not start with the segment magic.
+    BadMagic,
+    /// Written by a format version this code does not know.
+    UnsupportedVersion(u16),
+    /// The header checksum does not match.
+    HeaderChecksum,
+    /// The header's first lsn is not the one in the file name.
+    HeaderLsnMismatch { name: Lsn, header: Lsn },
+    /// The segment starts below the end of the previous segment.
+    Overlap { first: Lsn, previous_end: Lsn },
+    /// A frame runs past the end of the file (a torn write).
+    TornFrame,
+    /// A frame's checksum does not match (the lsn is as found, unverified).
+    Checksum { lsn: Lsn },
+    /// A frame carries another lsn than the position it sits at.
+    LsnMismatch { expected: Lsn, found: Lsn },
+    /// The bytes could not be read at all.
+    ReadError(String),
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Damage::ShortHeader { len } => {
+                write!(f, "file of {len} bytes is shorter than a segment header")
+            }
+            Damage::BadMagic => write!(f, "bad magic (not a segment header)"),
+            Damage::UnsupportedVersion(v) => write!(f, "unsupported format version {v}"),
+            Damage::HeaderChecksum => write!(f, "header checksum mismatch"),
+            Damage::HeaderLsnMismatch { name, header } => {
+                write!(
+                    f,
+                    "header says first lsn {header} but the file name says {name}"
+                )
+            }
+            Damage::Overlap {
+                first,
+                previous_end,
+            } => write!(
+                f,
+                "segment starts at lsn {first}, below the end {previous_end} of the previous segment"
+            ),
+            Damage::TornFrame => write!(f, "incomplete record (torn write)"),
+            Damage::Checksum { lsn } => write!(f, "record checksum mismatch (lsn field {lsn})"),
+            Damage::LsnMismatch { expected, found } => {
+                write!(f, "record carries lsn {found} where lsn {expected} belongs")
+            }
+            Damage::ReadError(e) => write!(f, "read error: {e}"),
+        }
+    }
+}
+
+pub(super) fn segment_file_name(first_lsn: Lsn) -> String {
+    format!("{first_lsn:020}.{SEGMENT_EXT}")
+}
+
+pub(super) fn parse_segment_name(name: &str) -> Option<Lsn> {
+    let stem = name.strip_suffix(".seg")?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+pub(super) fn encode_header(first_lsn: Lsn) -> [u8; HEADER_LEN as usize] {
+    let mut h = [0u8; HEADER_LEN as usize];
+    h[0..6].copy_from_slice(&MAGIC);
+    h[6..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..16].copy_from_slice(&first_lsn.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..16]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+pub(super) fn decode_header(h: &[u8; HEADER_LEN as usize], name_lsn: Lsn) -> Result<Lsn, Damage> {
+    if h[0..6] != MAGIC {
+        return Err(Damage::BadMagic);
+    }
+    let crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
+    if crc32fast::hash(&h[0..16]) != crc {
+        return Err(Damage::HeaderChecksum);
+    }
+    let version = u16::from_le_bytes([h[6], h[7]]);
+    if version != FORMAT_VERSION {
+        return Err(Damage::UnsupportedVersion(version));
+    }
+    let mut lsn = [0u8; 8];
+    lsn.copy_from_slice(&h[8..16]);
+    let header = u64::from_le_bytes(lsn);
+    if header != name_lsn {
+        return Err(Damage::HeaderLsnMismatch {
+            name: name_lsn,
+            header,
+        });
+    }
+    Ok(header)
+}
+
+pub(super) fn frame_crc(lsn: Lsn, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&lsn.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+pub(super) fn read_damage(e: io::Error) -> Damage {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        Damage::TornFrame
+    } else {
+        Damage::ReadError(e.to_string())
+    }
+}
+
+/// Reads one frame. `remaining` is the number of bytes left in the file from the current
+/// position; it bounds the length field so garbage can never cause a huge allocation.
+/// Returns `Ok(None)` at a clean end of file, `Ok(Some(frame_bytes))` for a good frame
+/// (payload in `buf` when `want_payload`, else skipped after checking only the lsn).
+pub(super) fn read_frame<R: Read + Seek>(
+    r: &mut BufReader<R>,
+    remaining: u64,
+    expected: Lsn,
+    buf: &mut Vec<u8>,
+    want_payload: bool,
+) -> Result<Option<u64>, Damage> {
+    if remaining == 0 {
+        return Ok(None);
+    }
+    if remaining < FRAME_OVERHEAD {
+        return Err(Damage::TornFrame);
+    }
+    let mut h = [0u8; FRAME_OVERHEAD as usize];
+    r.read_exact(&mut h).map_err(read_damage)?;
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as u64;
+    let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    let mut lsn = [0u8; 8];
+    lsn.copy_from_slice(&h[8..16]);
+    let lsn = u64::from_le_bytes(lsn);
+    if len > remaining - FRAME_OVERHEAD {
+        return Err(Damage::TornFrame);
+    }
+    if want_payload {
+        buf.clear();
+        buf.resize(len as usize, 0);
+        r.read_exact(buf).map_err(read_damage)?;
+        if frame_crc(lsn, buf) != crc {
+            return Err(Damage::Checksum { lsn });
+        }
+        if lsn != expected {
+            return Err(Damage::LsnMismatch {
+                expected,
+                found: lsn,
+            });
+        }
+    } else {
+        if lsn != expected {
+            return Err(Damage::LsnMismatch {
+                expected,
+                found: lsn,
+            });
+        }
+        r.seek_relative(len as i64).map_err(read_damage)?;
+    }
+    Ok(Some(FRAME_OVERHEAD + len))
+}
