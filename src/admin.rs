@@ -34,6 +34,18 @@ pub struct AdminConfig {
     pub listen: String,
 }
 
+impl AdminConfig {
+    /// Checks `[admin]` beyond what serde can.
+    pub fn validate(&self, p: &mut crate::validate::Problems) {
+        if let Err(e) = self.listen.parse::<std::net::SocketAddr>() {
+            p.push(format!(
+                "admin.listen = {:?}: {e}; expected an address such as \"127.0.0.1:9870\"",
+                self.listen
+            ));
+        }
+    }
+}
+
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {

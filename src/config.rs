@@ -11,8 +11,8 @@ use crate::ingest::MqttConfig;
 use crate::process::{ProcessConfig, RuleConfig};
 use crate::store::StoreConfig;
 use crate::telemetry::LogConfig;
+use crate::validate::Problems;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -55,6 +55,27 @@ pub struct GatewayConfig {
     pub id: String,
     /// Directory for the journal, state and outbox (systemd: `/var/lib/edgeferry`).
     pub data_dir: PathBuf,
+}
+
+impl GatewayConfig {
+    /// Checks `[gateway]`: an id usable in batch ids and file names, a data directory.
+    pub fn validate(&self, p: &mut Problems) {
+        if self.id.trim().is_empty() {
+            p.push("gateway.id = \"\": expected a non-empty, stable gateway name");
+        } else if !self
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            p.push(format!(
+                "gateway.id = {:?}: expected letters, digits, '-', '_' or '.' only",
+                self.id
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            p.push("gateway.data_dir = \"\": expected a directory path");
+        }
+    }
 }
 
 /// Every problem found in a configuration, each naming the key, the value and what is expected.
@@ -173,155 +194,20 @@ impl Config {
         Err(problems)
     }
 
-    /// Cross-field checks serde cannot express. Returns one line per problem.
+    /// Checks serde cannot express: each section checks itself (next to its type) and every
+    /// problem of every section is returned at once, one line each.
     pub fn validate(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        if self.gateway.id.trim().is_empty() {
-            p.push("gateway.id = \"\": expected a non-empty, stable gateway name".into());
-        } else if !self
-            .gateway
-            .id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            p.push(format!(
-                "gateway.id = {:?}: expected letters, digits, '-', '_' or '.' only",
-                self.gateway.id
-            ));
-        }
-        if self.gateway.data_dir.as_os_str().is_empty() {
-            p.push("gateway.data_dir = \"\": expected a directory path".into());
-        }
-        check_url(&mut p, "mqtt.url", &self.mqtt.url, &["mqtt", "mqtts"]);
-        if let Some(e) = &self.mqtt.embedded_broker {
-            check_embedded_broker(&mut p, e, &self.mqtt.url);
-        }
-        let files = [
-            ("mqtt.password_file", &self.mqtt.password_file),
-            ("mqtt.ca_file", &self.mqtt.ca_file),
-            ("mqtt.cert_file", &self.mqtt.cert_file),
-            ("mqtt.key_file", &self.mqtt.key_file),
-        ];
-        check_files(&mut p, &files);
-        check_pair(&mut p, "mqtt", &self.mqtt.cert_file, &self.mqtt.key_file);
-        if self.mqtt.max_payload.as_u64() == 0 || self.mqtt.max_payload.as_u64() > 256 * 1024 * 1024
-        {
-            p.push(format!(
-                "mqtt.max_payload = \"{}\": expected between 1B and 256MiB",
-                self.mqtt.max_payload
-            ));
-        }
-        if self.mqtt.commit_max == 0 {
-            p.push("mqtt.commit_max = 0: expected at least 1".into());
-        }
-        if self.mqtt.max_unacked < self.mqtt.commit_max {
-            p.push(format!(
-                "mqtt.max_unacked = {}: expected at least mqtt.commit_max ({})",
-                self.mqtt.max_unacked, self.mqtt.commit_max
-            ));
-        }
-        if self.mqtt.subscribe.is_empty() {
-            p.push("mqtt.subscribe: expected at least one [[mqtt.subscribe]] with a filter".into());
-        }
-        for (i, s) in self.mqtt.subscribe.iter().enumerate() {
-            if let Err(e) = crate::ingest::validate_filter(&s.filter) {
-                p.push(format!("mqtt.subscribe[{i}].filter = {:?}: {e}", s.filter));
-            }
-            if let Some(t) = &s.template
-                && let Err(e) = crate::ingest::decode::Template::parse(t)
-            {
-                p.push(format!("mqtt.subscribe[{i}].template = {t:?}: {e}"));
-            }
-        }
-        check_windows(&mut p, &self.process.windows);
-        if self.process.max_series == 0 {
-            p.push("process.max_series = 0: expected at least 1".into());
-        }
-        if self.process.budget.is_zero() {
-            p.push("process.budget = \"0s\": expected a positive duration such as \"2s\"".into());
-        }
-        let mut names = BTreeSet::new();
-        for (i, r) in self.rules.iter().enumerate() {
-            let at = format!("rules[{i}]");
-            if r.name.trim().is_empty() {
-                p.push(format!("{at}.name = \"\": expected a rule name"));
-            } else if !names.insert(r.name.clone()) {
-                p.push(format!("{at}.name = {:?}: duplicate rule name", r.name));
-            }
-            if r.metric.trim().is_empty() {
-                p.push(format!(
-                    "{at}.metric = \"\": expected the metric the rule watches"
-                ));
-            }
-            if r.above.is_none() && r.below.is_none() && r.silent_for.is_none() {
-                p.push(format!(
-                    "{at} ({}): expected one of `above`, `below` or `silent_for`",
-                    r.name
-                ));
-            }
-            if let (Some(a), Some(c)) = (r.above, r.clear_below)
-                && c > a
-            {
-                p.push(format!(
-                    "{at}.clear_below = {c}: expected at most `above` ({a}) for hysteresis"
-                ));
-            }
-            if let (Some(b), Some(c)) = (r.below, r.clear_above)
-                && c < b
-            {
-                p.push(format!(
-                    "{at}.clear_above = {c}: expected at least `below` ({b}) for hysteresis"
-                ));
-            }
-            if r.clear_below.is_some() && r.above.is_none() {
-                p.push(format!(
-                    "{at}.clear_below: only meaningful together with `above`"
-                ));
-            }
-            if r.clear_above.is_some() && r.below.is_none() {
-                p.push(format!(
-                    "{at}.clear_above: only meaningful together with `below`"
-                ));
-            }
-            if r.publish.contains('+') || r.publish.contains('#') || r.publish.is_empty() {
-                p.push(format!(
-                    "{at}.publish = {:?}: expected a topic without wildcards",
-                    r.publish
-                ));
-            }
-        }
-        if self.store.max_disk.as_u64() < 1024 * 1024 {
-            p.push(format!(
-                "store.max_disk = \"{}\": expected at least 1MiB",
-                self.store.max_disk
-            ));
-        }
+        let mut p = Problems::new();
+        self.gateway.validate(&mut p);
+        self.mqtt.validate(&mut p);
+        self.process.validate(&mut p);
+        crate::process::config::validate_rules(&self.rules, &mut p);
+        self.store.validate(&mut p);
         if let Some(u) = &self.upstream {
-            check_url(
-                &mut p,
-                "upstream.url",
-                &u.url,
-                &["ws", "wss", "mqtt", "mqtts"],
-            );
-            let files = [
-                ("upstream.token_file", &u.token_file),
-                ("upstream.ca_file", &u.ca_file),
-                ("upstream.cert_file", &u.cert_file),
-                ("upstream.key_file", &u.key_file),
-            ];
-            check_files(&mut p, &files);
-            check_pair(&mut p, "upstream", &u.cert_file, &u.key_file);
-            if u.batch_max == 0 {
-                p.push("upstream.batch_max = 0: expected at least 1".into());
-            }
+            u.validate(&mut p);
         }
-        if let Err(e) = self.admin.listen.parse::<std::net::SocketAddr>() {
-            p.push(format!(
-                "admin.listen = {:?}: {e}; expected an address such as \"127.0.0.1:9870\"",
-                self.admin.listen
-            ));
-        }
-        p
+        self.admin.validate(&mut p);
+        p.into_vec()
     }
 
     /// The MQTT client id actually used.
@@ -340,114 +226,6 @@ impl Config {
             c.mqtt.username = Some("<redacted>".into());
         }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
-    }
-}
-
-/// `mqtt.embedded_broker`: a literal `ip:port` with a fixed port, and `mqtt.url` pointing at
-/// it over plain MQTT (the embedded broker has no TLS listener).
-fn check_embedded_broker(p: &mut Vec<String>, value: &str, url: &str) {
-    let addr = match crate::ingest::embedded::parse_addr(value) {
-        Ok(a) => a,
-        Err(e) => {
-            p.push(format!(
-                "mqtt.embedded_broker = {value:?}: {e}; expected an address such as \"127.0.0.1:1883\""
-            ));
-            return;
-        }
-    };
-    if addr.port() == 0 {
-        p.push(format!(
-            "mqtt.embedded_broker = {value:?}: expected a fixed port (sensors must know it), such as \"127.0.0.1:1883\""
-        ));
-        return;
-    }
-    let Ok(u) = url::Url::parse(url) else {
-        return; // reported under mqtt.url
-    };
-    if u.scheme() != "mqtt" {
-        p.push(format!(
-            "mqtt.url = {url:?}: with mqtt.embedded_broker the URL must be mqtt://127.0.0.1:{} (the embedded broker speaks plain MQTT only)",
-            addr.port()
-        ));
-    } else if u.port().unwrap_or(1883) != addr.port() {
-        p.push(format!(
-            "mqtt.url = {url:?}: expected port {} to reach mqtt.embedded_broker = {value:?}",
-            addr.port()
-        ));
-    }
-}
-
-fn check_url(p: &mut Vec<String>, key: &str, value: &str, schemes: &[&str]) {
-    match url::Url::parse(value) {
-        Ok(u) if schemes.contains(&u.scheme()) => {
-            if u.host_str().is_none_or(str::is_empty) {
-                p.push(format!("{key} = {value:?}: expected a host name"));
-            }
-        }
-        Ok(u) => p.push(format!(
-            "{key} = {value:?}: scheme {:?} is not supported; expected one of {}",
-            u.scheme(),
-            schemes
-                .iter()
-                .map(|s| format!("{s}://"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
-        Err(e) => p.push(format!(
-            "{key} = {value:?}: {e}; expected a URL such as \"{}://host:port\"",
-            schemes[0]
-        )),
-    }
-}
-
-fn check_files(p: &mut Vec<String>, files: &[(&str, &Option<PathBuf>)]) {
-    for (key, f) in files {
-        if let Some(f) = f
-            && let Err(e) = std::fs::File::open(f)
-        {
-            p.push(format!(
-                "{key} = {:?}: cannot open: {e}; expected a readable file",
-                f.display().to_string()
-            ));
-        }
-    }
-}
-
-fn check_pair(p: &mut Vec<String>, section: &str, cert: &Option<PathBuf>, key: &Option<PathBuf>) {
-    if cert.is_some() != key.is_some() {
-        p.push(format!(
-            "{section}.cert_file and {section}.key_file: expected both (mutual TLS) or neither"
-        ));
-    }
-}
-
-fn check_windows(p: &mut Vec<String>, windows: &[std::time::Duration]) {
-    if windows.is_empty() {
-        p.push("process.windows = []: expected at least one window such as \"10s\"".into());
-    }
-    for w in windows {
-        if w.subsec_nanos() != 0 || w.is_zero() {
-            p.push(format!(
-                "process.windows: {:?} is not a whole number of seconds; expected e.g. \"10s\" or \"1m\"",
-                humantime::format_duration(*w).to_string()
-            ));
-        }
-    }
-    let mut secs: Vec<u64> = windows
-        .iter()
-        .map(|w| w.as_secs())
-        .filter(|s| *s > 0)
-        .collect();
-    secs.sort_unstable();
-    for pair in secs.windows(2) {
-        if pair[0] == pair[1] {
-            p.push(format!("process.windows: {}s is listed twice", pair[0]));
-        } else if pair[1] % pair[0] != 0 {
-            p.push(format!(
-                "process.windows: {}s does not divide {}s; expected each window to divide the next",
-                pair[0], pair[1]
-            ));
-        }
     }
 }
 

@@ -19,7 +19,8 @@
 //! Layers, lowest first; a module imports only lower layers (`tests/layering.rs` checks it,
 //! and that no two files import each other in a cycle):
 //!
-//! 0. [`util`], [`clock`] (the one wall-clock helper), [`backoff`]: plumbing.
+//! 0. [`util`], [`clock`] (the one wall-clock helper), [`backoff`], [`validate`] (the
+//!    collector of configuration problems): plumbing.
 //! 1. [`model`]: the owned values every stage shares (readings, journal records, aggregates
 //!    with exact moments, sketches, outbox batches, alerts, channel messages, the status
 //!    report); [`tls`], [`telemetry`].
@@ -58,5 +59,6 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod util;
+pub mod validate;
 
 pub use config::Config;

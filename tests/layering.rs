@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("util", 0),
     ("clock", 0),
     ("backoff", 0),
+    ("validate", 0),
     // Shared values and cross-cutting services.
     ("model", 1),
     ("tls", 1),

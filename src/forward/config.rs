@@ -1,5 +1,6 @@
 //! Configuration of the upstream link (`[upstream]`).
 
+use crate::validate::Problems;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,4 +50,21 @@ fn default_reconnect_max() -> Duration {
 }
 fn default_topic() -> String {
     "edgeferry/{gateway}/batches".to_string()
+}
+
+impl UpstreamConfig {
+    /// Checks `[upstream]` beyond what serde can.
+    pub fn validate(&self, p: &mut Problems) {
+        p.url("upstream.url", &self.url, &["ws", "wss", "mqtt", "mqtts"]);
+        p.readable_files(&[
+            ("upstream.token_file", &self.token_file),
+            ("upstream.ca_file", &self.ca_file),
+            ("upstream.cert_file", &self.cert_file),
+            ("upstream.key_file", &self.key_file),
+        ]);
+        p.cert_key_pair("upstream", &self.cert_file, &self.key_file);
+        if self.batch_max == 0 {
+            p.push("upstream.batch_max = 0: expected at least 1");
+        }
+    }
 }

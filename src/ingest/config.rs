@@ -1,6 +1,7 @@
 //! Configuration of the MQTT ingest stage (`[mqtt]` and `[[mqtt.subscribe]]`).
 
-use crate::ingest::decode::Format;
+use super::decode::{Format, Template};
+use crate::validate::Problems;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -106,6 +107,49 @@ fn default_reconnect_max() -> Duration {
 }
 
 impl MqttConfig {
+    /// Checks `[mqtt]` and its `[[mqtt.subscribe]]` entries beyond what serde can.
+    pub fn validate(&self, p: &mut Problems) {
+        p.url("mqtt.url", &self.url, &["mqtt", "mqtts"]);
+        if let Some(e) = &self.embedded_broker {
+            check_embedded_broker(p, e, &self.url);
+        }
+        p.readable_files(&[
+            ("mqtt.password_file", &self.password_file),
+            ("mqtt.ca_file", &self.ca_file),
+            ("mqtt.cert_file", &self.cert_file),
+            ("mqtt.key_file", &self.key_file),
+        ]);
+        p.cert_key_pair("mqtt", &self.cert_file, &self.key_file);
+        if self.max_payload.as_u64() == 0 || self.max_payload.as_u64() > 256 * 1024 * 1024 {
+            p.push(format!(
+                "mqtt.max_payload = \"{}\": expected between 1B and 256MiB",
+                self.max_payload
+            ));
+        }
+        if self.commit_max == 0 {
+            p.push("mqtt.commit_max = 0: expected at least 1");
+        }
+        if self.max_unacked < self.commit_max {
+            p.push(format!(
+                "mqtt.max_unacked = {}: expected at least mqtt.commit_max ({})",
+                self.max_unacked, self.commit_max
+            ));
+        }
+        if self.subscribe.is_empty() {
+            p.push("mqtt.subscribe: expected at least one [[mqtt.subscribe]] with a filter");
+        }
+        for (i, s) in self.subscribe.iter().enumerate() {
+            if let Err(e) = validate_filter(&s.filter) {
+                p.push(format!("mqtt.subscribe[{i}].filter = {:?}: {e}", s.filter));
+            }
+            if let Some(t) = &s.template
+                && let Err(e) = Template::parse(t)
+            {
+                p.push(format!("mqtt.subscribe[{i}].template = {t:?}: {e}"));
+            }
+        }
+    }
+
     /// The largest MQTT packet accepted: 16 MiB or four times `max_payload`, whichever is
     /// larger (a packet carries topic and properties besides the payload, and a smaller limit
     /// would make rumqttc drop the connection instead of letting ingest reject the message).
@@ -116,18 +160,66 @@ impl MqttConfig {
     }
 }
 
+/// `mqtt.embedded_broker`: a literal `ip:port` with a fixed port, and `mqtt.url` pointing at
+/// it over plain MQTT (the embedded broker has no TLS listener).
+fn check_embedded_broker(p: &mut Problems, value: &str, url: &str) {
+    let addr = match super::embedded::parse_addr(value) {
+        Ok(a) => a,
+        Err(e) => {
+            p.push(format!(
+                "mqtt.embedded_broker = {value:?}: {e}; expected an address such as \"127.0.0.1:1883\""
+            ));
+            return;
+        }
+    };
+    if addr.port() == 0 {
+        p.push(format!(
+            "mqtt.embedded_broker = {value:?}: expected a fixed port (sensors must know it), such as \"127.0.0.1:1883\""
+        ));
+        return;
+    }
+    let Ok(u) = url::Url::parse(url) else {
+        return; // reported under mqtt.url
+    };
+    if u.scheme() != "mqtt" {
+        p.push(format!(
+            "mqtt.url = {url:?}: with mqtt.embedded_broker the URL must be mqtt://127.0.0.1:{} (the embedded broker speaks plain MQTT only)",
+            addr.port()
+        ));
+    } else if u.port().unwrap_or(1883) != addr.port() {
+        p.push(format!(
+            "mqtt.url = {url:?}: expected port {} to reach mqtt.embedded_broker = {value:?}",
+            addr.port()
+        ));
+    }
+}
+
+/// Why a topic filter is not a valid MQTT filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    /// Nothing to subscribe to.
+    #[error("expected a topic filter such as \"sensors/#\"")]
+    Empty,
+    /// `#` inside a level, or not the last level.
+    #[error("`#` must be a whole level and the last one")]
+    MultiLevelNotLast,
+    /// `+` inside a level.
+    #[error("`+` must be a whole level")]
+    SingleLevelNotWhole,
+}
+
 /// Checks an MQTT topic filter: non-empty, `+` and `#` alone in their level, `#` last.
-pub fn validate_filter(filter: &str) -> Result<(), String> {
+pub fn validate_filter(filter: &str) -> Result<(), FilterError> {
     if filter.is_empty() {
-        return Err("expected a topic filter such as \"sensors/#\"".into());
+        return Err(FilterError::Empty);
     }
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, l) in levels.iter().enumerate() {
         if l.contains('#') && (*l != "#" || i + 1 != levels.len()) {
-            return Err("`#` must be a whole level and the last one".into());
+            return Err(FilterError::MultiLevelNotLast);
         }
         if l.contains('+') && *l != "+" {
-            return Err("`+` must be a whole level".into());
+            return Err(FilterError::SingleLevelNotWhole);
         }
     }
     Ok(())
@@ -142,9 +234,18 @@ mod tests {
         assert!(validate_filter("sensors/#").is_ok());
         assert!(validate_filter("sensors/+/temp").is_ok());
         assert!(validate_filter("#").is_ok());
-        assert!(validate_filter("").is_err());
-        assert!(validate_filter("sensors/#/x").is_err());
-        assert!(validate_filter("sensors/a#").is_err());
-        assert!(validate_filter("sensors/a+/x").is_err());
+        assert_eq!(validate_filter(""), Err(FilterError::Empty));
+        assert_eq!(
+            validate_filter("sensors/#/x"),
+            Err(FilterError::MultiLevelNotLast)
+        );
+        assert_eq!(
+            validate_filter("sensors/a#"),
+            Err(FilterError::MultiLevelNotLast)
+        );
+        assert_eq!(
+            validate_filter("sensors/a+/x"),
+            Err(FilterError::SingleLevelNotWhole)
+        );
     }
 }

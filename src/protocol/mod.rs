@@ -190,15 +190,34 @@ impl From<Dict> for DictWire {
     }
 }
 
-impl TryFrom<DictWire> for Dict {
-    type Error = String;
+/// Why a dictionary frame's table is inconsistent (it decoded, but cannot be meant).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DictError {
+    /// An entry refers to a string the table does not have.
+    #[error("string index {index} beyond the {strings} strings")]
+    StringIndex {
+        /// The index referred to.
+        index: u32,
+        /// How many strings the table has.
+        strings: usize,
+    },
+    /// A series lists the same tag key twice (its key would be ambiguous).
+    #[error("series {0} repeats a tag key")]
+    RepeatedTag(u32),
+}
 
-    fn try_from(w: DictWire) -> Result<Dict, String> {
+impl TryFrom<DictWire> for Dict {
+    type Error = DictError;
+
+    fn try_from(w: DictWire) -> Result<Dict, DictError> {
         let get = |i: u32| {
             w.strings
                 .get(i as usize)
                 .cloned()
-                .ok_or_else(|| format!("string index {i} beyond the {} strings", w.strings.len()))
+                .ok_or(DictError::StringIndex {
+                    index: i,
+                    strings: w.strings.len(),
+                })
         };
         let mut entries = Vec::with_capacity(w.entries.len());
         for (id, metric, tag_refs) in &w.entries {
@@ -206,7 +225,7 @@ impl TryFrom<DictWire> for Dict {
             let mut tags = BTreeMap::new();
             for (k, v) in tag_refs {
                 if tags.insert(get(*k)?, get(*v)?).is_some() {
-                    return Err(format!("series {id} repeats a tag key"));
+                    return Err(DictError::RepeatedTag(*id));
                 }
             }
             let key = crate::model::series_key(&metric, &tags);

@@ -1,5 +1,6 @@
 //! Configuration of local storage (`[store]`).
 
+use crate::validate::Problems;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
@@ -45,4 +46,37 @@ fn default_max_disk() -> ByteSize {
 }
 fn default_segment_size() -> ByteSize {
     ByteSize::mib(8)
+}
+
+impl StoreConfig {
+    /// Checks `[store]` beyond what serde can.
+    pub fn validate(&self, p: &mut Problems) {
+        if self.max_disk.as_u64() < 1024 * 1024 {
+            p.push(format!(
+                "store.max_disk = \"{}\": expected at least 1MiB",
+                self.max_disk
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quota_below_one_mebibyte_is_refused() {
+        let mut p = Problems::new();
+        StoreConfig::default().validate(&mut p);
+        assert!(p.is_empty());
+        let small = StoreConfig {
+            max_disk: ByteSize::kib(512),
+            ..StoreConfig::default()
+        };
+        small.validate(&mut p);
+        assert_eq!(
+            p.into_vec(),
+            ["store.max_disk = \"512.0 KiB\": expected at least 1MiB"]
+        );
+    }
 }
