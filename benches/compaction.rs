@@ -118,7 +118,7 @@ fn run(windows_secs: &[u32], seconds: i64, sensors: usize, free_running: bool) -
             let bytes = protocol::encode(&b);
             out.sent += bytes.len() as u64;
             out.mqtt +=
-                edgeferry::forward::mqtt::encode_message("gw-1", 1, seq, seq, &batch).len() as u64;
+                edgeferry::forward::mqtt::encode_message(&hello(seq), seq, &batch).len() as u64;
             // What is sent must decode to exactly what was batched.
             let Ok(Frame::Batch(b)) = protocol::decode(&bytes, protocol::DEFAULT_MAX_FRAME) else {
                 panic!("batch does not decode")
@@ -191,4 +191,15 @@ fn main() {
         }
     }
     println!("\ngoal (issue 5): ≤ 2 % for 10 s and for 1 min windows");
+}
+
+/// The `Hello` an MQTT message of gateway `gw-1` starts with.
+fn hello(first_seq: u64) -> edgeferry::protocol::Hello {
+    edgeferry::protocol::Hello {
+        gateway: "gw-1".into(),
+        epoch: 1,
+        versions: vec![edgeferry::protocol::PROTOCOL_VERSION],
+        first_seq,
+        software: format!("edgeferry/{}", env!("CARGO_PKG_VERSION")),
+    }
 }

@@ -11,6 +11,9 @@
 //! crash-safe anyway, the orderly path only saves replay work.
 
 use crate::config::Config;
+use crate::forward::link::{Link, LinkParts};
+use crate::forward::mqtt::MqttTransport;
+use crate::forward::ws::WsTransport;
 use crate::ingest::{self, IngestStatus};
 use crate::process::{ProcessLimits, ProcessShared, ProcessStatus, Processor};
 use crate::store::journal::Journal;
@@ -20,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How long an orderly shutdown may take before edgeferry exits anyway.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
@@ -124,11 +128,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     // The live feed (admin `/live`): sampled readings from the committer, windows and alerts
     // from processing. Created before replay, which has no listeners and so sends nothing.
     let live = crate::live::LiveFeed::default();
+    let trim_to = Arc::new(AtomicU64::new(0));
+    let journal_bytes = Arc::new(AtomicU64::new(journal.disk_bytes()));
+    // The processor holds the only watermark sender: when it stops, the link sees the end.
     let shared = ProcessShared {
         outbox: outbox.clone(),
         watermark: watermark_tx,
-        trim_to: Arc::new(AtomicU64::new(0)),
-        journal_bytes: Arc::new(AtomicU64::new(journal.disk_bytes())),
+        trim_to: trim_to.clone(),
+        journal_bytes: journal_bytes.clone(),
         status: pstatus.clone(),
         live: Some(live.clone()),
     };
@@ -146,7 +153,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         &cfg.rules,
         limits,
         &data_dir.join("state"),
-        shared.clone(),
+        shared,
     )?;
     let (pub_tx, pub_rx) = mpsc::channel(1024);
     processor.set_publications(pub_tx);
@@ -171,17 +178,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let (ready_tx, mut ready_rx) = watch::channel(false);
     let forward_status = Arc::new(crate::forward::ForwardStatus::default());
 
-    let proc_shutdown = CancellationToken::new();
-    let proc_task = tokio::spawn(processor.run(rx, proc_shutdown.clone()));
+    // Every task is tracked; the one `shutdown` token starts the ordered stop (see
+    // docs/ARCHITECTURE.md): ingest drains and stops, which closes processing's input;
+    // processing writes its final checkpoint and stops, which closes the link's watermark;
+    // the link sends what that checkpoint covers (at most forward::link::DRAIN_FOR) and stops.
+    let tasks = TaskTracker::new();
+    let proc_task = tasks.spawn(processor.run(rx));
 
-    let ingest_task = tokio::spawn(ingest::run(
+    let ingest_task = tasks.spawn(ingest::run(
         cfg.mqtt.clone(),
         cfg.client_id(),
         ingest::session::IngestParams {
             max_series: cfg.process.max_series,
             known_series,
-            trim_to: shared.trim_to.clone(),
-            journal_bytes: shared.journal_bytes.clone(),
+            trim_to,
+            journal_bytes,
             blocked: pstatus.blocked.clone(),
             live: Some(live.clone()),
         },
@@ -206,7 +217,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     tracing::info!(
         "admin listening on {bound} (/ dashboard, /live, /metrics, /status, /healthz, /readyz)"
     );
-    let admin_task = tokio::spawn(crate::admin::serve(
+    tasks.spawn(crate::admin::serve(
         listener,
         crate::admin::Admin {
             gateway: cfg.gateway.id.clone(),
@@ -226,41 +237,35 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         shutdown.clone(),
     ));
 
-    // The upstream link stops with the processor (its watermark channel closes) or on shutdown.
-    let forward_shutdown = CancellationToken::new();
-    let forward_task = cfg.upstream.clone().map(|up| {
-        let mqtt = up.url.starts_with("mqtt");
-        if mqtt {
-            let link = crate::forward::mqtt::MqttLink {
-                cfg: up,
-                gateway: cfg.gateway.id.clone(),
-                epoch,
-                outbox: outbox.clone(),
-                watermark: watermark_rx.clone(),
-                status: forward_status.clone(),
-            };
-            tokio::spawn(link.run(forward_shutdown.clone()))
-        } else {
-            let link = crate::forward::ws::Link {
-                cfg: up,
+    // The upstream link stops when processing has stopped (its watermark channel closes).
+    match cfg.upstream.clone() {
+        Some(up) => {
+            let parts = LinkParts {
+                cfg: up.clone(),
                 gateway: cfg.gateway.id.clone(),
                 epoch,
                 data_dir: data_dir.clone(),
                 outbox: outbox.clone(),
-                watermark: watermark_rx.clone(),
+                watermark: watermark_rx,
                 status: forward_status.clone(),
             };
-            tokio::spawn(link.run(forward_shutdown.clone()))
+            if up.url.starts_with("mqtt") {
+                let transport = MqttTransport::new(up, &cfg.gateway.id);
+                tasks.spawn(Link::new(parts, transport).run());
+            } else {
+                tasks.spawn(Link::new(parts, WsTransport::new(up)).run());
+            }
         }
-    });
-    if forward_task.is_none() {
-        tracing::warn!(
-            "no [upstream] configured: batches stay in the outbox (bounded by store.max_disk)"
-        );
+        None => {
+            drop(watermark_rx);
+            tracing::warn!(
+                "no [upstream] configured: batches stay in the outbox (bounded by store.max_disk)"
+            );
+        }
     }
-    drop(watermark_rx);
 
-    let notify = tokio::spawn(systemd_loop(status.clone(), progress, shutdown.clone()));
+    tasks.spawn(systemd_loop(status.clone(), progress, shutdown.clone()));
+    tasks.close();
     tokio::select! {
         _ = ready_rx.wait_for(|r| *r) => {
             tracing::info!("ready: state recovered and subscriptions acknowledged");
@@ -270,35 +275,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     }
 
     let ingest_result = ingest_task.await.expect("ingest task panicked");
-    // Ingest has committed and acknowledged everything it received and dropped its sender,
-    // so processing sees the end of its channel after the last committed record.
-    let proc_result = proc_task.await.expect("processing task panicked");
-    proc_shutdown.cancel();
-    // Processing wrote its final checkpoint; give the link a moment to send what it covers.
-    if let Some(t) = forward_task {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
-                let (b, ..) = outbox
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .backlog(crate::store::outbox::Lane::Alerts)
-                    .unwrap_or((0, 0, 0, None));
-                if b == 0
-                    || !forward_status
-                        .connected
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        forward_shutdown.cancel();
-        let _ = t.await;
+    if ingest_result.is_err() {
+        // Ingest failed (the journal): stop everything else the same orderly way.
+        shutdown.cancel();
     }
-    notify.abort();
-    let _ = admin_task.await;
+    let proc_result = proc_task.await.expect("processing task panicked");
+    tasks.wait().await;
     let _journal = ingest_result?;
     proc_result?;
     tracing::info!("stopped cleanly");

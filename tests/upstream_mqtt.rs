@@ -60,12 +60,24 @@ impl Cloud {
 
     /// `[upstream]` for the gateway: mqtts with the cloud's CA and a client certificate.
     fn upstream_section(&self) -> String {
-        let (cert, key) = leaf(&self.client_ca, &["gw-test"], false);
+        self.upstream_section_with(false, "")
+    }
+
+    /// (Re)writes the gateway's client certificate and key, `expired` or valid.
+    fn write_client_cert(&self, expired: bool) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (cert, key) = leaf(&self.client_ca, &["gw-test"], expired);
+        (
+            write(self.certs.path(), "client.pem", &cert),
+            write(self.certs.path(), "client.key", &key),
+        )
+    }
+
+    /// `[upstream]` with the client certificate `expired` or not, plus `extra` keys.
+    fn upstream_section_with(&self, expired: bool, extra: &str) -> String {
         let ca = write(self.certs.path(), "trust.pem", &self.server_ca.pem);
-        let cert = write(self.certs.path(), "client.pem", &cert);
-        let key = write(self.certs.path(), "client.key", &key);
+        let (cert, key) = self.write_client_cert(expired);
         format!(
-            "[upstream]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nlinger = \"200ms\"\n",
+            "[upstream]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nlinger = \"200ms\"\n{extra}",
             self.tls_port,
             ca.display().to_string(),
             cert.display().to_string(),
@@ -75,14 +87,43 @@ impl Cloud {
 }
 
 fn gateway(local: &Mosquitto, cloud: &Cloud) -> Gateway {
+    gateway_with(local, &cloud.upstream_section())
+}
+
+fn gateway_with(local: &Mosquitto, upstream: &str) -> Gateway {
     Gateway::with_config(
         &local.url(),
         "",
         &format!(
-            "[process]\nwindows = [\"1s\"]\nallowed_lateness = \"200ms\"\ncheckpoint_interval = \"500ms\"\n\n{}",
-            cloud.upstream_section()
+            "[process]\nwindows = [\"1s\"]\nallowed_lateness = \"200ms\"\ncheckpoint_interval = \"500ms\"\n\n{upstream}"
         ),
     )
+}
+
+/// How many times the gateway's log says the MQTT upstream connected.
+fn connects(gw: &Gateway) -> usize {
+    gw.current_log().matches("upstream connected (MQTT").count()
+}
+
+/// The value of a gauge or counter in the gateway's `/metrics`.
+fn metric(gw: &Gateway, name: &str) -> Option<f64> {
+    let addr = std::fs::read_to_string(gw.dir.path().join("data/admin.addr")).ok()?;
+    let (_, text) = edgeferry::admin::http_get(&addr, "/metrics", Duration::from_secs(3)).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Publishes readings `from..` for `secs` seconds; returns the next index.
+fn publish_for(p: &Publisher, from: usize, secs: u64) -> usize {
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut i = from;
+    while Instant::now() < until {
+        p.publish(&topic(i), live_payload(i));
+        i += 1;
+        std::thread::sleep(Duration::from_millis(6));
+    }
+    i
 }
 
 /// What the consumer concluded from every message it received.
@@ -287,7 +328,7 @@ fn mqtt_upstream_with_mutual_tls_delivers_every_aggregate_once() {
     let mut gw = gateway(&local, &cloud);
     gw.start();
     wait_for("the upstream MQTT link", Duration::from_secs(15), || {
-        gw.current_log().contains("upstream (MQTT) connected")
+        gw.current_log().contains("upstream connected (MQTT")
     });
     let n = 500;
     let p = Publisher::connect(local.port, "pub-up-mqtt");
@@ -311,7 +352,7 @@ fn cloud_broker_outage_then_recovery_loses_nothing() {
     let mut gw = gateway(&local, &cloud);
     gw.start();
     wait_for("the upstream MQTT link", Duration::from_secs(15), || {
-        gw.current_log().contains("upstream (MQTT) connected")
+        gw.current_log().contains("upstream connected (MQTT")
     });
     let n = 1500;
     let p = Publisher::connect(local.port, "pub-up-mqtt-outage");
@@ -339,8 +380,172 @@ fn cloud_broker_outage_then_recovery_loses_nothing() {
     drop(c);
     let log = gw.current_log();
     assert!(
-        log.matches("upstream (MQTT) connected").count() >= 2,
+        log.matches("upstream connected (MQTT").count() >= 2,
         "the link came back:\n{log}"
     );
     assert!(gw.stop().success());
+}
+
+#[test]
+fn rotated_client_certificates_are_used_without_a_restart_and_nothing_is_lost() {
+    let local = Mosquitto::start();
+    let cloud = Cloud::start();
+    let sub = Subscriber::connect(cloud.broker.port);
+    // The gateway starts with an expired client certificate: the cloud refuses it.
+    let mut gw = gateway_with(
+        &local,
+        &cloud.upstream_section_with(true, "reconnect_max = \"1s\"\n"),
+    );
+    gw.start();
+    wait_for(
+        "the refused link to be reported",
+        Duration::from_secs(15),
+        || metric(&gw, "edgeferry_upstream_reconnects_total").unwrap_or(0.0) >= 2.0,
+    );
+    assert_eq!(connects(&gw), 0, "an expired certificate must not connect");
+    let p = Publisher::connect(local.port, "pub-up-mqtt-rotate");
+    let i = publish_for(&p, 0, 2);
+    // The operator renews the certificate in place: the next attempt uses it.
+    cloud.write_client_cert(false);
+    wait_for(
+        "the link with the renewed certificate",
+        Duration::from_secs(15),
+        || connects(&gw) == 1,
+    );
+    let i = publish_for(&p, i, 2);
+    // Renewed again while connected: the link notices the files changed and reconnects.
+    cloud.write_client_cert(false);
+    wait_for(
+        "the reconnect after the rotation",
+        Duration::from_secs(20),
+        || connects(&gw) == 2,
+    );
+    assert!(
+        gw.current_log()
+            .contains("credentials changed on disk; reconnecting")
+    );
+    let n = publish_for(&p, i, 2);
+    p.wait_acked(n, Duration::from_secs(20));
+    let c = sub.wait_total(n as u64, Duration::from_secs(30));
+    assert_consumed(&c, n as u64, &gw);
+    drop(c);
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn after_a_link_that_lived_30_s_the_backoff_starts_over() {
+    let local = Mosquitto::start();
+    let mut cloud = Cloud::start();
+    cloud.broker.stop();
+    let mut gw = gateway_with(
+        &local,
+        &cloud.upstream_section_with(false, "reconnect_max = \"20s\"\n"),
+    );
+    gw.start();
+    // Failures while the cloud is away grow the pause (0.5 s, 1 s, 2 s, ... up to 20 s).
+    wait_for("six failed attempts", Duration::from_secs(40), || {
+        metric(&gw, "edgeferry_upstream_reconnects_total").unwrap_or(0.0) >= 6.0
+    });
+    cloud.broker.restart();
+    cloud.wait_tls();
+    wait_for("the link", Duration::from_secs(30), || connects(&gw) == 1);
+    // A healthy link for longer than STABLE_AFTER ...
+    std::thread::sleep(edgeferry::forward::link::STABLE_AFTER + Duration::from_secs(1));
+    let failures = metric(&gw, "edgeferry_upstream_reconnects_total").unwrap();
+    cloud.broker.restart();
+    cloud.wait_tls();
+    wait_for(
+        "the link to notice the restart",
+        Duration::from_secs(60),
+        || metric(&gw, "edgeferry_upstream_reconnects_total").unwrap_or(0.0) > failures,
+    );
+    // ... so the first pause after it is the base one (at most 500 ms), not the grown one
+    // (up to 16 s after six failures without the reset).
+    let delay = metric(&gw, "edgeferry_upstream_reconnect_delay_seconds").unwrap();
+    assert!(delay <= 0.5, "first pause after a stable link: {delay} s");
+    wait_for("the link again", Duration::from_secs(10), || {
+        connects(&gw) == 2
+    });
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn a_data_directory_restored_from_an_older_copy_is_caught_by_the_stored_state_and_gets_a_new_epoch()
+{
+    let local = Mosquitto::start();
+    let cloud = Cloud::start();
+    let sub = Subscriber::connect(cloud.broker.port);
+    let mut gw = gateway(&local, &cloud);
+    gw.start();
+    let p = Publisher::connect(local.port, "pub-up-mqtt-restore");
+    wait_for("the link", Duration::from_secs(15), || connects(&gw) == 1);
+    let i = publish_for(&p, 0, 2);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(gw.stop().success());
+    let data = gw.dir.path().join("data");
+    let backup = gw.dir.path().join("backup");
+    copy_dir(&data, &backup);
+    let epoch_before = std::fs::read_to_string(data.join("epoch")).unwrap();
+    // Life goes on: more batches reach the cloud (and its retained state says so) ...
+    gw.start();
+    let i = publish_for(&p, i, 3);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(gw.stop().success());
+    let seen_before_restore = sub.consumed.lock().unwrap().batches.len();
+    // ... then the box is restored from the older copy.
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(&backup, &data);
+    gw.start();
+    let n = publish_for(&p, i, 2);
+    wait_for(
+        "the restore to be detected",
+        Duration::from_secs(20),
+        || gw.current_log().contains("restored from an older copy"),
+    );
+    let epoch_after = std::fs::read_to_string(data.join("epoch")).unwrap();
+    assert_ne!(epoch_before, epoch_after, "a new store epoch");
+    let new_epoch = u64::from_str_radix(epoch_after.trim(), 16).unwrap();
+    wait_for(
+        "batches under the new epoch",
+        Duration::from_secs(20),
+        || {
+            sub.consumed
+                .lock()
+                .unwrap()
+                .batches
+                .iter()
+                .any(|&(e, _)| e == new_epoch)
+        },
+    );
+    p.wait_acked(n, Duration::from_secs(20));
+    assert!(gw.stop().success());
+    let c = sub.consumed.lock().unwrap();
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+    assert!(c.batches.len() > seen_before_restore);
+    drop(c);
+    // Once renewed, a further restart under the new epoch is not taken for a restore.
+    gw.start();
+    wait_for("the link", Duration::from_secs(15), || connects(&gw) >= 1);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        gw.current_log()
+            .matches("restored from an older copy")
+            .count(),
+        0,
+        "{}",
+        gw.current_log()
+    );
+    assert!(gw.stop().success());
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else if e.file_name() != "LOCK" {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
 }

@@ -1,8 +1,9 @@
-//! Forwarding to the central system: the outbox batches ([`crate::model::batch`]) in the wire protocol
-//! ([`crate::protocol`], specified in docs/PROTOCOL.md) and the two links: WebSocket(+TLS) ([`ws`])
-//! and MQTT ([`mqtt`]).
+//! Forwarding to the central system: the outbox batches ([`crate::model::batch`]) in the wire
+//! protocol ([`crate::protocol`], specified in docs/PROTOCOL.md) over one link core ([`link`])
+//! with two transports: WebSocket(+TLS) ([`ws`]) and MQTT ([`mqtt`]).
 
 pub mod config;
+pub mod link;
 pub mod mqtt;
 pub mod ws;
 

@@ -1,64 +1,66 @@
-//! The MQTT upstream: each outbox batch is published with QoS 1 to a topic on a cloud broker
-//! (AWS IoT Core, Azure IoT Hub, an EMQX or Mosquitto cluster); the broker's PUBACK is the
+//! The MQTT transport of the upstream link ([`super::link`] holds the logic both transports
+//! share): each outbox batch is published with QoS 1 to a topic on a cloud broker (AWS IoT
+//! Core, Azure IoT Hub, an EMQX or Mosquitto cluster); the broker's PUBACK is the
 //! acknowledgement. Same outbox, same guarantees as the WebSocket link.
 //!
 //! A message is self-contained, because subscribers share no connection state with the
 //! gateway: three protocol envelopes back to back, `Hello` (gateway, epoch), `Dict` (every
 //! series the batch uses) and `Batch`. Consumers deduplicate by (gateway, epoch, seq): a
 //! batch whose PUBACK was lost in a disconnect is published again.
+//!
+//! A broker has no `Welcome` to say what it already holds, so the gateway keeps that itself,
+//! on the broker: a retained **state message** on `<topic>/state` (JSON: gateway, epoch, the
+//! highest acknowledged seq per lane), read back at every connect. It is what tells a data
+//! directory restored from an older copy (its outbox has not written seqs the broker already
+//! acknowledged under the same epoch) so the link renews the store epoch, exactly as the
+//! WebSocket link does from `Welcome`. See docs/PROTOCOL.md §10.
 
-use super::{Cursors, ForwardStatus, UpstreamConfig, next_batch};
-use crate::backoff::Backoff;
+use super::UpstreamConfig;
+use super::link::{Connection, LinkError, Resume, Transport};
 use crate::model::batch::OutboxBatch;
 use crate::protocol::{self, DictEncoder, Frame, Hello};
-use crate::store::outbox::Outbox;
+use crate::store::outbox::{Lane, lane_lsn};
 use rumqttc::{
-    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
+    Transport as MqttTransportKind,
 };
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Most batches published and not yet acknowledged.
 const MAX_IN_FLIGHT: usize = 32;
 
-/// The MQTT upstream link.
-pub struct MqttLink {
-    /// `[upstream]`.
-    pub cfg: UpstreamConfig,
-    /// Gateway id.
+/// How long connecting (TCP, TLS, CONNACK) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long to wait for the retained state message after the broker acknowledged the
+/// subscription: brokers send retained messages right after the SUBACK, so this only runs
+/// out for a gateway that has never stored anything (its first connect ever).
+const STATE_WAIT: Duration = Duration::from_secs(2);
+
+/// The retained state message: what the broker has acknowledged under which epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredState {
+    /// The gateway id.
     pub gateway: String,
-    /// Store epoch.
-    pub epoch: u64,
-    /// The outbox.
-    pub outbox: Arc<Mutex<Outbox>>,
-    /// Checkpointed outbox positions.
-    pub watermark: watch::Receiver<[u64; 2]>,
-    /// Shared state for status.
-    pub status: Arc<ForwardStatus>,
+    /// The store epoch, 16 hex digits (as in batch ids).
+    pub epoch: String,
+    /// The highest acknowledged seq of the aggregates and alerts lanes.
+    pub acked: [Option<u64>; 2],
+}
+
+/// The topic of the retained state message for batches published on `topic`.
+pub fn state_topic(topic: &str) -> String {
+    format!("{topic}/state")
 }
 
 /// Encodes one batch as a self-contained MQTT payload (Hello + Dict + Batch envelopes).
-pub fn encode_message(
-    gateway: &str,
-    epoch: u64,
-    first_seq: u64,
-    seq: u64,
-    batch: &OutboxBatch,
-) -> Vec<u8> {
-    let hello = Frame::Hello(Hello {
-        gateway: gateway.to_string(),
-        epoch,
-        versions: vec![protocol::PROTOCOL_VERSION],
-        first_seq,
-        software: format!("edgeferry/{}", env!("CARGO_PKG_VERSION")),
-    });
+pub fn encode_message(hello: &Hello, seq: u64, batch: &OutboxBatch) -> Vec<u8> {
     let mut dict = DictEncoder::new();
     let (d, b) = dict.encode_batch(seq, batch);
-    let mut out = protocol::encode(&hello);
+    let mut out = protocol::encode(&Frame::Hello(hello.clone()));
     if let Some(d) = d {
         out.extend(protocol::encode(&d));
     }
@@ -66,11 +68,34 @@ pub fn encode_message(
     out
 }
 
-impl MqttLink {
-    fn options(&self) -> Result<MqttOptions, String> {
-        let url = url::Url::parse(&self.cfg.url).map_err(|e| e.to_string())?;
+/// Publishes to `[upstream] url` (`mqtt://` or `mqtts://`) on `[upstream] topic`.
+pub struct MqttTransport {
+    cfg: UpstreamConfig,
+    gateway: String,
+    topic: String,
+}
+
+impl MqttTransport {
+    /// A transport for `[upstream]` of gateway `gateway`.
+    pub fn new(cfg: UpstreamConfig, gateway: &str) -> MqttTransport {
+        let topic = cfg.topic.replace("{gateway}", gateway);
+        MqttTransport {
+            cfg,
+            gateway: gateway.to_string(),
+            topic,
+        }
+    }
+
+    /// Client options with the credentials as they are on disk now.
+    fn options(&self) -> Result<MqttOptions, LinkError> {
+        let bad =
+            |why: String| LinkError::Connect(format!("upstream.url {:?}: {why}", self.cfg.url));
+        let url = url::Url::parse(&self.cfg.url).map_err(|e| bad(e.to_string()))?;
         let tls = url.scheme() == "mqtts";
-        let host = url.host_str().ok_or("no host")?.trim_matches(['[', ']']);
+        let host = url
+            .host_str()
+            .ok_or_else(|| bad("no host".into()))?
+            .trim_matches(['[', ']']);
         let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
         let mut o = MqttOptions::new(format!("edgeferry-up-{}", self.gateway), host, port);
         o.set_clean_session(true)
@@ -80,7 +105,9 @@ impl MqttLink {
         if !url.username().is_empty() {
             let pw = match &self.cfg.token_file {
                 Some(f) => std::fs::read_to_string(f)
-                    .map_err(|e| format!("upstream.token_file {}: {e}", f.display()))?
+                    .map_err(|e| {
+                        LinkError::Connect(format!("upstream.token_file {}: {e}", f.display()))
+                    })?
                     .trim()
                     .to_string(),
                 None => url.password().unwrap_or_default().to_string(),
@@ -93,123 +120,258 @@ impl MqttLink {
                 self.cfg.cert_file.as_deref(),
                 self.cfg.key_file.as_deref(),
             )
-            .map_err(|e| e.to_string())?;
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(c),
-            )));
+            .map_err(|e| LinkError::Connect(e.to_string()))?;
+            o.set_transport(MqttTransportKind::tls_with_config(
+                TlsConfiguration::Rustls(Arc::new(c)),
+            ));
         }
         Ok(o)
     }
+}
 
-    /// Runs until `shutdown`.
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        let topic = self.cfg.topic.replace("{gateway}", &self.gateway);
-        let mut backoff = Backoff::new(Duration::from_millis(500), self.cfg.reconnect_max);
-        let mut last_logged: Option<String> = None;
-        loop {
-            let r = tokio::select! {
-                r = self.session(&topic) => r,
-                _ = shutdown.cancelled() => break,
-            };
-            let _ = self
-                .outbox
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .persist_acks();
-            let msg = r.err().unwrap_or_else(|| "closed".into());
-            self.status.link_down(&self.cfg.url, msg, &mut last_logged);
-            tokio::select! {
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
-                _ = shutdown.cancelled() => break,
-            }
-        }
-        let _ = self
-            .outbox
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .persist_acks();
-    }
+/// One MQTT session on the cloud broker.
+pub struct MqttConnection {
+    client: AsyncClient,
+    el: EventLoop,
+    topic: String,
+    gateway: String,
+    epoch: u64,
+    /// Published, packet id not yet known (rumqttc assigns it when the packet goes out).
+    queued: VecDeque<u64>,
+    /// Packet id → seq.
+    in_flight: HashMap<u16, u64>,
+    /// The state as the broker holds it (read at connect, then as last published).
+    known: [Option<u64>; 2],
+}
 
-    /// One connection: publish, map packet ids to seqs, acknowledge on PUBACK.
-    async fn session(&mut self, topic: &str) -> Result<(), String> {
+fn broken(e: impl std::fmt::Display) -> LinkError {
+    LinkError::Broken(e.to_string())
+}
+
+/// The highest of two optional seqs.
+fn higher(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    a.max(b)
+}
+
+impl Transport for MqttTransport {
+    type Conn = MqttConnection;
+
+    async fn connect(&mut self, hello: &Hello) -> Result<(MqttConnection, Resume), LinkError> {
         let (client, mut el) = AsyncClient::new(self.options()?, MAX_IN_FLIGHT * 2);
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
-        net.set_connection_timeout(15);
+        net.set_connection_timeout(CONNECT_TIMEOUT.as_secs());
         el.set_network_options(net);
-        // Wait for the CONNACK before publishing anything.
-        loop {
-            match el.poll().await.map_err(|e| e.to_string())? {
-                Event::Incoming(Packet::ConnAck(_)) => break,
-                _ => continue,
+        let wait = async {
+            loop {
+                if let Event::Incoming(Packet::ConnAck(_)) = el.poll().await.map_err(broken)? {
+                    return Ok::<_, LinkError>(());
+                }
             }
-        }
-        self.status.connected.store(true, Ordering::Relaxed);
-        self.status.set_error(None);
-        tracing::info!(url = %self.cfg.url, topic, "upstream (MQTT) connected");
-        let mut cursors = Cursors::new(*self.watermark.borrow());
-        let mut queued: VecDeque<u64> = VecDeque::new(); // published, pkid not yet known
-        let mut in_flight: HashMap<u16, (u64, Instant)> = HashMap::new();
-        let mut persist = tokio::time::interval(Duration::from_secs(2));
-        loop {
-            while queued.len() + in_flight.len() < MAX_IN_FLIGHT {
-                let wm = *self.watermark.borrow();
-                let Some(b) =
-                    next_batch(&self.outbox, &mut cursors, wm).map_err(|e| e.to_string())?
-                else {
-                    break;
-                };
-                let batch: OutboxBatch = match postcard::from_bytes(&b.payload) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::error!(seq = b.seq, "undecodable outbox batch skipped: {e}");
-                        let _ = self
-                            .outbox
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .ack(b.seq);
-                        continue;
-                    }
-                };
-                let first_seq = self
-                    .outbox
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .first_seq();
-                let payload = encode_message(&self.gateway, self.epoch, first_seq, b.seq, &batch);
-                client
-                    .try_publish(topic, QoS::AtLeastOnce, false, payload)
-                    .map_err(|e| e.to_string())?;
-                queued.push_back(b.seq);
-                self.status.batches_sent.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("edgeferry_upstream_batches_sent_total").increment(1);
-            }
-            tokio::select! {
-                ev = el.poll() => match ev.map_err(|e| e.to_string())? {
-                    Event::Outgoing(Outgoing::Publish(pkid)) => {
-                        if let Some(seq) = queued.pop_front() {
-                            in_flight.insert(pkid, (seq, Instant::now()));
-                        }
-                    }
-                    Event::Incoming(Packet::PubAck(a)) => {
-                        if let Some((seq, sent)) = in_flight.remove(&a.pkid) {
-                            metrics::histogram!("edgeferry_upstream_ack_seconds").record(sent.elapsed().as_secs_f64());
-                            self.outbox.lock().unwrap_or_else(|e| e.into_inner()).ack(seq).map_err(|e| e.to_string())?;
-                            self.status.batches_acked.fetch_add(1, Ordering::Relaxed);
-                            metrics::counter!("edgeferry_upstream_batches_acked_total").increment(1);
-                        }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, wait)
+            .await
+            .map_err(|_| LinkError::Connect("no CONNACK within 15 s".into()))??;
+
+        // Read the retained state message back.
+        let state_topic = state_topic(&self.topic);
+        client
+            .try_subscribe(&state_topic, QoS::AtLeastOnce)
+            .map_err(broken)?;
+        let mut state: Option<StoredState> = None;
+        let read = async {
+            loop {
+                match el.poll().await.map_err(broken)? {
+                    Event::Incoming(Packet::SubAck(_)) => break,
+                    Event::Incoming(Packet::Publish(p)) if p.topic == state_topic => {
+                        state = serde_json::from_slice(&p.payload).ok();
                     }
                     _ => {}
-                },
-                r = self.watermark.changed() => {
-                    if r.is_err() {
-                        return Ok(());
-                    }
-                }
-                _ = persist.tick() => {
-                    let _ = self.outbox.lock().unwrap_or_else(|e| e.into_inner()).persist_acks();
                 }
             }
+            if state.is_none() {
+                // Running out of time here is the normal "nothing stored yet".
+                if let Ok(r) = tokio::time::timeout(STATE_WAIT, async {
+                    loop {
+                        if let Event::Incoming(Packet::Publish(p)) =
+                            el.poll().await.map_err(broken)?
+                            && p.topic == state_topic
+                        {
+                            state = serde_json::from_slice(&p.payload).ok();
+                            return Ok::<_, LinkError>(());
+                        }
+                    }
+                })
+                .await
+                {
+                    r?;
+                }
+            }
+            client.try_unsubscribe(&state_topic).map_err(broken)?;
+            Ok::<_, LinkError>(())
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, read)
+            .await
+            .map_err(|_| {
+                LinkError::Connect("no SUBACK for the state topic within 15 s".into())
+            })??;
+
+        let epoch_hex = format!("{:016x}", hello.epoch);
+        let known = match &state {
+            Some(s)
+                if s.gateway == self.gateway && s.epoch == epoch_hex && state_is_consistent(s) =>
+            {
+                s.acked
+            }
+            _ => [None, None],
+        };
+        let stored = known
+            .iter()
+            .flatten()
+            .map(|&seq| (seq, seq))
+            .collect::<Vec<_>>();
+        let conn = MqttConnection {
+            client,
+            el,
+            topic: self.topic.clone(),
+            gateway: self.gateway.clone(),
+            epoch: hello.epoch,
+            queued: VecDeque::new(),
+            in_flight: HashMap::new(),
+            known,
+        };
+        let resume = Resume {
+            stored,
+            max_in_flight: MAX_IN_FLIGHT,
+            detail: format!(
+                "MQTT, topic {}, {}",
+                self.topic,
+                match &state {
+                    Some(s) => format!("stored state epoch {} acked {:?}", s.epoch, s.acked),
+                    None => "no stored state yet".into(),
+                }
+            ),
+        };
+        Ok((conn, resume))
+    }
+}
+
+impl Connection for MqttConnection {
+    async fn send(
+        &mut self,
+        seq: u64,
+        batch: &OutboxBatch,
+        hello: &Hello,
+    ) -> Result<(), LinkError> {
+        let payload = encode_message(hello, seq, batch);
+        self.client
+            .try_publish(&self.topic, QoS::AtLeastOnce, false, payload)
+            .map_err(broken)?;
+        self.queued.push_back(seq);
+        Ok(())
+    }
+
+    async fn acks(&mut self) -> Result<Vec<u64>, LinkError> {
+        loop {
+            match self.el.poll().await.map_err(broken)? {
+                Event::Outgoing(Outgoing::Publish(pkid)) => {
+                    if let Some(seq) = self.queued.pop_front() {
+                        self.in_flight.insert(pkid, seq);
+                    }
+                }
+                Event::Incoming(Packet::PubAck(a)) => {
+                    if let Some(seq) = self.in_flight.remove(&a.pkid) {
+                        return Ok(vec![seq]);
+                    }
+                }
+                _ => {}
+            }
         }
+    }
+
+    async fn stored_state(&mut self, acked: [Option<u64>; 2]) {
+        let next = [
+            higher(self.known[0], acked[0]),
+            higher(self.known[1], acked[1]),
+        ];
+        if next == self.known {
+            return;
+        }
+        let state = StoredState {
+            gateway: self.gateway.clone(),
+            epoch: format!("{:016x}", self.epoch),
+            acked: next,
+        };
+        let body = serde_json::to_vec(&state).expect("the state always encodes");
+        let topic = state_topic(&self.topic);
+        // Retained, QoS 1; not waited for: the state only has to grow, and a lost update
+        // is written again at the next tick.
+        if self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, body)
+            .is_ok()
+        {
+            self.known = next;
+        }
+    }
+
+    async fn close(&mut self) {
+        let _ = self.client.try_disconnect();
+        // Let the DISCONNECT (and a last state update) leave.
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                match self.el.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// The lane of each seq a state message holds, checked: `acked[0]` must be an aggregates seq
+/// and `acked[1]` an alerts seq (a hand-edited or foreign message is ignored).
+pub fn state_is_consistent(s: &StoredState) -> bool {
+    [Lane::Aggregates, Lane::Alerts]
+        .into_iter()
+        .zip(s.acked)
+        .all(|(lane, seq)| seq.is_none_or(|q| lane_lsn(q).0 == lane))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::outbox::seq_of;
+
+    #[test]
+    fn the_state_message_round_trips_as_json_and_lanes_are_checked() {
+        let s = StoredState {
+            gateway: "gw".into(),
+            epoch: "00000000000000ab".into(),
+            acked: [Some(seq_of(Lane::Aggregates, 9)), None],
+        };
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(
+            json,
+            r#"{"gateway":"gw","epoch":"00000000000000ab","acked":[18,null]}"#
+        );
+        assert_eq!(serde_json::from_str::<StoredState>(&json).unwrap(), s);
+        assert!(state_is_consistent(&s));
+        let swapped = StoredState {
+            acked: [None, Some(seq_of(Lane::Aggregates, 1))],
+            ..s
+        };
+        assert!(!state_is_consistent(&swapped));
+    }
+
+    #[test]
+    fn the_state_topic_is_beside_the_batches_topic_not_under_its_filters() {
+        assert_eq!(
+            state_topic("edgeferry/gw-1/batches"),
+            "edgeferry/gw-1/batches/state"
+        );
+        // One level deeper than the batches: `edgeferry/+/batches` does not match it.
+        assert_eq!(state_topic("a/b/c").split('/').count(), 4);
     }
 }

@@ -51,7 +51,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use window::{WindowAggregate, WindowSpec, Windows};
 
 /// Closing windows at most this often (processing time) coalesces corrections.
@@ -490,14 +489,11 @@ impl Processor {
         )
     }
 
-    /// Runs until the channel closes (ingest finished) or `shutdown`, checkpointing every
+    /// Runs until the channel closes (ingest drained and stopped: the one shutdown order),
+    /// checkpointing every
     /// `checkpoint_interval` while something changed (within a second when batches wait for
     /// the forwarder), and once more at the end.
-    pub async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Vec<Committed>>,
-        shutdown: CancellationToken,
-    ) -> Result<(), ProcessError> {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<Committed>>) -> Result<(), ProcessError> {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_checkpoint = Instant::now();
@@ -530,7 +526,6 @@ impl Processor {
                     }
                     self.enforce_quota()?;
                 }
-                _ = shutdown.cancelled() => break,
             }
             self.flush_batches(false)?;
             let since = last_checkpoint.elapsed();
