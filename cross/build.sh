@@ -21,6 +21,8 @@ and prints the path, 'file' output, size and SHA-256 of each binary.
 
 Environment:
   EDGEFERRY_BUILDER  cross (default) or zigbuild
+  EDGEFERRY_FULL     1: the full build (with 'edgeferry collect', the embedded broker and
+                     'edgeferry demo'); default: the gateway-only build (--no-default-features)
   CROSS_CONFIG       cross config file (default: cross/Cross.toml of this repository)
   CARGO_TARGET_DIR   output root (default: target/)
 USAGE
@@ -46,6 +48,13 @@ cd "$repo_root"
 # depend on the directory cross is started from.
 export CROSS_CONFIG="${CROSS_CONFIG:-$repo_root/cross/Cross.toml}"
 
+# Gateways get the gateway-only build: no central receiver, no embedded broker (smaller; see
+# docs/DECISIONS.md). EDGEFERRY_FULL=1 builds everything.
+features=(--no-default-features)
+if [[ "${EDGEFERRY_FULL:-0}" == 1 ]]; then
+    features=()
+fi
+
 builder="${EDGEFERRY_BUILDER:-cross}"
 case "$builder" in
     cross)
@@ -54,7 +63,7 @@ case "$builder" in
             echo "       (or: cargo install cross --git https://github.com/cross-rs/cross)" >&2
             exit 69
         }
-        build() { cross build --release --locked --target "$1" --bin edgeferry; }
+        build() { cross build --release --locked "${features[@]}" --target "$1" --bin edgeferry; }
         ;;
     zigbuild)
         command -v cargo-zigbuild >/dev/null 2>&1 || {
@@ -63,7 +72,7 @@ case "$builder" in
         }
         build() {
             rustup target add "$1"
-            cargo zigbuild --release --locked --target "$1" --bin edgeferry
+            cargo zigbuild --release --locked "${features[@]}" --target "$1" --bin edgeferry
         }
         ;;
     *)

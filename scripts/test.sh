@@ -26,3 +26,8 @@ fi
 
 cargo test --all-targets
 cargo test --doc
+# The gateway-only build (no central receiver, no embedded broker): it must build, pass its
+# lints and its unit tests on its own (the integration tests need `edgeferry collect`).
+echo "test.sh: the gateway-only build (--no-default-features)"
+cargo clippy --no-default-features --lib --bins -- -D warnings
+cargo test --no-default-features --lib

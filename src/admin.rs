@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-/// `[admin]`.
+/// `[admin]`: where the unauthenticated admin HTTP endpoint listens.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
@@ -76,19 +76,19 @@ pub fn prometheus() -> PrometheusHandle {
 /// Shared state of the admin endpoint.
 #[derive(Clone)]
 pub struct Admin {
-    /// Gateway id.
+    /// `[gateway] id`, reported as `gateway` in the status.
     pub gateway: String,
-    /// Broker URL.
+    /// `[mqtt] url`, reported in the status and named in its problem lines.
     pub broker_url: String,
-    /// Ingest's live state.
+    /// Ingest's broker connection state and message counters, updated by the ingest task.
     pub ingest: Arc<IngestStatus>,
     /// Becomes true once ready.
     pub ready: watch::Receiver<bool>,
-    /// Start time.
+    /// When the daemon started; the reported uptime is measured from it.
     pub started: Instant,
-    /// Prometheus renderer.
+    /// Renders `/metrics`; its upkeep also runs every 5 s while the endpoint serves.
     pub prometheus: PrometheusHandle,
-    /// Processing counters.
+    /// Processing's live counters (series, alerts, quota block), updated by the processor.
     pub process: Arc<crate::process::ProcessStatus>,
     /// The outbox, for the backlog figures.
     pub outbox: Arc<std::sync::Mutex<crate::store::outbox::Outbox>>,
@@ -99,7 +99,8 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// The current status.
+    /// Builds the status served at `/status` and sent each second on `/live`; it is healthy
+    /// only when no problem (broker, upstream, disk quota) is listed.
     pub fn report(&self) -> StatusReport {
         let i = &self.ingest;
         let connected = i.connected.load(Ordering::Relaxed);

@@ -96,6 +96,7 @@ pub fn run_daemon(cfg: Config) -> Exit {
 }
 
 /// `edgeferry collect`: the reference central receiver until SIGTERM/SIGINT.
+#[cfg(feature = "central")]
 pub fn run_collect(cfg: crate::collect::CollectConfig) -> Exit {
     crate::telemetry::init(&crate::telemetry::LogConfig::default());
     let rt = match runtime("edgeferry collect", "edgeferry-collect") {
@@ -118,6 +119,7 @@ pub fn run_collect(cfg: crate::collect::CollectConfig) -> Exit {
 }
 
 /// `edgeferry demo`: success only when the closing report matches.
+#[cfg(all(feature = "central", feature = "embedded-broker"))]
 pub fn demo(opts: crate::demo::DemoOptions) -> Exit {
     match crate::demo::run(opts) {
         Ok(true) => Exit::Success,

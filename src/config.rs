@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 /// Prefix of environment overrides: `EDGEFERRY__UPSTREAM__URL` sets `upstream.url`.
 pub const ENV_PREFIX: &str = "EDGEFERRY";
 
-/// The whole configuration.
+/// Everything edgeferry reads from its configuration file (after environment overrides),
+/// one field per section; each section's type lives with the stage that uses it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -47,7 +48,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// `[gateway]`.
+/// `[gateway]`: this gateway's identity and where it keeps its durable data.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
@@ -207,6 +208,7 @@ impl Config {
             u.validate(&mut p);
         }
         self.admin.validate(&mut p);
+        self.log.validate(&mut p);
         p.into_vec()
     }
 
@@ -411,6 +413,7 @@ filter = "sensors/#"
     }
 
     #[test]
+    #[cfg(feature = "embedded-broker")]
     fn the_embedded_broker_needs_an_ip_port_that_mqtt_url_points_at() {
         let c = parse(&with_embedded("mqtt://127.0.0.1:1883", "0.0.0.0:1883")).unwrap();
         assert_eq!(c.mqtt.embedded_broker.as_deref(), Some("0.0.0.0:1883"));
@@ -426,6 +429,14 @@ filter = "sensors/#"
         assert!(p[0].contains("expected port 1883"), "{p:?}");
         let p = problems(&with_embedded("mqtts://127.0.0.1:1883", "127.0.0.1:1883"));
         assert!(p[0].contains("plain MQTT only"), "{p:?}");
+    }
+
+    #[test]
+    #[cfg(not(feature = "embedded-broker"))]
+    fn a_gateway_only_build_says_it_has_no_embedded_broker() {
+        let p = problems(&with_embedded("mqtt://127.0.0.1:1883", "127.0.0.1:1883"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("built without the embedded broker"), "{p:?}");
     }
 
     #[test]

@@ -34,32 +34,37 @@ pub enum DaemonError {
     /// The data directory is unusable.
     #[error("data directory {path}: {source}")]
     DataDir {
-        /// The directory.
+        /// `[gateway] data_dir` as configured, shown so the operator knows which path to fix.
         path: String,
-        /// Why.
+        /// The operating system's reason it could not be created (permission denied, read-only
+        /// file system, ...).
         source: std::io::Error,
     },
-    /// Storage failed.
+    /// The journal or outbox could not be opened, recovered or read at start-up (or by
+    /// `dump-journal`); the daemon stops before taking any readings.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     /// The store epoch could not be read or made.
     #[error(transparent)]
     Epoch(#[from] crate::store::epoch::EpochError),
-    /// Ingest failed.
+    /// Ingest stopped with an error (unusable broker URL, TLS or password file, or a journal
+    /// failure); the other stages are then stopped in the same orderly way.
     #[error(transparent)]
     Ingest(#[from] crate::ingest::IngestError),
-    /// Processing failed.
+    /// Processing could not write its checkpoint, replay the journal or write the outbox.
     #[error(transparent)]
     Process(#[from] crate::process::ProcessError),
     /// The embedded MQTT broker did not start.
     #[error(transparent)]
+    #[cfg(feature = "embedded-broker")]
     EmbeddedBroker(#[from] crate::ingest::embedded::EmbeddedError),
     /// The admin endpoint could not listen.
     #[error("admin.listen {addr}: {source}")]
     Admin {
-        /// The address.
+        /// `[admin] listen` as configured, so the operator sees which setting to change.
         addr: String,
-        /// Why.
+        /// The operating system's reason: binding failed (address in use, permission denied, ...)
+        /// or `admin.addr` could not be written to the data directory.
         source: std::io::Error,
     },
 }
@@ -162,6 +167,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let known_series = processor.known_series();
 
     // The embedded broker (if any) runs until the process exits: rumqttd has no shutdown.
+    #[cfg(feature = "embedded-broker")]
     if let Some(listen) = cfg.mqtt.embedded_broker.clone() {
         tokio::task::spawn_blocking(move || {
             crate::ingest::embedded::EmbeddedBroker::start(&listen)

@@ -29,12 +29,14 @@
 //!    event bus behind `/live`.
 //! 3. The stages, which never import one another: [`ingest`] (MQTT session, decoding,
 //!    redelivery recognition, group commit), [`process`] (windows, rules, checkpoints),
-//!    [`forward`] (the upstream links), [`collect`] (the central receiver).
+//!    [`forward`] (the upstream link core and its WebSocket and MQTT transports), `collect`
+//!    (the central receiver; cargo feature `central`).
 //! 4. [`admin`] (`/metrics`, `/status`, dashboard), [`check`] (`edgeferry store
 //!    verify|repair`, offline).
 //! 5. [`config`]: the configuration file; each stage owns the type of its own section.
 //! 6. [`daemon`]: wiring of the stages, ordered shutdown, systemd readiness and watchdog.
-//! 7. [`demo`]: `edgeferry demo`, the whole product in one process.
+//! 7. `demo`: `edgeferry demo`, the whole product in one process (features `central` and
+//!    `embedded-broker`, both on by default; `--no-default-features` is the gateway alone).
 //! 8. [`cli`]: what each command prints and the exit code it returns; `main.rs` only parses
 //!    the command line and calls it.
 //!
@@ -45,9 +47,11 @@ pub mod backoff;
 pub mod check;
 pub mod cli;
 pub mod clock;
+#[cfg(feature = "central")]
 pub mod collect;
 pub mod config;
 pub mod daemon;
+#[cfg(all(feature = "central", feature = "embedded-broker"))]
 pub mod demo;
 pub mod forward;
 pub mod ingest;

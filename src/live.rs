@@ -33,18 +33,19 @@ pub enum LiveEvent {
     Reading {
         /// Series key (`metric{tag=value,...}`).
         series: String,
-        /// Metric name.
+        /// Metric name (the part of `series` before the tags).
         metric: String,
-        /// Tags.
+        /// Tags identifying the sensor (from the topic template's named levels), in key order.
         tags: BTreeMap<String, String>,
-        /// The value.
+        /// The decoded value, always finite.
         value: f64,
         /// Event time, ms since the Unix epoch.
         time_ms: i64,
     },
     /// A window closed (or a correction of it) and was emitted.
     Window {
-        /// Series key.
+        /// Series key (`metric{tag=value,...}`) of the aggregated readings; `tail --series`
+        /// filters on it.
         series: String,
         /// Start of the window, ms since the Unix epoch.
         window_start_ms: i64,
@@ -54,18 +55,18 @@ pub enum LiveEvent {
         version: u32,
         /// Readings in the window.
         count: u64,
-        /// Their mean.
+        /// Arithmetic mean of their values.
         mean: f64,
-        /// Their minimum.
+        /// Smallest value among them (exact, not from the quantile sketch).
         min: f64,
-        /// Their maximum.
+        /// Largest value among them (exact, not from the quantile sketch).
         max: f64,
     },
     /// An alert was raised or cleared.
     Alert {
-        /// Rule name.
+        /// Name of the `[[rules]]` entry that raised or cleared the alert.
         rule: String,
-        /// Series key.
+        /// Series key of the series the alert is about (the silent one, for silence alerts).
         series: String,
         /// Raised or cleared.
         state: AlertState,
@@ -76,12 +77,12 @@ pub enum LiveEvent {
     },
     /// A status snapshot (the same report as `/status`).
     Status {
-        /// The report.
+        /// The same report `/status` returns (boxed: it is much larger than the other events).
         status: Box<StatusReport>,
     },
     /// This client fell behind and `missed` events were skipped.
     Lagged {
-        /// Events skipped.
+        /// How many events this client missed; also added to `edgeferry_live_events_lagged_total`.
         missed: u64,
     },
 }
@@ -147,7 +148,7 @@ pub struct ReadingSampler {
 }
 
 impl ReadingSampler {
-    /// Samples into `feed`.
+    /// A sampler passing the readings its per-second budgets allow on to `feed`.
     pub fn new(feed: LiveFeed) -> Self {
         Self {
             feed,
@@ -234,12 +235,14 @@ pub enum TailError {
     /// Nothing answered at the admin address, or not with a WebSocket.
     #[error("cannot connect to the daemon's live feed at {url}: {reason}")]
     Connect {
-        /// The URL tried.
+        /// The `ws://.../live` URL tried, with the `?series=` filter if any.
         url: String,
-        /// Why.
+        /// The WebSocket client's error (e.g. connection refused), or that nothing answered
+        /// within 5 s.
         reason: String,
     },
-    /// The connection broke.
+    /// The established connection broke: a WebSocket error, or it closed without a close
+    /// frame (a daemon shutting down sends one and ends the tail normally).
     #[error("lost the connection to the daemon: {0}")]
     Lost(String),
 }

@@ -20,13 +20,13 @@ struct Cli {
 enum Command {
     /// Run the daemon in the foreground (under systemd: Type=notify).
     Run {
-        /// Configuration file.
+        /// Configuration file (TOML; `EDGEFERRY__SECTION__KEY` environment variables override it).
         #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
         config: PathBuf,
     },
     /// Load and validate a configuration; print the effective configuration or every problem.
     CheckConfig {
-        /// Configuration file.
+        /// Configuration file to check, with environment overrides applied as `run` would.
         #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
         config: PathBuf,
     },
@@ -53,6 +53,7 @@ enum Command {
     },
     /// Run the reference central receiver: accept gateways over WebSocket(+TLS) and write
     /// their batches to DIR/out/<gateway>.jsonl (docs/PROTOCOL.md).
+    #[cfg(feature = "central")]
     Collect {
         /// Address to listen on, e.g. 0.0.0.0:9443 (port 0: ephemeral; the bound address is
         /// written to DIR/collect.addr).
@@ -73,7 +74,7 @@ enum Command {
         /// CA (PEM) for client certificates; enables mutual TLS.
         #[arg(long, requires = "tls_cert")]
         client_ca: Option<PathBuf>,
-        /// Most concurrent connections.
+        /// Most concurrent gateway connections; further ones are closed right after accepting.
         #[arg(long, default_value_t = 1024)]
         max_connections: usize,
         /// Largest frame body accepted, bytes.
@@ -94,6 +95,7 @@ enum Command {
     /// Run the whole product on this machine for a while: an embedded MQTT broker, simulated
     /// sensors, edgeferry and the reference collector (with an upstream outage midway), then
     /// check that every published reading arrived. Exit code 0 on MATCH, 2 otherwise.
+    #[cfg(all(feature = "central", feature = "embedded-broker"))]
     Demo {
         /// How long the sensors publish, e.g. 60s, 5m.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -152,6 +154,7 @@ fn main() -> ExitCode {
         Command::Tail { config, series } => {
             with_config(&config, &|c| cli::tail(&c, series.as_deref()))
         }
+        #[cfg(feature = "central")]
         Command::Collect {
             listen,
             data_dir,
@@ -182,6 +185,7 @@ fn main() -> ExitCode {
             };
             with_config(&config, &|c| cli::store(&c, tool, json))
         }
+        #[cfg(all(feature = "central", feature = "embedded-broker"))]
         Command::Demo { duration, keep } => {
             cli::demo(edgeferry::demo::DemoOptions { duration, keep })
         }

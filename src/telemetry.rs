@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
 
-/// `[log]`.
+/// `[log]`: how much is logged and in which format.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
@@ -32,7 +33,8 @@ impl Default for LogConfig {
     }
 }
 
-/// Log output format.
+/// `[log] format`: how log lines on stdout are written (text for journald and terminals,
+/// JSON for log shippers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -47,35 +49,92 @@ fn default_level() -> String {
     "info".to_string()
 }
 
+/// The filter for a level or directive list such as `info` or `warn,edgeferry=debug`
+/// (`target=level` pairs; `off` silences a target).
+///
+/// `Targets` rather than `EnvFilter`: the same directive syntax without span and field filters,
+/// and without the regex engine those need (about 300 KiB of a gateway binary;
+/// docs/DECISIONS.md).
+pub fn filter(directives: &str) -> Result<Targets, FilterError> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for d in directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+    {
+        let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
+        // `Targets` reads a bare word as a target with every level, so a mistyped level
+        // ("infp") would silently log nothing of edgeferry's own: refuse it instead.
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level.trim())) {
+            return Err(FilterError(format!("{d:?} is not a level or target=level")));
+        }
+    }
+    directives
+        .parse()
+        .map_err(|e: tracing_subscriber::filter::ParseError| FilterError(e.to_string()))
+}
+
+/// Why a log filter is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FilterError(String);
+
+/// The filter in effect: `RUST_LOG` when it is set and valid, else `[log] level`, else `info`.
+pub fn effective_filter(cfg: &LogConfig) -> Targets {
+    let from_env = std::env::var("RUST_LOG").ok().and_then(|v| filter(&v).ok());
+    quiet_embedded_broker(
+        from_env
+            .or_else(|| filter(&cfg.level).ok())
+            .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO)),
+    )
+}
+
 /// Installs the global subscriber. Safe to call more than once (later calls are ignored),
 /// which keeps tests that run several daemons in one process simple.
 pub fn init(cfg: &LogConfig) {
-    let filter = quiet_embedded_broker(
-        EnvFilter::try_from_default_env()
-            .or_else(|_| EnvFilter::try_new(&cfg.level))
-            .unwrap_or_else(|_| EnvFilter::new("info")),
-    );
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = effective_filter(cfg);
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
     let _ = match cfg.format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(
+                layer
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_filter(filter),
+            )
             .try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json().flatten_event(true).with_filter(filter))
+            .try_init(),
     };
+}
+
+impl LogConfig {
+    /// Checks `[log]`: the level must parse as a filter.
+    pub fn validate(&self, p: &mut crate::validate::Problems) {
+        if let Err(e) = filter(&self.level) {
+            p.push(format!(
+                "log.level = {:?}: {e}; expected a level (error, warn, info, debug, trace) or \
+                 directives such as \"warn,edgeferry=debug\"",
+                self.level
+            ));
+        }
+    }
 }
 
 /// Silences the embedded broker (rumqttd) unless the filter names it (`RUST_LOG=info,rumqttd=info`):
 /// it logs every ordinary client disconnect, and every TCP connection closed before CONNECT, at
 /// ERROR level, which would drown edgeferry's own messages. edgeferry reports the broker's
 /// start-up failures itself.
-pub fn quiet_embedded_broker(filter: EnvFilter) -> EnvFilter {
-    if filter.to_string().contains("rumqttd") {
+pub fn quiet_embedded_broker(filter: Targets) -> Targets {
+    if filter
+        .iter()
+        .any(|(target, _)| target.starts_with("rumqttd"))
+    {
         filter
     } else {
-        filter.add_directive("rumqttd=off".parse().expect("a valid directive"))
+        filter.with_target("rumqttd", LevelFilter::OFF)
     }
 }
 
@@ -129,6 +188,33 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn levels_and_directives_parse_and_the_embedded_broker_stays_quiet_unless_named() {
+        use tracing::Level;
+        let f = quiet_embedded_broker(filter("warn,edgeferry=debug").unwrap());
+        assert!(f.would_enable("edgeferry::ingest", &Level::DEBUG));
+        assert!(!f.would_enable("rumqttc", &Level::INFO));
+        assert!(f.would_enable("rumqttc", &Level::WARN));
+        assert!(!f.would_enable("rumqttd::router", &Level::ERROR));
+        let named = quiet_embedded_broker(filter("info,rumqttd=info").unwrap());
+        assert!(named.would_enable("rumqttd::router", &Level::INFO));
+    }
+
+    #[test]
+    fn an_unusable_level_is_a_configuration_problem() {
+        let mut p = crate::validate::Problems::new();
+        LogConfig::default().validate(&mut p);
+        assert!(p.is_empty());
+        let bad = LogConfig {
+            level: "loud".into(),
+            ..LogConfig::default()
+        };
+        bad.validate(&mut p);
+        let v = p.into_vec();
+        assert_eq!(v.len(), 1);
+        assert!(v[0].starts_with("log.level = \"loud\""), "{v:?}");
+    }
 
     #[test]
     fn failure_keys_ignore_changing_numbers_only() {

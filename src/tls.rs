@@ -16,17 +16,18 @@ pub enum TlsError {
     Pem {
         /// What the file was supposed to contain.
         what: &'static str,
-        /// The file.
+        /// The PEM file as configured (a CA, certificate or key file setting), so the operator
+        /// knows which one to fix.
         path: PathBuf,
-        /// The parser's complaint.
+        /// The reader's complaint: an I/O error (missing file, permission denied) or malformed PEM.
         reason: String,
     },
     /// The file parsed but held nothing usable.
     #[error("{path} contains no {what}")]
     Empty {
-        /// What was expected.
+        /// What the file should have held (`certificates`).
         what: &'static str,
-        /// The file.
+        /// The PEM file as configured; it parsed but had no block of that kind.
         path: PathBuf,
     },
     /// rustls refused the combination.

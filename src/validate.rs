@@ -17,7 +17,7 @@ impl Problems {
         Problems::default()
     }
 
-    /// Records one problem.
+    /// Records one problem: one line naming the key, the value and what is expected instead.
     pub fn push(&mut self, problem: impl Into<String>) {
         self.0.push(problem.into());
     }

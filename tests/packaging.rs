@@ -278,6 +278,16 @@ fn cross_build_script_is_valid_bash() {
         text.contains("CROSS_CONFIG="),
         "must point cross at cross/Cross.toml"
     );
+    assert!(
+        text.contains("features=(--no-default-features)")
+            && text.matches("\"${features[@]}\"").count() == 2,
+        "both builders must build the gateway-only set by default"
+    );
+    let manifest = read("Cargo.toml");
+    assert!(
+        manifest.contains("default = [\"central\", \"embedded-broker\"]"),
+        "the features the recipe leaves out must exist"
+    );
     for target in [
         "aarch64-unknown-linux-musl",
         "armv7-unknown-linux-musleabihf",

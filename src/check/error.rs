@@ -18,7 +18,7 @@ pub enum CheckError {
     Locked {
         /// The daemon's pid, when the lock file names one.
         pid: Option<u32>,
-        /// The lock file.
+        /// The held `LOCK` file of one of the store's logs.
         lock: PathBuf,
     },
     /// A segment log could not be read or opened.
@@ -27,11 +27,11 @@ pub enum CheckError {
     /// A file operation failed.
     #[error("cannot {op} {}: {source}", .path.display())]
     Io {
-        /// What was attempted.
+        /// What was attempted, worded for the message: `open`, `fsync`, `copy into quarantine`, ...
         op: &'static str,
-        /// On what.
+        /// The file or directory it was attempted on.
         path: PathBuf,
-        /// Why.
+        /// The operating system's reason (permission denied, disk full, ...).
         source: std::io::Error,
     },
 }

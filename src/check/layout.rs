@@ -100,9 +100,9 @@ pub(super) fn set_aside_beside(dir: &Path) -> Vec<PathBuf> {
 /// A file set aside earlier (by the daemon's recovery or an earlier repair).
 #[derive(Debug, Clone, Serialize)]
 pub struct QuarantinedFile {
-    /// Where it is.
+    /// Its path: inside a quarantine folder, or where the daemon set it aside (`*.bad-<ms>`).
     pub path: PathBuf,
-    /// Its size.
+    /// Its size in bytes.
     pub bytes: u64,
 }
 

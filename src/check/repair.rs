@@ -17,9 +17,9 @@ use super::verify::*;
 pub struct LogRepair {
     /// `journal`, `outbox/aggregates`, `outbox/alerts`.
     pub part: &'static str,
-    /// The log directory.
+    /// The log's directory, e.g. `<data_dir>/outbox/alerts`.
     pub path: PathBuf,
-    /// Valid records kept.
+    /// Valid records kept after salvaging (records after damage in a segment are lost).
     pub records_kept: u64,
     /// Bytes cut from the end of the last segment (a torn tail; a copy is in quarantine).
     pub truncated_bytes: u64,
@@ -34,24 +34,25 @@ pub struct LogRepair {
 /// A file moved (or, for a torn tail, copied) into the dated quarantine folder.
 #[derive(Debug, Clone, Serialize)]
 pub struct Moved {
-    /// What it is.
+    /// A short description for the report, e.g. `torn tail (copy of the bytes cut)`.
     pub what: String,
-    /// Where it was.
+    /// Its original path in the data directory (for a torn tail: the segment it was copied from).
     pub from: PathBuf,
     /// Where it is now.
     pub to: PathBuf,
-    /// Its size.
+    /// Its size in bytes (for a torn tail: the bytes copied).
     pub bytes: u64,
 }
 
-/// Result of [`repair`].
+/// Result of [`repair`]: what was salvaged and set aside, and the store as found before and
+/// after.
 #[derive(Debug, Clone, Serialize)]
 pub struct RepairReport {
-    /// The data directory.
+    /// The data directory repaired (`[gateway] data_dir`).
     pub data_dir: PathBuf,
     /// The dated folder that received everything set aside (None: nothing needed moving).
     pub quarantine_dir: Option<PathBuf>,
-    /// Per segment log.
+    /// What was done to each segment log: the journal and both outbox lanes.
     pub logs: Vec<LogRepair>,
     /// Every file moved or copied into quarantine.
     pub moved: Vec<Moved>,

@@ -27,13 +27,14 @@ pub enum PartState {
 /// One damaged stretch of one file.
 #[derive(Debug, Clone, Serialize)]
 pub struct DamageItem {
-    /// The file.
+    /// The damaged file: a segment file, or the checkpoint, acknowledgement or epoch file.
     pub file: PathBuf,
     /// Byte offset where the damage starts (where valid data ends).
     pub offset: u64,
     /// Bytes from there to the end of the file.
     pub bytes: u64,
-    /// What is wrong.
+    /// What is wrong there, e.g. a checksum mismatch, a torn frame or why the file does not
+    /// decode.
     pub what: String,
     /// A torn tail of the last segment (what a crash leaves; cut, not quarantined, by the log).
     pub torn_tail: bool,
@@ -46,7 +47,7 @@ pub struct PartReport {
     pub part: &'static str,
     /// Its file or directory.
     pub path: PathBuf,
-    /// Verdict.
+    /// Verdict: intact, missing (the daemon creates it) or damaged.
     pub state: PartState,
     /// Bytes on disk (segment files, or the file).
     pub bytes: u64,
@@ -65,7 +66,7 @@ pub struct PartReport {
     /// The lsn the log's next record gets, as far as the files tell (logs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_lsn: Option<u64>,
-    /// The decoded checkpoint.
+    /// What the checkpoint file holds (positions and sizes); only for the `checkpoint` part.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointSummary>,
     /// One line about the contents.
@@ -74,10 +75,10 @@ pub struct PartReport {
     pub damage: Vec<DamageItem>,
 }
 
-/// Result of [`verify`].
+/// Result of [`verify`]: every part of one data directory judged, nothing changed.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoreReport {
-    /// The data directory.
+    /// The data directory checked (`[gateway] data_dir`).
     pub data_dir: PathBuf,
     /// True when a daemon holds a lock of the store (the report may be stale).
     pub daemon_running: bool,

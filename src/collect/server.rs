@@ -341,7 +341,7 @@ struct Session<'a, S> {
     shared: &'a Shared,
     peer: SocketAddr,
     ws: tokio_tungstenite::WebSocketStream<S>,
-    /// Set by Hello.
+    /// The gateway id from its Hello; `None` until then, while only a Hello is accepted.
     gateway: Option<String>,
     epoch: u64,
     dict: protocol::DictDecoder,

@@ -45,7 +45,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// What [`Store::store_batch`] did.
+/// What [`Store::store_batch`] did; the batch is acknowledged to the gateway in every case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
     /// Lines written and marked (the number of lines).

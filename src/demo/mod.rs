@@ -140,10 +140,7 @@ fn init_logging(path: &Path) -> Result<()> {
     use tracing_subscriber::prelude::*;
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let filter = crate::telemetry::quiet_embedded_broker(
-        tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-    );
+    let filter = crate::telemetry::effective_filter(&crate::telemetry::LogConfig::default());
     let _ = tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
@@ -158,7 +155,8 @@ fn init_logging(path: &Path) -> Result<()> {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .with_filter(crate::telemetry::quiet_embedded_broker(
-                    tracing_subscriber::EnvFilter::new("error"),
+                    tracing_subscriber::filter::Targets::new()
+                        .with_default(tracing_subscriber::filter::LevelFilter::ERROR),
                 )),
         )
         .try_init();

@@ -21,7 +21,7 @@ pub(super) struct SensorSpec {
 pub(super) struct SensorStats {
     /// Publishes handed to the client.
     pub(super) sent: AtomicU64,
-    /// PUBACKs received.
+    /// PUBACKs received: only these readings count as published in the demo's final check.
     pub(super) acked: AtomicU64,
     /// Event time of the last reading published (epoch ms).
     pub(super) last_ms: AtomicU64,

@@ -61,7 +61,8 @@ pub enum LinkError {
     /// The connection broke or a frame was bad.
     #[error("{0}")]
     Broken(String),
-    /// The outbox failed.
+    /// Reading from or acknowledging into the outbox failed; the connection ends and the link
+    /// retries with backoff.
     #[error("outbox: {0}")]
     Outbox(#[from] crate::store::seglog::LogError),
     /// A TLS or token file changed: reconnect to use it.
@@ -87,7 +88,7 @@ pub struct Resume {
 
 /// How to reach the central side. Every `connect` re-reads the credential files.
 pub trait Transport: Send {
-    /// One established connection.
+    /// One established connection, used until it fails; the next `connect` makes a new one.
     type Conn: Connection;
 
     /// Connects and performs the handshake with `hello`.
@@ -112,7 +113,7 @@ pub trait Connection: Send {
 
     /// The highest seq per lane the central side is known to have stored, for transports
     /// whose handshake cannot say (MQTT keeps it in a retained state message): written
-    /// when acknowledgements were persisted, at most every [`PERSIST_ACKS`].
+    /// when acknowledgements were persisted, at most every 2 s.
     fn stored_state(&mut self, _acked: [Option<u64>; 2]) -> impl Future<Output = ()> + Send {
         async {}
     }
@@ -123,15 +124,16 @@ pub trait Connection: Send {
 
 /// Everything the link needs besides its transport.
 pub struct LinkParts {
-    /// `[upstream]`.
+    /// `[upstream]` as configured: the URL (named in logs and status) and the reconnect backoff.
     pub cfg: UpstreamConfig,
-    /// Gateway id.
+    /// `[gateway] id`, sent in every Hello.
     pub gateway: String,
     /// Store epoch (replaced when the data directory turns out to be an older copy).
     pub epoch: u64,
     /// Data directory (holds the `epoch` file).
     pub data_dir: PathBuf,
-    /// The outbox.
+    /// The outbox batches are read from and acknowledgements recorded in (shared with
+    /// processing).
     pub outbox: Arc<Mutex<Outbox>>,
     /// Checkpointed outbox positions (aggregates, alerts); closes when processing stops.
     pub watermark: watch::Receiver<[u64; 2]>,

@@ -48,7 +48,7 @@ impl ForwardStatus {
         self.set_error(Some(msg));
     }
 
-    /// The last error.
+    /// Why the link last went down; `None` while connected and before the first failure.
     pub fn last_error(&self) -> Option<String> {
         self.last_error
             .lock()

@@ -43,7 +43,7 @@ const STATE_WAIT: Duration = Duration::from_secs(2);
 /// The retained state message: what the broker has acknowledged under which epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredState {
-    /// The gateway id.
+    /// The gateway id that wrote it; a state message of another gateway or epoch is ignored.
     pub gateway: String,
     /// The store epoch, 16 hex digits (as in batch ids).
     pub epoch: String,

@@ -53,7 +53,8 @@ pub struct MqttConfig {
     /// Readings whose event time is further than this into the future are rejected.
     #[serde(default = "default_future_skew", with = "humantime_serde")]
     pub future_skew: Duration,
-    /// MQTT keep-alive interval.
+    /// MQTT keep-alive: edgeferry pings the broker after this long without traffic, so a dead
+    /// connection is noticed and the broker can drop a vanished client.
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
     /// Longest pause between reconnect attempts (exponential backoff with full jitter).
@@ -111,7 +112,14 @@ impl MqttConfig {
     pub fn validate(&self, p: &mut Problems) {
         p.url("mqtt.url", &self.url, &["mqtt", "mqtts"]);
         if let Some(e) = &self.embedded_broker {
+            #[cfg(feature = "embedded-broker")]
             check_embedded_broker(p, e, &self.url);
+            #[cfg(not(feature = "embedded-broker"))]
+            p.push(format!(
+                "mqtt.embedded_broker = {e:?}: this edgeferry was built without the embedded \
+                 broker (cargo feature `embedded-broker`); run a broker such as Mosquitto and \
+                 remove the key"
+            ));
         }
         p.readable_files(&[
             ("mqtt.password_file", &self.password_file),
@@ -162,6 +170,7 @@ impl MqttConfig {
 
 /// `mqtt.embedded_broker`: a literal `ip:port` with a fixed port, and `mqtt.url` pointing at
 /// it over plain MQTT (the embedded broker has no TLS listener).
+#[cfg(feature = "embedded-broker")]
 fn check_embedded_broker(p: &mut Problems, value: &str, url: &str) {
     let addr = match super::embedded::parse_addr(value) {
         Ok(a) => a,

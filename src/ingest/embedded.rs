@@ -23,7 +23,7 @@ pub const MAX_PAYLOAD: usize = 1 << 20;
 /// When it is full rumqttd drops the oldest segment, including messages a disconnected
 /// persistent session has not received yet.
 pub const SEGMENT_SIZE: usize = 8 << 20;
-/// See [`SEGMENT_SIZE`].
+/// Segments per topic filter queue; with [`SEGMENT_SIZE`] that bounds each queue at 64 MiB.
 pub const SEGMENT_COUNT: usize = 8;
 
 /// Why the embedded broker did not start.
@@ -32,7 +32,7 @@ pub enum EmbeddedError {
     /// The address is not `ip:port`.
     #[error("embedded broker address {addr:?}: {reason} (expected ip:port, e.g. 127.0.0.1:1883)")]
     Address {
-        /// As configured.
+        /// `[mqtt] embedded_broker` as configured, so the operator sees what to fix.
         addr: String,
         /// Why it was refused.
         reason: String,
@@ -40,9 +40,10 @@ pub enum EmbeddedError {
     /// The listener could not be opened.
     #[error("embedded broker on {addr}: {reason}")]
     Listen {
-        /// The address.
+        /// The address tried; for port 0, the free port picked once one was found.
         addr: SocketAddr,
-        /// Why.
+        /// The bind error (address in use, permission denied, ...), or that rumqttd did not
+        /// accept connections within 10 s.
         reason: String,
     },
 }

@@ -9,9 +9,9 @@ pub enum IngestError {
     /// `[mqtt] url` is not usable.
     #[error("mqtt.url {url:?}: {reason}")]
     Url {
-        /// The URL.
+        /// `[mqtt] url` as configured.
         url: String,
-        /// What is wrong.
+        /// What is wrong with it: unparsable, a scheme other than `mqtt`/`mqtts`, or no host.
         reason: String,
     },
     /// A template did not parse (validated earlier; kept for completeness).
@@ -23,9 +23,9 @@ pub enum IngestError {
     /// The password file could not be read.
     #[error("mqtt.password_file {path}: {source}")]
     Password {
-        /// The file.
+        /// `[mqtt] password_file` as configured, so the operator knows which file to fix.
         path: String,
-        /// Why.
+        /// The operating system's reason it could not be read (not found, permission denied, ...).
         source: std::io::Error,
     },
     /// The journal failed: nothing more can be made durable, so ingest stops (and with it

@@ -25,6 +25,7 @@ mod commit;
 pub mod config;
 pub mod decode;
 pub mod dedup;
+#[cfg(feature = "embedded-broker")]
 pub mod embedded;
 mod error;
 mod poll;

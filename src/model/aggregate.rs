@@ -279,7 +279,8 @@ pub struct AggregateParts {
     pub last: (i64, f64),
     /// Sum, mean and spread.
     pub moments: Moments,
-    /// The quantile sketch.
+    /// The readings' quantile sketch (1 % relative error); a decoder checks its count against
+    /// `count`.
     pub sketch: Sketch,
 }
 
@@ -447,7 +448,8 @@ impl Aggregate {
         self.sketch.quantile(q).map(|v| v.clamp(self.min, self.max))
     }
 
-    /// The quantile sketch.
+    /// The quantile sketch itself (to merge or encode it); [`Aggregate::quantile`] gives
+    /// clamped estimates.
     pub fn sketch(&self) -> &Sketch {
         &self.sketch
     }

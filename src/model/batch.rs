@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub enum OutboxItem {
     /// A closed window (or a correction of one: a higher `version`, the complete aggregate).
     Aggregate {
-        /// The series.
+        /// Which series the window belongs to, with its metric and tags spelled out.
         series: SeriesInfo,
         /// Window start, ms since epoch (aligned to the window length).
         window_start_ms: i64,
@@ -19,7 +19,8 @@ pub enum OutboxItem {
         window_secs: u32,
         /// 1 for the first emission, +1 per correction.
         version: u32,
-        /// The statistics.
+        /// The window's complete statistics; a correction carries the whole aggregate again, not
+        /// a delta.
         agg: Aggregate,
     },
     /// A raised or cleared alert.
@@ -29,19 +30,19 @@ pub enum OutboxItem {
 /// Which lane a batch belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BatchKind {
-    /// Aggregates.
+    /// Closed windows and their corrections (the outbox's aggregates lane).
     Aggregates,
-    /// Alerts.
+    /// Raised and cleared alerts (the alerts lane: sent first, dropped last).
     Alerts,
 }
 
 /// A batch as stored in the outbox.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboxBatch {
-    /// Aggregates or alerts.
+    /// Which lane the batch is stored in; a batch never mixes aggregates and alerts.
     pub kind: BatchKind,
     /// When the batch was made (processing clock, ms since epoch).
     pub created_ms: i64,
-    /// The items.
+    /// The items, all of the batch's kind, at most `[upstream] batch_max` of them.
     pub items: Vec<OutboxItem>,
 }

@@ -27,7 +27,7 @@ impl Reading {
     }
 }
 
-/// See [`Reading::series_key`].
+/// [`Reading::series_key`] for a metric and tags that are not (yet) in a [`Reading`].
 pub fn series_key(metric: &str, tags: &BTreeMap<String, String>) -> String {
     let mut s = String::with_capacity(metric.len() + 16 * tags.len());
     write_series_key(&mut s, metric, tags);
@@ -70,10 +70,10 @@ mod tests {
 /// never has to parse the key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SeriesInfo {
-    /// The canonical key.
+    /// The canonical key, `metric{k1=v1,...}` (see [`Reading::series_key`]).
     pub key: String,
-    /// Metric name.
+    /// Metric name, so the central side need not parse `key`.
     pub metric: String,
-    /// Tags.
+    /// Tags by name (sorted), so the central side need not parse `key`.
     pub tags: BTreeMap<String, String>,
 }

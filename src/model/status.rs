@@ -9,11 +9,12 @@ use serde::{Deserialize, Serialize};
 pub struct RejectedMessage {
     /// When it arrived (RFC 3339).
     pub time: String,
-    /// Its topic.
+    /// The MQTT topic it was published on, which usually identifies the sensor.
     pub topic: String,
     /// Stable reason label (also the metric label).
     pub reason: String,
-    /// Human explanation.
+    /// What exactly was wrong with it, e.g. the size limit exceeded or which part failed to
+    /// decode.
     pub detail: String,
     /// The first bytes of the payload, lossily as text.
     pub payload: String,
@@ -24,7 +25,7 @@ pub struct RejectedMessage {
 pub struct StatusReport {
     /// `[gateway] id`.
     pub gateway: String,
-    /// edgeferry version.
+    /// Version of the running edgeferry binary, e.g. to spot a gateway not yet upgraded.
     pub version: String,
     /// Seconds since start.
     pub uptime_secs: u64,
@@ -34,13 +35,13 @@ pub struct StatusReport {
     pub healthy: bool,
     /// Human descriptions of what is wrong right now.
     pub problems: Vec<String>,
-    /// Broker link.
+    /// The connection to the local MQTT broker: URL, connected, subscribed, last error.
     pub broker: BrokerStatus,
     /// Ingest counters since start.
     pub ingest: IngestCounters,
     /// The last rejected messages, oldest first.
     pub rejected_recent: Vec<RejectedMessage>,
-    /// Local processing.
+    /// Processing counters: series tracked, alerts, windows, budget misses, quota drops.
     pub process: ProcessCounters,
     /// The outbox backlog (not yet acknowledged by the central side).
     pub backlog: Backlog,
@@ -48,10 +49,11 @@ pub struct StatusReport {
     pub upstream: Option<UpstreamStatus>,
 }
 
-/// Processing counters.
+/// Processing's counters when the report was made: `series`, `alerts_active` and `blocked`
+/// describe that moment, the others count since start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessCounters {
-    /// Series with state.
+    /// Distinct series (metric + tags) processing tracks, bounded by `process.max_series`.
     pub series: u64,
     /// Alerts currently raised.
     pub alerts_active: u64,
@@ -67,25 +69,26 @@ pub struct ProcessCounters {
     pub blocked: bool,
 }
 
-/// Outbox backlog.
+/// What waits in the outbox (both lanes) for the central side's acknowledgement.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Backlog {
-    /// Batches waiting.
+    /// Unacknowledged batches over both lanes.
     pub batches: u64,
-    /// Items in them.
+    /// Aggregates and alerts in those batches.
     pub items: u64,
-    /// Their bytes.
+    /// Their stored size in bytes (record headers included, segment-file framing not).
     pub bytes: u64,
     /// Age of the oldest waiting batch, seconds.
     pub oldest_age_secs: Option<u64>,
 }
 
-/// Upstream link state.
+/// The link to the central system as the forwarder sees it; down makes the gateway
+/// unhealthy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpstreamStatus {
     /// `[upstream] url`.
     pub url: String,
-    /// Connected now.
+    /// Whether a connection to the central system is up when the report is made.
     pub connected: bool,
     /// Batches sent since start (including resends).
     pub batches_sent: u64,
@@ -97,12 +100,13 @@ pub struct UpstreamStatus {
     pub last_error: Option<String>,
 }
 
-/// Broker link state.
+/// The connection to the local MQTT broker the sensors publish to; down makes the gateway
+/// unhealthy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BrokerStatus {
     /// `[mqtt] url`.
     pub url: String,
-    /// Connected now.
+    /// Whether the MQTT connection is up when the report is made.
     pub connected: bool,
     /// Subscriptions acknowledged on the current connection.
     pub subscribed: bool,
@@ -112,10 +116,10 @@ pub struct BrokerStatus {
     pub last_error: Option<String>,
 }
 
-/// Ingest counters.
+/// What ingest has received from the broker since start and what became of it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IngestCounters {
-    /// Messages received.
+    /// PUBLISH packets received from the broker, retained copies and redeliveries included.
     pub messages: u64,
     /// Readings committed to the journal.
     pub readings: u64,

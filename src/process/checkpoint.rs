@@ -19,9 +19,10 @@ pub(super) struct Checkpoint {
     pub(super) applied_lsn: u64,
     /// The processing clock (ms since epoch).
     pub(super) clock_ms: i64,
-    /// Window state.
+    /// The event-time windows of every series, open ones and closed ones kept for corrections.
     pub(super) windows: Windows,
-    /// Alert rule state.
+    /// The rule definitions and each (rule, series) alert state, so raised alerts survive a
+    /// restart.
     pub(super) rules: rules::Rules,
     /// Metric and tags of every series with state (bounded by `max_series`).
     pub(super) series: BTreeMap<String, SeriesInfo>,
@@ -116,7 +117,7 @@ pub struct CheckpointSummary {
     pub applied_lsn: u64,
     /// The processing clock (ms since epoch).
     pub clock_ms: i64,
-    /// Series with state.
+    /// Distinct series (metric + tags) the checkpoint tracks, at most `process.max_series`.
     pub series: usize,
     /// Closed windows not yet in an outbox batch.
     pub pending_items: usize,

@@ -56,7 +56,8 @@ use window::{WindowAggregate, WindowSpec, Windows};
 /// Closing windows at most this often (processing time) coalesces corrections.
 const CLOSE_EVERY_MS: i64 = 250;
 
-/// The processing stage.
+/// The processing stage: folds committed journal records into windows and alert rules,
+/// appends the results to the outbox and checkpoints its state with the journal position.
 pub struct Processor {
     cfg: ProcessConfig,
     limits: ProcessLimits,

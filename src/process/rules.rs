@@ -146,7 +146,8 @@ enum Cause {
 struct RuleState {
     /// Index into [`Rules::rules`].
     rule: usize,
-    /// `Some` while raised.
+    /// `Some` while raised, with what raised it: a silence alert clears on the next reading, a
+    /// threshold alert only once the value has recovered.
     active: Option<Cause>,
 }
 

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 /// Counters of the processing stage, shared with status.
 #[derive(Debug, Default)]
 pub struct ProcessStatus {
-    /// Series with state.
+    /// Distinct series (metric + tags) processing tracks, bounded by `process.max_series`.
     pub series: AtomicU64,
     /// Alerts currently raised.
     pub alerts_active: AtomicU64,
@@ -40,7 +40,7 @@ pub struct ProcessShared {
     pub trim_to: Arc<AtomicU64>,
     /// Journal bytes on disk (kept up to date by the committer) for the quota.
     pub journal_bytes: Arc<AtomicU64>,
-    /// Live counters.
+    /// Counters the processor updates as it goes; `/status` and `/metrics` read them.
     pub status: Arc<ProcessStatus>,
     /// The live feed: emitted windows and alerts are sent to it (never blocks).
     pub live: Option<crate::live::LiveFeed>,
@@ -49,10 +49,11 @@ pub struct ProcessShared {
 /// Limits and policies the processor applies that live in other sections.
 #[derive(Debug, Clone)]
 pub struct ProcessLimits {
-    /// `[upstream] batch_max`.
+    /// `[upstream] batch_max`: most items per outbox batch (500 without `[upstream]`).
     pub batch_max: usize,
-    /// `[upstream] linger`.
+    /// `[upstream] linger`: longest an aggregate waits for its batch to fill (1 s without
+    /// `[upstream]`); alerts never wait.
     pub linger: Duration,
-    /// `[store]`.
+    /// `[store]`: the disk quota over journal + outbox and the policy when it is reached.
     pub store: StoreConfig,
 }

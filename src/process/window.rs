@@ -125,10 +125,10 @@ pub enum WindowError {
     /// The same length configured twice (readings would be counted twice).
     #[error("window length {0} s is configured more than once")]
     DuplicateLength(u32),
-    /// Negative allowed lateness.
+    /// `allowed_lateness_ms` is below zero (the value carried, in ms).
     #[error("allowed lateness must be >= 0, got {0} ms")]
     NegativeLateness(i64),
-    /// Negative retention.
+    /// `retention_ms` is below zero (the value carried, in ms).
     #[error("retention must be >= 0, got {0} ms")]
     NegativeRetention(i64),
     /// `allowed_lateness_ms + retention_ms` overflows `i64`.
@@ -172,7 +172,7 @@ pub enum WindowError {
 /// One emitted window: the complete aggregate, with its version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowAggregate {
-    /// Series (sensor) name.
+    /// Series key (`metric{tag=value,...}`); processing looks up the metric and tags by it.
     pub series: String,
     /// Start of the window (inclusive), epoch milliseconds.
     pub window_start_ms: i64,

@@ -72,19 +72,19 @@ pub const MAX_DICT_ENTRIES: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum FrameKind {
-    /// [`Hello`].
+    /// [`Hello`]: the client introduces itself (first frame of a connection).
     Hello = 1,
-    /// [`Welcome`].
+    /// [`Welcome`]: the server's answer to Hello, with the negotiated version and limits.
     Welcome = 2,
-    /// [`Dict`].
+    /// [`Dict`]: the client defines series ids for the rest of the connection.
     Dict = 3,
-    /// [`Batch`].
+    /// [`Batch`]: one outbox batch, client → server.
     Batch = 4,
-    /// [`Ack`].
+    /// [`Ack`]: the server has durably stored these batches.
     Ack = 5,
-    /// [`Heartbeat`].
+    /// [`Heartbeat`]: keep-alive, either direction.
     Heartbeat = 6,
-    /// [`ErrorFrame`].
+    /// [`ErrorFrame`]: the last frame before closing, either direction.
     Error = 7,
 }
 
@@ -122,7 +122,7 @@ pub struct Hello {
 /// Server → client, answer to [`Hello`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
-    /// The negotiated version.
+    /// The negotiated version: the highest one both sides speak (see [`negotiate`]).
     pub version: u16,
     /// Inclusive ranges of seqs `>= first_seq` already stored for (gateway, epoch), ascending,
     /// at most [`MAX_STORED_RANGES`] (the lowest ones).
@@ -240,7 +240,7 @@ impl TryFrom<DictWire> for Dict {
 pub struct Batch {
     /// Sequence number within the client's epoch.
     pub seq: u64,
-    /// Aggregates or alerts.
+    /// Which outbox lane the batch comes from; a batch never mixes the two.
     pub kind: BatchKind,
     /// When the batch was sealed (epoch ms); times in items are relative to it.
     pub created_ms: i64,
@@ -251,7 +251,8 @@ pub struct Batch {
 /// Server → client: these batches are durably stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
-    /// Acknowledged seqs.
+    /// Seqs of batches now durably stored (redelivered ones too), which the gateway may
+    /// delete from its outbox.
     pub seqs: Vec<u64>,
 }
 
@@ -282,28 +283,28 @@ pub enum ErrorCode {
 /// Either direction, last frame before closing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorFrame {
-    /// Machine-readable reason.
+    /// Machine-readable reason; the receiving side reports it together with `message`.
     pub code: ErrorCode,
-    /// Human-readable detail.
+    /// Human-readable detail for logs (e.g. the offered versions); not meant to be parsed.
     pub message: String,
 }
 
-/// Any frame.
+/// Any frame: what [`decode`] returns and [`encode`] takes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
-    /// See [`Hello`].
+    /// Client → server, first frame; see [`Hello`].
     Hello(Hello),
-    /// See [`Welcome`].
+    /// Server → client, answer to Hello; see [`Welcome`].
     Welcome(Welcome),
-    /// See [`Dict`].
+    /// Client → server, series ids for the following batches; see [`Dict`].
     Dict(Dict),
-    /// See [`Batch`].
+    /// Client → server, one outbox batch; see [`Batch`].
     Batch(Batch),
-    /// See [`Ack`].
+    /// Server → client, batches durably stored; see [`Ack`].
     Ack(Ack),
-    /// See [`Heartbeat`].
+    /// Either direction, keep-alive; see [`Heartbeat`].
     Heartbeat(Heartbeat),
-    /// See [`ErrorFrame`].
+    /// Either direction, last frame before closing; see [`ErrorFrame`].
     Error(ErrorFrame),
 }
 
@@ -337,20 +338,20 @@ pub enum WireGroup {
     /// Aggregates, packed in columns (see [`packed`]); at most
     /// [`packed::MAX_ROWS`] per group.
     Aggregates(Vec<u8>),
-    /// Alerts.
+    /// Alerts, each naming its series by dictionary id.
     Alerts(Vec<WireAlert>),
 }
 
 /// An alert on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WireAlert {
-    /// Rule name.
+    /// Name of the `[[rules]]` entry that raised or cleared it.
     pub rule: String,
     /// Dictionary id of the series.
     pub series: u32,
     /// Raised or cleared.
     pub state: AlertState,
-    /// Triggering value.
+    /// The value that triggered it; none for silence alerts.
     pub value: Option<f64>,
     /// Alert time minus the batch's `created_ms`.
     pub time_dt_ms: i64,
@@ -377,23 +378,23 @@ pub enum ProtocolError {
     TooLarge {
         /// Declared body length.
         len: u64,
-        /// The limit.
+        /// The receiver's `max_frame` limit, bytes.
         max: u32,
     },
     /// The declared body length does not match the message.
     #[error("envelope declares a {declared}-byte body but {actual} bytes follow the header")]
     LengthMismatch {
-        /// Declared.
+        /// Body length the envelope declares, bytes.
         declared: u32,
-        /// Present.
+        /// Bytes actually following the envelope header.
         actual: usize,
     },
-    /// CRC mismatch.
+    /// The body's CRC-32 differs from the envelope's: the bytes were damaged on the way.
     #[error("body CRC-32 mismatch (envelope {expected:08x}, computed {actual:08x})")]
     BadCrc {
-        /// From the envelope.
+        /// CRC-32 the envelope declares.
         expected: u32,
-        /// Of the body.
+        /// CRC-32 computed over the body as received.
         actual: u32,
     },
     /// Frame kind byte not known.
@@ -404,7 +405,7 @@ pub enum ProtocolError {
     Malformed {
         /// The frame kind being decoded.
         kind: FrameKind,
-        /// What went wrong.
+        /// The postcard (or packed-column) decoder's complaint.
         reason: String,
     },
     /// A batch references an undefined dictionary id.

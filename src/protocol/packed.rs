@@ -46,9 +46,9 @@ pub struct Row {
     pub window_start_ms: i64,
     /// Window length, seconds.
     pub window_secs: u32,
-    /// Aggregate version.
+    /// 1 for the window's first emission, +1 per correction.
     pub version: u32,
-    /// The aggregate's state.
+    /// The aggregate's complete state, field by field, as packed in the columns.
     pub agg: AggregateParts,
 }
 
@@ -98,7 +98,7 @@ impl BitWriter {
 
 struct BitReader<'a> {
     bytes: &'a [u8],
-    /// Bit position.
+    /// Next bit to read, counted from the start of `bytes` (least significant bit first).
     pos: usize,
 }
 

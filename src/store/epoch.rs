@@ -21,7 +21,7 @@ pub enum EpochError {
     /// Reading, renaming or writing the file failed.
     #[error("store epoch {path}: {source}")]
     Io {
-        /// The file.
+        /// The `epoch` file in the data directory, shown so the operator knows what to check.
         path: PathBuf,
         /// The operating system's error.
         source: std::io::Error,

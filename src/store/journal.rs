@@ -64,7 +64,7 @@ impl Journal {
         self.log.first_lsn()
     }
 
-    /// Bytes on disk.
+    /// Bytes the journal's segment files take on disk; counted against `store.max_disk`.
     pub fn disk_bytes(&self) -> u64 {
         self.log.disk_bytes()
     }

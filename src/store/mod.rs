@@ -26,9 +26,9 @@ pub enum StoreError {
     /// A record could not be encoded or decoded.
     #[error("record at lsn {lsn} cannot be decoded: {source}")]
     Decode {
-        /// Where.
+        /// Journal position (lsn) of the record that would not decode.
         lsn: u64,
-        /// Why.
+        /// postcard's reason the bytes are not a record of the expected type.
         source: postcard::Error,
     },
     /// A record could not be encoded.

@@ -50,7 +50,7 @@ pub enum Reject {
     /// A value is NaN, infinite, or overflows a 64-bit float.
     #[error("value is not a finite number: {detail}")]
     NotFinite {
-        /// What was found.
+        /// Where and what the value was, e.g. `payload is "NaN"` or which number overflowed.
         detail: String,
     },
     /// A value has a JSON type that is not a number or boolean.
@@ -93,7 +93,7 @@ pub enum Reject {
     BadSenml {
         /// 0-based index of the offending record, if the problem is in one record.
         record: Option<usize>,
-        /// What is wrong.
+        /// Which rule is broken, e.g. a field of the wrong JSON type or an empty resolved name.
         detail: String,
     },
 }

@@ -26,7 +26,7 @@ pub enum TemplateError {
         /// The repeated name.
         name: String,
     },
-    /// `{}`.
+    /// A placeholder written `{}`, without a name.
     #[error(
         "topic template level {level}: placeholder {{}} has an empty name; \
          expected a name such as {{device}}"
@@ -54,7 +54,7 @@ pub enum TemplateError {
     UnbalancedBraces {
         /// 1-based level number.
         level: usize,
-        /// The level text.
+        /// The whole level as written, so the operator can find it in the template.
         text: String,
     },
     /// `#` somewhere other than the last level (same rule as MQTT filters).
@@ -74,7 +74,7 @@ pub enum TemplateError {
     MixedLevel {
         /// 1-based level number.
         level: usize,
-        /// The level text.
+        /// The whole level as written, so the operator can find it in the template.
         text: String,
     },
     /// A `value` or `timestamp` path that is empty or has an empty segment (`a..b`).

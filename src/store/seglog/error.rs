@@ -15,7 +15,7 @@ pub enum LogError {
         #[source]
         source: io::Error,
     },
-    /// The payload is larger than [`LogConfig::max_record`].
+    /// The payload is larger than [`super::LogConfig::max_record`].
     #[error("record of {len} bytes exceeds the maximum of {max} bytes")]
     RecordTooLarge { len: usize, max: usize },
     /// Another process (or another handle in this one) holds the log's lock file.

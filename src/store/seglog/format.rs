@@ -12,7 +12,7 @@ pub type Lsn = u64;
 pub const SEGMENT_EXT: &str = "seg";
 /// Sub-directory that receives damaged bytes found by recovery.
 pub const QUARANTINE_DIR: &str = "quarantine";
-/// Lock file taken exclusively by [`SegmentLog::open`].
+/// Lock file taken exclusively by [`super::SegmentLog::open`].
 pub const LOCK_FILE: &str = "LOCK";
 /// Size of the segment header in bytes.
 pub const HEADER_LEN: u64 = 20;

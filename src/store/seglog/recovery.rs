@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 pub struct Recovery {
     /// Segment files in use after recovery (including the active one).
     pub segments: usize,
-    /// Valid records found.
+    /// Valid records kept over all segments (in a damaged segment, only those before the
+    /// damage).
     pub records: u64,
     /// Bytes cut from the end of the last segment (a torn, never-synced tail).
     pub truncated_bytes: u64,

@@ -26,9 +26,9 @@ pub struct DamageReport {
 /// One segment's findings in a [`VerifyReport`].
 #[derive(Debug, Clone)]
 pub struct SegmentReport {
-    /// The segment file.
+    /// The segment file examined (its name carries its first lsn).
     pub path: PathBuf,
-    /// Its size.
+    /// Its size on disk in bytes, any damaged part included.
     pub file_bytes: u64,
     /// First lsn per the file name.
     pub first_lsn: Lsn,
@@ -41,10 +41,11 @@ pub struct SegmentReport {
     pub damage: Option<DamageReport>,
 }
 
-/// Result of [`verify`].
+/// Result of [`verify`]: the findings for every segment of one log directory; nothing on
+/// disk is changed.
 #[derive(Debug, Clone)]
 pub struct VerifyReport {
-    /// The directory checked.
+    /// The log directory checked, e.g. `<data_dir>/journal` or `<data_dir>/outbox/alerts`.
     pub dir: PathBuf,
     /// Segments in lsn order.
     pub segments: Vec<SegmentReport>,
@@ -58,7 +59,7 @@ impl VerifyReport {
         self.segments.iter().all(|s| s.damage.is_none())
     }
 
-    /// Total valid records.
+    /// Valid records over all segments (in each, those before any damage).
     pub fn records(&self) -> u64 {
         self.segments.iter().map(|s| s.records).sum()
     }
