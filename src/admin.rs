@@ -100,7 +100,7 @@ pub struct Admin {
 
 impl Admin {
     /// Builds the status served at `/status` and sent each second on `/live`; it is healthy
-    /// only when no problem (broker, upstream, disk quota) is listed.
+    /// only when no problem (broker, journal writes, upstream, disk quota) is listed.
     pub fn report(&self) -> StatusReport {
         let i = &self.ingest;
         let connected = i.connected.load(Ordering::Relaxed);
@@ -114,6 +114,12 @@ impl Admin {
         } else if !i.subscribed.load(Ordering::Relaxed) {
             problems.push("subscriptions not acknowledged by the broker".into());
         }
+        if let Some(e) = i.journal_error() {
+            problems.push(format!(
+                "journal cannot write ({e}): not acknowledging the broker, retrying until the \
+                 disk takes writes again (free space in gateway.data_dir)"
+            ));
+        }
         let p = &self.process;
         let process = ProcessCounters {
             series: p.series.load(Ordering::Relaxed),
@@ -124,6 +130,17 @@ impl Admin {
             dropped_items: p.dropped_items.load(Ordering::Relaxed),
             blocked: p.blocked.load(Ordering::Relaxed),
         };
+        if let Some(e) = p
+            .write_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            problems.push(format!(
+                "processing cannot write the outbox or checkpoint ({e}): keeping its state in \
+                 memory and retrying (free space in gateway.data_dir)"
+            ));
+        }
         if process.blocked {
             problems.push("disk quota reached (store.max_disk): ingest is blocked until the upstream drains the outbox".into());
         }

@@ -11,7 +11,9 @@ use crate::clock::now_ms;
 use crate::model::Reading;
 use crate::model::{Committed, RejectedMessage};
 use crate::model::{DedupKey, JournalEntry};
+use crate::store::StoreError;
 use crate::store::journal::Journal;
+use crate::store::seglog::LogError;
 use crate::telemetry::RateLimit;
 use rumqttc::QoS;
 use std::collections::HashSet;
@@ -137,7 +139,7 @@ impl Committer {
             // Decode, append and sync the whole group in one `block_in_place`: each call
             // hands this worker's core to another thread, which is far too dear per message.
             let oldest = group.first().map(|m| m.received_at);
-            tokio::task::block_in_place(|| {
+            let failed = tokio::task::block_in_place(|| {
                 self.commit_group(
                     &mut group,
                     &mut readings,
@@ -146,6 +148,15 @@ impl Committer {
                     &mut permits,
                 )
             })?;
+            if let Some(e) = failed
+                && !self
+                    .retry_until_written(e, &mut committed, &rx, progress)
+                    .await?
+            {
+                // Shutting down while the disk is still failing: nothing of this group was
+                // acknowledged, so the broker redelivers it to the next session.
+                break;
+            }
             if self.dups_in_group > 0 {
                 tracing::info!(
                     "dropped {} redelivered message(s) already in the journal (duplicates dropped)",
@@ -187,9 +198,13 @@ impl Committer {
         Ok(())
     }
 
-    /// Journals a gathered group and makes it durable: decode and append every message
-    /// (acknowledgements and permits are collected for all of them, rejected ones included),
-    /// then one `fdatasync`. Blocking: called inside `block_in_place`.
+    /// Journals a gathered group and makes it durable: decide on every message (its
+    /// acknowledgement and permit are collected, rejected ones included), append what is
+    /// kept, then one `fdatasync`. Blocking: called inside `block_in_place`.
+    ///
+    /// A failed write or sync (a full disk, an I/O error) is not the end: it comes back as
+    /// `Ok(Some(error))` with the group's records still in `committed` (their lsns are the
+    /// ones they will get once written), for [`Committer::retry_until_written`].
     pub(super) fn commit_group(
         &mut self,
         group: &mut Vec<Incoming>,
@@ -197,18 +212,15 @@ impl Committer {
         committed: &mut Vec<Committed>,
         acks: &mut Vec<AckRequest>,
         permits: &mut Vec<OwnedSemaphorePermit>,
-    ) -> Result<(), IngestError> {
-        let mut appended = 0usize;
+    ) -> Result<Option<StoreError>, IngestError> {
+        let first = self.journal.next_lsn();
         for m in group.drain(..) {
             if let Some(entry) = self.accept(&m, readings) {
-                let lsn = self.journal.append(&entry)?;
-                self.recent.insert(entry.dedup);
                 committed.push(Committed {
-                    lsn,
+                    lsn: first + committed.len() as u64,
                     entry,
                     received_at: Some(m.received_at),
                 });
-                appended += 1;
             }
             acks.push(AckRequest {
                 generation: m.generation,
@@ -217,16 +229,100 @@ impl Committer {
             });
             permits.push(m.permit);
         }
-        if appended > 0 {
-            self.journal.sync()?;
-            self.commits += 1;
-            if self.crash_after_commits == Some(self.commits) {
-                // Failpoint (tests only): die in the narrowest window of the chain, after
-                // the journal is durable and before any acknowledgement left.
-                std::process::abort();
-            }
+        match self.write(committed) {
+            Ok(()) => Ok(None),
+            Err(e @ StoreError::Log(LogError::RecordTooLarge { .. })) => Err(e.into()),
+            Err(e @ StoreError::Encode(_)) => Err(e.into()),
+            Err(e) => Ok(Some(e)),
+        }
+    }
+
+    /// Appends `committed` (in order, at the lsns they carry) and syncs. Blocking.
+    fn write(&mut self, committed: &[Committed]) -> Result<(), StoreError> {
+        if committed.is_empty() {
+            return Ok(());
+        }
+        for c in committed {
+            let lsn = self.journal.append(&c.entry)?;
+            debug_assert_eq!(lsn, c.lsn, "journal lsns are contiguous");
+        }
+        self.journal.sync()?;
+        for c in committed {
+            self.recent.insert(c.entry.dedup);
+        }
+        self.commits += 1;
+        if self.crash_after_commits == Some(self.commits) {
+            // Failpoint (tests only): die in the narrowest window of the chain, after
+            // the journal is durable and before any acknowledgement left.
+            std::process::abort();
         }
         Ok(())
+    }
+
+    /// The journal could not write the group in `committed` (`first_error`): take the failed
+    /// bytes back, then try again with backoff (1 s doubling to 5 s: an attempt costs one
+    /// group's write, and space should be used as soon as it returns) until it is written.
+    /// Meanwhile nothing is acknowledged, so the broker keeps everything and the poll task
+    /// stops reading once `max_unacked` messages wait: a full disk holds ingest back exactly
+    /// as `when_full = "block"` does, and it resumes by itself once space returns. The state
+    /// is logged once, counted, and shown in `/status`; the watchdog keeps being fed (the
+    /// daemon is waiting on purpose, a restart would not help). Returns `false` when
+    /// shutdown came first (nothing of the group was acknowledged).
+    async fn retry_until_written(
+        &mut self,
+        first_error: StoreError,
+        committed: &mut Vec<Committed>,
+        rx: &mpsc::Receiver<Incoming>,
+        progress: &AtomicU64,
+    ) -> Result<bool, IngestError> {
+        let mut error = first_error;
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
+        let since = std::time::Instant::now();
+        tracing::error!(
+            "journal write failed: {error}; not acknowledging the broker (it keeps the messages) \
+             and retrying until the disk takes writes again"
+        );
+        metrics::gauge!("edgeferry_journal_write_blocked").set(1.0);
+        loop {
+            metrics::counter!("edgeferry_journal_write_errors_total").increment(1);
+            self.status.set_journal_error(Some(error.to_string()));
+            // Feed the watchdog every second while waiting.
+            let pause = tokio::time::sleep(backoff.next_delay());
+            tokio::pin!(pause);
+            loop {
+                progress.store(now_ms() as u64, Ordering::Relaxed);
+                tokio::select! {
+                    _ = &mut pause => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if rx.is_closed() {
+                    let _ = tokio::task::block_in_place(|| self.journal.rollback_unsynced());
+                    committed.clear();
+                    return Ok(false);
+                }
+            }
+            // Take the failed bytes back; then what processing no longer needs (it may have
+            // checkpointed meanwhile) is space; then the same records again.
+            let attempt = tokio::task::block_in_place(|| {
+                self.journal.rollback_unsynced()?;
+                let _ = self.trim();
+                self.write(committed)
+            });
+            match attempt {
+                Ok(()) => {
+                    self.status.set_journal_error(None);
+                    metrics::gauge!("edgeferry_journal_write_blocked").set(0.0);
+                    tracing::info!(
+                        "journal writes again after {:?}; acknowledging the broker again",
+                        since.elapsed()
+                    );
+                    return Ok(true);
+                }
+                Err(e @ StoreError::Log(LogError::RecordTooLarge { .. })) => return Err(e.into()),
+                Err(e) => error = e,
+            }
+        }
     }
 
     /// Decides what to do with one message: `Some(entry)` to journal, `None` when it is a

@@ -27,12 +27,28 @@ pub struct IngestStatus {
     pub last_error: Mutex<Option<String>>,
     /// The last rejected messages (bounded by [`REJECTS_KEPT`]).
     pub rejects: Mutex<VecDeque<RejectedMessage>>,
+    /// Why the journal cannot write, while it cannot (a full disk): ingest is holding back
+    /// and retrying.
+    pub journal_error: Mutex<Option<String>>,
 }
 
 /// How many rejected messages status keeps.
 pub const REJECTS_KEPT: usize = 20;
 
 impl IngestStatus {
+    /// Sets or clears why the journal cannot write.
+    pub fn set_journal_error(&self, e: Option<String>) {
+        *self.journal_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+
+    /// Why the journal cannot write, if it cannot.
+    pub fn journal_error(&self) -> Option<String> {
+        self.journal_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub(crate) fn remember_reject(&self, r: RejectedMessage) {
         let mut q = self.rejects.lock().unwrap_or_else(|e| e.into_inner());
         if q.len() == REJECTS_KEPT {

@@ -16,7 +16,8 @@ pub(super) struct Pending<'a> {
 
 /// Moves what is due from `pending` into outbox batches: every alert, and aggregates in full
 /// batches of `batch_max`, or all of them once the oldest has waited `linger` (or `force`).
-/// Returns whether anything was appended.
+/// Returns whether anything was appended. An item leaves `pending` only once its batch is in
+/// the outbox: after a failed append (a full disk) the rest stays for the next attempt.
 pub(super) fn flush(
     pending: Pending<'_>,
     ob: &mut Outbox,
@@ -29,7 +30,7 @@ pub(super) fn flush(
         return Ok(false);
     }
     let batch_max = batch_max.max(1);
-    let (alerts, aggregates): (Vec<_>, Vec<_>) = pending
+    let (mut alerts, mut aggregates): (Vec<_>, Vec<_>) = pending
         .items
         .drain(..)
         .partition(|i| matches!(i, OutboxItem::Alert(_)));
@@ -37,22 +38,39 @@ pub(super) fn flush(
         .since_ms
         .is_some_and(|t| now - t >= linger.as_millis() as i64);
     let mut appended = false;
-    for chunk in alerts.chunks(batch_max) {
-        append(ob, Lane::Alerts, BatchKind::Alerts, now, chunk)?;
+    let mut result = Ok(());
+    while !alerts.is_empty() {
+        let take = alerts.len().min(batch_max);
+        if let Err(e) = append(ob, Lane::Alerts, BatchKind::Alerts, now, &alerts[..take]) {
+            result = Err(e);
+            break;
+        }
+        alerts.drain(..take);
         appended = true;
     }
-    let mut rest = aggregates;
-    while rest.len() >= batch_max || (!rest.is_empty() && (linger_over || force)) {
-        let take = rest.len().min(batch_max);
-        let chunk: Vec<_> = rest.drain(..take).collect();
-        append(ob, Lane::Aggregates, BatchKind::Aggregates, now, &chunk)?;
+    while result.is_ok()
+        && (aggregates.len() >= batch_max || (!aggregates.is_empty() && (linger_over || force)))
+    {
+        let take = aggregates.len().min(batch_max);
+        if let Err(e) = append(
+            ob,
+            Lane::Aggregates,
+            BatchKind::Aggregates,
+            now,
+            &aggregates[..take],
+        ) {
+            result = Err(e);
+            break;
+        }
+        aggregates.drain(..take);
         appended = true;
     }
-    if rest.is_empty() {
+    alerts.extend(aggregates);
+    if alerts.is_empty() {
         *pending.since_ms = None;
     }
-    *pending.items = rest;
-    Ok(appended)
+    *pending.items = alerts;
+    result.map(|()| appended)
 }
 
 fn append(

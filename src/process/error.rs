@@ -17,8 +17,21 @@ pub enum ProcessError {
     /// The journal could not be replayed.
     #[error("replaying the journal: {0}")]
     Replay(#[from] crate::store::StoreError),
-    /// Appending to, syncing or trimming the outbox's segment logs failed: batches can no longer
-    /// be made durable, so processing stops.
+    /// Appending to, syncing or trimming the outbox's segment logs failed.
     #[error("outbox: {0}")]
     Outbox(#[from] crate::store::seglog::LogError),
+}
+
+impl ProcessError {
+    /// A write the disk refused (full, failing, read-only). Processing keeps its state in
+    /// memory and tries again: nothing it has not made durable is acknowledged downstream
+    /// (the forwarder only sends below the last checkpoint), so waiting loses nothing.
+    pub fn is_disk(&self) -> bool {
+        use crate::store::seglog::LogError;
+        matches!(
+            self,
+            ProcessError::Io { .. }
+                | ProcessError::Outbox(LogError::Io { .. } | LogError::Poisoned { .. })
+        )
+    }
 }

@@ -43,6 +43,7 @@ pub use shared::{ProcessLimits, ProcessShared, ProcessStatus};
 use crate::model::batch::OutboxItem;
 use crate::model::{Alert, AlertState, SeriesInfo};
 use crate::model::{Committed, Publication};
+use crate::store::WhenFull;
 use crate::store::journal::Journal;
 use crate::store::outbox::Lane;
 use checkpoint::{Checkpoint, PendingCheckpoint, WrittenCheckpoint, decode_checkpoint, joined};
@@ -421,17 +422,24 @@ impl Processor {
             items: &mut self.state.pending,
             since_ms: &mut self.state.pending_since_ms,
         };
-        if batching::flush(
+        match batching::flush(
             pending,
             &mut ob,
             self.state.clock_ms,
             self.limits.batch_max,
             self.limits.linger,
             force,
-        )? {
-            self.appended = true;
+        ) {
+            Ok(appended) => {
+                self.appended |= appended;
+                Ok(())
+            }
+            Err(e) => {
+                // Some batches may be in the outbox already: checkpoint soon.
+                self.appended = true;
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Syncs the outbox, writes the checkpoint atomically, then lets the forwarder send up to
@@ -463,6 +471,16 @@ impl Processor {
     /// it and the forwarder see the outbox batches it covers. (`state.outbox_next` is not
     /// changed in between: one checkpoint is in flight at a time.)
     fn finish_checkpoint(&mut self, written: WrittenCheckpoint) {
+        let was = self
+            .shared
+            .status
+            .write_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if was.is_some() {
+            tracing::info!("outbox and checkpoint written again");
+        }
         metrics::gauge!("edgeferry_checkpoint_bytes").set(written.bytes as f64);
         metrics::histogram!("edgeferry_checkpoint_seconds").record(written.seconds);
         self.shared
@@ -513,7 +531,14 @@ impl Processor {
                     if writing.is_some() =>
                 {
                     writing = None;
-                    self.finish_checkpoint(joined(done)?);
+                    match joined(done) {
+                        Ok(w) => self.finish_checkpoint(w),
+                        Err(e) => {
+                            // Not written: the state is still only in memory.
+                            self.dirty = true;
+                            self.write_failed(e)?;
+                        }
+                    }
                 }
                 _ = tick.tick() => {
                     // Idle: let the wall clock close windows and silence rules fire
@@ -525,19 +550,27 @@ impl Processor {
                         self.emit_alerts(None);
                         self.close_due(now);
                     }
-                    self.enforce_quota()?;
+                    if let Err(e) = self.enforce_quota() {
+                        self.write_failed(e)?;
+                    }
                 }
             }
-            self.flush_batches(false)?;
+            if let Err(e) = self.flush_batches(false) {
+                self.write_failed(e)?;
+            }
             let since = last_checkpoint.elapsed();
             if writing.is_none()
                 && ((self.dirty && since >= self.cfg.checkpoint_interval)
                     || (self.appended
                         && since >= Duration::from_secs(1).min(self.cfg.checkpoint_interval)))
             {
-                let pending = tokio::task::block_in_place(|| self.begin_checkpoint())?;
-                writing = Some(tokio::task::spawn_blocking(move || pending.write()));
                 last_checkpoint = Instant::now();
+                match tokio::task::block_in_place(|| self.begin_checkpoint()) {
+                    Ok(pending) => {
+                        writing = Some(tokio::task::spawn_blocking(move || pending.write()));
+                    }
+                    Err(e) => self.write_failed(e)?,
+                }
             }
         }
         if let Some(w) = writing.take() {
@@ -545,6 +578,51 @@ impl Processor {
         }
         if self.dirty || self.appended {
             self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// A write of the outbox or the checkpoint failed. A disk error (full, failing,
+    /// read-only) is waited out: everything stays in memory and is written at the next
+    /// attempt, while the forwarder keeps sending what earlier checkpoints cover and the
+    /// journal (which is not trimmed past the last checkpoint) keeps every reading. It is
+    /// logged once per episode, counted and shown in `/status`. With `when_full =
+    /// "drop_oldest"` the oldest unsent aggregates are dropped to make room, as at the
+    /// quota. Any other error ends processing.
+    fn write_failed(&mut self, e: ProcessError) -> Result<(), ProcessError> {
+        if !e.is_disk() {
+            return Err(e);
+        }
+        metrics::counter!("edgeferry_process_write_errors_total").increment(1);
+        let mut slot = self
+            .shared
+            .status
+            .write_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            tracing::error!(
+                "cannot write the outbox or checkpoint: {e}; keeping the state in memory and \
+                 retrying (free space in gateway.data_dir)"
+            );
+        }
+        *slot = Some(e.to_string());
+        drop(slot);
+        if self.limits.store.when_full == WhenFull::DropOldest {
+            let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            if let Ok(Some(d)) = ob.drop_oldest(Lane::Aggregates) {
+                metrics::counter!("edgeferry_outbox_dropped_items_total").increment(d.items);
+                metrics::counter!("edgeferry_outbox_dropped_batches_total").increment(d.batches);
+                self.shared
+                    .status
+                    .dropped_items
+                    .fetch_add(d.items, Ordering::Relaxed);
+                tracing::warn!(
+                    batches = d.batches,
+                    items = d.items,
+                    "disk full: dropped the oldest unsent aggregate batches to make room"
+                );
+            }
         }
         Ok(())
     }

@@ -71,6 +71,7 @@ mod tests {
             windows_emitted: Default::default(),
             budget_violations: Default::default(),
             dropped_items: Default::default(),
+            write_error: Default::default(),
             blocked: Arc::new(AtomicBool::new(false)),
         }
     }

@@ -23,6 +23,9 @@ pub struct ProcessStatus {
     pub budget_violations: AtomicU64,
     /// Items dropped at the disk quota.
     pub dropped_items: AtomicU64,
+    /// Why processing cannot write (the outbox or the checkpoint), while it cannot: a full
+    /// or failing disk. Shown in `/status`; cleared by the next checkpoint that is written.
+    pub write_error: std::sync::Mutex<Option<String>>,
     /// Ingest is held back because the disk quota is reached and `when_full = "block"`
     /// (shared with the committer, which stops taking messages while it is set).
     pub blocked: Arc<AtomicBool>,

@@ -54,6 +54,13 @@ impl Journal {
         Ok(self.log.sync()?)
     }
 
+    /// Takes back the records appended since the last successful sync after a failed write
+    /// or sync (a full disk): see [`SegmentLog::rollback_unsynced`]. The caller appends them
+    /// again; nothing synced before is touched.
+    pub fn rollback_unsynced(&mut self) -> Result<(), StoreError> {
+        Ok(self.log.rollback_unsynced()?)
+    }
+
     /// Next lsn to be assigned.
     pub fn next_lsn(&self) -> Lsn {
         self.log.next_lsn()

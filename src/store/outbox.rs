@@ -178,6 +178,13 @@ pub struct Outbox {
     lanes: [SegmentLog; 2],
     acked: [RangeSet; 2],
     acks_dirty: bool,
+    /// Copies of the records appended since each lane's last successful sync. A write or sync
+    /// that fails (a full disk) rolls the lane back to its last sync and appends these again
+    /// (same lsns), so a batch the processor handed over is never lost to a disk error and
+    /// its seq never changes. Bounded by what one checkpoint interval appends.
+    unsynced: [Vec<Vec<u8>>; 2],
+    /// The lane's log was rolled back but not yet refilled from `unsynced`.
+    needs_refill: [bool; 2],
 }
 
 impl Outbox {
@@ -207,6 +214,8 @@ impl Outbox {
             lanes: [agg, alr],
             acked,
             acks_dirty: false,
+            unsynced: [Vec::new(), Vec::new()],
+            needs_refill: [false, false],
         };
         for lane in Lane::PRIORITY {
             o.advance(lane)?;
@@ -230,15 +239,59 @@ impl Outbox {
         rec.extend_from_slice(&items.to_le_bytes());
         rec.extend_from_slice(&created_ms.to_le_bytes());
         rec.extend_from_slice(payload);
-        let lsn = self.log(lane).append(&rec)?;
-        Ok(seq_of(lane, lsn))
+        self.refill(lane)?;
+        match self.log(lane).append(&rec) {
+            Ok(lsn) => {
+                self.unsynced[lane.index()].push(rec);
+                Ok(seq_of(lane, lsn))
+            }
+            Err(e) => {
+                self.roll_back(lane);
+                Err(e)
+            }
+        }
     }
 
-    /// Makes every appended batch durable.
+    /// Makes every appended batch durable. On failure nothing appended is lost: the lanes
+    /// are rolled back to their last sync and refilled from memory before the next write.
     pub fn sync(&mut self) -> Result<(), LogError> {
-        for l in &mut self.lanes {
-            l.sync()?;
+        for lane in Lane::PRIORITY {
+            self.refill(lane)?;
+            if let Err(e) = self.log(lane).sync() {
+                self.roll_back(lane);
+                return Err(e);
+            }
+            self.unsynced[lane.index()].clear();
         }
+        Ok(())
+    }
+
+    /// After a failed write: takes the lane's unsynced bytes back (see
+    /// [`SegmentLog::rollback_unsynced`]); [`Outbox::refill`] appends them again.
+    fn roll_back(&mut self, lane: Lane) {
+        self.needs_refill[lane.index()] = true;
+        if let Err(e) = self.log(lane).rollback_unsynced() {
+            tracing::debug!(
+                lane = lane.as_str(),
+                "outbox rollback failed, retried later: {e}"
+            );
+        }
+    }
+
+    /// Appends again what a rollback took back, at the same lsns.
+    fn refill(&mut self, lane: Lane) -> Result<(), LogError> {
+        let i = lane.index();
+        if !self.needs_refill[i] {
+            return Ok(());
+        }
+        self.lanes[i].rollback_unsynced()?;
+        for rec in &self.unsynced[i] {
+            if let Err(e) = self.lanes[i].append(rec) {
+                let _ = self.lanes[i].rollback_unsynced();
+                return Err(e);
+            }
+        }
+        self.needs_refill[i] = false;
         Ok(())
     }
 

@@ -5,8 +5,8 @@ use super::files::*;
 use super::format::*;
 use std::collections::VecDeque;
 use std::fmt;
-use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 /// Tuning of a [`SegmentLog`].
@@ -166,6 +166,47 @@ impl SegmentLog {
         Ok(())
     }
 
+    /// Takes back every record appended since the last successful sync and lifts the
+    /// poisoning of a failed write or sync, so that a full (or failing) disk stalls the log
+    /// instead of ending it. The active segment is cut back to its synced length: a record
+    /// torn by a write that failed half-way goes with it, and so do dirty pages a failed
+    /// `fdatasync` may have dropped, which is why re-syncing them is never tried. `next_lsn`
+    /// returns to `synced_lsn`; the caller still holds the records taken back and appends
+    /// them again (the same lsns) once the cause is gone. A segment file left half-created by
+    /// a roll that failed is removed. Records synced before are untouched.
+    pub fn rollback_unsynced(&mut self) -> Result<(), LogError> {
+        let path = self.active.path.clone();
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io_err("reopen", &path))?;
+        // Swap the writer first and discard the old one's buffer without writing it: a
+        // `BufWriter` flushes on drop, which would put the failed bytes back.
+        let old = std::mem::replace(
+            &mut self.writer,
+            BufWriter::with_capacity(WRITE_BUFFER, file),
+        );
+        let _ = old.into_parts();
+        let file = self.writer.get_mut();
+        file.set_len(self.active_synced_bytes)
+            .map_err(io_err("truncate", &path))?;
+        file.seek(SeekFrom::Start(self.active_synced_bytes))
+            .map_err(io_err("seek in", &path))?;
+        self.next_lsn = self.synced_lsn;
+        self.active.end_lsn = self.synced_lsn.max(self.active.first_lsn);
+        self.active.bytes = self.active_synced_bytes;
+        let stray = self.dir.join(segment_file_name(self.next_lsn));
+        if stray != self.active.path && stray.exists() {
+            std::fs::remove_file(&stray).map_err(io_err("remove half-created", &stray))?;
+            self.dir_dirty = true;
+        }
+        if self.poisoned {
+            tracing::info!(dir = %self.dir.display(), lsn = self.next_lsn, "segment log rolled back to its last sync; writes resume");
+        }
+        self.poisoned = false;
+        Ok(())
+    }
+
     pub(super) fn check_poisoned(&self) -> Result<(), LogError> {
         if self.poisoned {
             Err(LogError::Poisoned {
@@ -178,7 +219,7 @@ impl SegmentLog {
 
     pub(super) fn poison_on_err<T>(&mut self, r: Result<T, LogError>) -> Result<T, LogError> {
         if let Err(e) = &r {
-            tracing::error!(dir = %self.dir.display(), error = %e, "segment log write failed; refusing further writes until reopened");
+            tracing::debug!(dir = %self.dir.display(), error = %e, "segment log write failed; refusing further writes until rolled back to the last sync");
             self.poisoned = true;
         }
         r
@@ -476,6 +517,70 @@ mod tests {
         assert_eq!(fs::read(&files[1]).unwrap(), bytes, "verify is read-only");
         assert!(!tmp.path().join(QUARANTINE_DIR).exists());
         assert!(report.to_string().contains("DAMAGED"));
+    }
+
+    #[test]
+    fn a_failed_write_is_rolled_back_to_the_last_sync_and_the_log_writes_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, _) = SegmentLog::open(tmp.path(), cfg(600)).unwrap();
+        for i in 0..12 {
+            log.append(&payload(i)).unwrap();
+        }
+        log.sync().unwrap();
+        let synced = log.next_lsn();
+        // A group that fails: appended (one roll to a new segment included), then the disk
+        // "fills": a torn half record lands in the file and the log is poisoned.
+        for i in 12..30 {
+            log.append(&payload(i)).unwrap();
+        }
+        log.writer.flush().unwrap();
+        log.writer.get_ref().write_all(&[0xAB; 7]).unwrap();
+        log.poisoned = true;
+        assert!(matches!(log.append(b"x"), Err(LogError::Poisoned { .. })));
+        log.rollback_unsynced().unwrap();
+        // The log is back at its last sync: the failed group is gone, nothing before it.
+        let roll_synced = log.next_lsn();
+        assert!(roll_synced >= synced, "a roll syncs what precedes it");
+        assert_eq!(
+            read_all(&log, 0)
+                .iter()
+                .map(|(l, _)| *l)
+                .collect::<Vec<_>>(),
+            (0..roll_synced).collect::<Vec<_>>()
+        );
+        // The same records are appended again, get the same lsns, and survive a reopen.
+        for i in roll_synced..30 {
+            assert_eq!(log.append(&payload(i)).unwrap(), i);
+        }
+        log.sync().unwrap();
+        drop(log);
+        let (log, rec) = SegmentLog::open(tmp.path(), cfg(600)).unwrap();
+        assert!(!rec.repaired(), "nothing torn is left behind: {rec:?}");
+        assert_eq!(
+            read_all(&log, 0),
+            (0..30).map(|i| (i, payload(i))).collect::<Vec<_>>()
+        );
+        assert!(verify(tmp.path()).unwrap().is_clean());
+    }
+
+    #[test]
+    fn a_segment_left_half_created_by_a_failed_roll_is_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, _) = SegmentLog::open(tmp.path(), cfg(1 << 20)).unwrap();
+        log.append(b"one").unwrap();
+        log.sync().unwrap();
+        // A roll that created the next segment's file and then failed.
+        let stray = tmp.path().join(segment_file_name(log.next_lsn()));
+        fs::write(&stray, b"EFL").unwrap();
+        log.poisoned = true;
+        log.rollback_unsynced().unwrap();
+        assert!(!stray.exists());
+        log.append(b"two").unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let (log, rec) = SegmentLog::open(tmp.path(), cfg(1 << 20)).unwrap();
+        assert!(!rec.repaired(), "{rec:?}");
+        assert_eq!(read_all(&log, 0).len(), 2);
     }
 
     #[test]
