@@ -52,6 +52,9 @@ pub fn check_config(path: &Path) -> Exit {
     match load_config(path) {
         Ok(cfg) => {
             println!("# {}: OK\n", path.display());
+            for w in cfg.warnings() {
+                println!("# warning: {w}");
+            }
             print!("{}", cfg.to_redacted_toml());
             Exit::Success
         }

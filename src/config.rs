@@ -212,6 +212,21 @@ impl Config {
         p.into_vec()
     }
 
+    /// What works but exposes something (see [`crate::validate::exposure_warnings`]).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut secrets = vec![
+            ("mqtt.password_file", &self.mqtt.password_file),
+            ("mqtt.key_file", &self.mqtt.key_file),
+        ];
+        let mut urls = vec![("mqtt.url", self.mqtt.url.as_str())];
+        if let Some(u) = &self.upstream {
+            secrets.push(("upstream.token_file", &u.token_file));
+            secrets.push(("upstream.key_file", &u.key_file));
+            urls.push(("upstream.url", u.url.as_str()));
+        }
+        crate::validate::exposure_warnings(&secrets, &urls)
+    }
+
     /// The MQTT client id actually used.
     pub fn client_id(&self) -> String {
         self.mqtt

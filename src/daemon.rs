@@ -107,6 +107,9 @@ pub async fn watch_signals(shutdown: CancellationToken) {
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let prometheus = crate::admin::prometheus();
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
     let started = std::time::Instant::now();
     let data_dir = cfg.gateway.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| DaemonError::DataDir {

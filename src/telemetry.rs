@@ -79,14 +79,41 @@ pub fn filter(directives: &str) -> Result<Targets, FilterError> {
 #[error("{0}")]
 pub struct FilterError(String);
 
-/// The filter in effect: `RUST_LOG` when it is set and valid, else `[log] level`, else `info`.
+/// The filter in effect: `RUST_LOG` when it is set and valid, else `[log] level`, else `info`;
+/// never more verbose than [`SECRET_SAFE`] allows for the libraries that would print secrets.
 pub fn effective_filter(cfg: &LogConfig) -> Targets {
     let from_env = std::env::var("RUST_LOG").ok().and_then(|v| filter(&v).ok());
-    quiet_embedded_broker(
+    secret_safe(quiet_embedded_broker(
         from_env
             .or_else(|| filter(&cfg.level).ok())
             .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO)),
-    )
+    ))
+}
+
+/// Libraries whose most verbose level prints credentials, and the most they may log: tungstenite
+/// traces the whole HTTP upgrade request, `authorization: Bearer <token>` included.
+pub const SECRET_SAFE: &[(&str, LevelFilter)] = &[("tungstenite", LevelFilter::DEBUG)];
+
+/// Caps the [`SECRET_SAFE`] targets, whatever the directives say (secrets must not reach a
+/// log at any level: logs are shipped, attached to tickets and kept for years).
+pub fn secret_safe(filter: Targets) -> Targets {
+    let default = filter.default_level().unwrap_or(LevelFilter::OFF);
+    let mut out = Targets::new().with_default(default);
+    for (target, level) in filter.iter() {
+        let capped = SECRET_SAFE
+            .iter()
+            .find(|(t, _)| target.starts_with(t))
+            .map_or(level, |&(_, max)| level.min(max));
+        out = out.with_target(target, capped);
+    }
+    for &(target, max) in SECRET_SAFE {
+        let wanted = filter
+            .iter()
+            .find(|(t, _)| *t == target)
+            .map_or(default, |(_, l)| l);
+        out = out.with_target(target, wanted.min(max));
+    }
+    out
 }
 
 /// Installs the global subscriber. Safe to call more than once (later calls are ignored),
@@ -199,6 +226,33 @@ mod tests {
         assert!(!f.would_enable("rumqttd::router", &Level::ERROR));
         let named = quiet_embedded_broker(filter("info,rumqttd=info").unwrap());
         assert!(named.would_enable("rumqttd::router", &Level::INFO));
+    }
+
+    #[test]
+    fn libraries_that_print_credentials_are_capped_whatever_the_directives_say() {
+        use tracing::Level;
+        for d in [
+            "trace",
+            "info,tungstenite=trace",
+            "tungstenite::handshake=trace,debug",
+        ] {
+            let f = secret_safe(filter(d).unwrap());
+            assert!(
+                !f.would_enable("tungstenite::handshake::client", &Level::TRACE),
+                "{d}: the upgrade request (with its bearer token) would be logged"
+            );
+        }
+        let f = secret_safe(filter("trace").unwrap());
+        assert!(f.would_enable("tungstenite::handshake::client", &Level::DEBUG));
+        assert!(
+            f.would_enable("edgeferry::forward", &Level::TRACE),
+            "others untouched"
+        );
+        let quiet = secret_safe(filter("warn").unwrap());
+        assert!(
+            !quiet.would_enable("tungstenite", &Level::DEBUG),
+            "never raised"
+        );
     }
 
     #[test]

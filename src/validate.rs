@@ -81,6 +81,59 @@ impl Problems {
     }
 }
 
+/// Warnings about a configuration that works but exposes something: secret files others can
+/// read, credentials or readings sent in clear beyond this machine. One line each, naming the
+/// key and what to do; the daemon logs them at start and `check-config` prints them.
+pub fn exposure_warnings(
+    secrets: &[(&str, &Option<PathBuf>)],
+    urls: &[(&str, &str)],
+) -> Vec<String> {
+    let mut w = Vec::new();
+    for (key, f) in secrets {
+        #[cfg(unix)]
+        if let Some(f) = f
+            && let Ok(m) = std::fs::metadata(f)
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                w.push(format!(
+                    "{key} = {:?} is readable by other users (mode {mode:o}); chmod 600 it",
+                    f.display().to_string()
+                ));
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (key, f);
+    }
+    for (key, value) in urls {
+        let Ok(u) = url::Url::parse(value) else {
+            continue;
+        };
+        let plain = matches!(u.scheme(), "ws" | "mqtt");
+        let loopback = match u.host() {
+            Some(url::Host::Ipv4(a)) => a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => a.is_loopback(),
+            // Non-special schemes (`mqtt://`) keep IP addresses as opaque host names.
+            Some(url::Host::Domain(d)) => {
+                d == "localhost"
+                    || d.trim_matches(['[', ']'])
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|a| a.is_loopback())
+            }
+            None => true,
+        };
+        if plain && !loopback {
+            w.push(format!(
+                "{key} = {value:?} is not encrypted and leaves this machine: readings and \
+                 credentials travel in clear; use {}s://",
+                u.scheme()
+            ));
+        }
+    }
+    w
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +158,36 @@ mod tests {
             ["x.url = \"mqtt://\": expected a host name"]
         );
         assert!(url("broker:1883 ").len() == 1);
+    }
+
+    #[test]
+    fn secrets_readable_by_others_and_clear_text_beyond_loopback_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("token");
+        std::fs::write(&open, "t").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let closed = dir.path().join("key");
+        std::fs::write(&closed, "k").unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let w = exposure_warnings(
+            &[("a.token_file", &Some(open)), ("a.key_file", &Some(closed))],
+            &[
+                ("mqtt.url", "mqtt://127.0.0.1:1883"),
+                ("upstream.url", "ws://central.example:9443/"),
+                ("other.url", "wss://central.example:9443/"),
+                ("local.url", "ws://localhost:1/"),
+            ],
+        );
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("a.token_file = ") && w[0].contains("mode 644"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("upstream.url = ") && w[1].contains("use wss://"),
+            "{w:?}"
+        );
     }
 
     #[test]

@@ -153,3 +153,39 @@ fn an_untrusted_central_certificate_is_refused() {
     assert!(s.collector.lines().is_empty());
     assert!(s.gw.stop().success());
 }
+
+#[test]
+fn the_upstream_token_appears_in_no_log_status_metrics_or_check_config_even_at_trace() {
+    let (mut s, broker) = setup(true, "s3cret-token");
+    s.collector.start();
+    s.gw.spawn_with_env(&[("RUST_LOG", "trace".into())]);
+    s.gw.wait_ready();
+    publish(&broker, 0, 100, "pub-wss-secret");
+    let total = |c: &Collector| central_counts(&c.lines()).get(&1).copied().unwrap_or(0);
+    wait_for("100 readings over wss", Duration::from_secs(20), || {
+        total(&s.collector) == 100
+    });
+    let addr = std::fs::read_to_string(s.gw.dir.path().join("data/admin.addr")).unwrap();
+    let get = |path: &str| {
+        edgeferry::admin::http_get(&addr, path, Duration::from_secs(3))
+            .unwrap()
+            .1
+    };
+    let (status, metrics) = (get("/status"), get("/metrics"));
+    let (_, config, _) = s.gw.command(&["check-config"]);
+    assert!(s.gw.stop().success());
+    let log = s.gw.logs();
+    assert!(
+        log.contains("upstream connected") && log.lines().count() > 100,
+        "a trace log of a working link"
+    );
+    for (what, text) in [
+        ("the gateway's trace log", &log),
+        ("the collector's log", &s.collector.log()),
+        ("/status", &status),
+        ("/metrics", &metrics),
+        ("check-config", &config),
+    ] {
+        assert!(!text.contains("s3cret-token"), "the token is in {what}");
+    }
+}

@@ -195,10 +195,20 @@ pub(super) fn verify_log(part: &'static str, dir: &Path) -> Result<PartReport, C
     if !v.ignored.is_empty() {
         let _ = write!(summary, ", {} unrelated file(s) ignored", v.ignored.len());
     }
+    // A torn tail is what every unclean stop (a crash, a power cut, a write refused by a full
+    // disk) leaves at the end of the last segment: bytes that were never synced, so never
+    // acknowledged. The log cuts it at the next open. It is shown, not judged as damage.
+    let torn_only = !damage.is_empty() && damage.iter().all(|d| d.torn_tail);
+    if torn_only {
+        let _ = write!(
+            summary,
+            "; a torn tail (never synced, so never acknowledged) that the next start cuts"
+        );
+    }
     Ok(PartReport {
         part,
         path: dir.to_path_buf(),
-        state: if damage.is_empty() {
+        state: if damage.is_empty() || torn_only {
             PartState::Ok
         } else {
             PartState::Damaged
