@@ -185,7 +185,7 @@ pub fn store(cfg: &Config, tool: StoreTool, json: bool) -> Exit {
         },
         StoreTool::Repair => {
             crate::telemetry::init(&cfg.log);
-            match crate::check::repair(data_dir, cfg.store.segment_size.as_u64()) {
+            match crate::check::repair(data_dir, cfg.store.segment_bytes()) {
                 Ok(r) => {
                     print(r.to_string(), serde_json::to_string_pretty(&r));
                     if r.after.clean {

@@ -116,7 +116,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         path: data_dir.display().to_string(),
         source,
     })?;
-    let (journal, rec) = Journal::open(&data_dir.join("journal"), cfg.store.segment_size.as_u64())?;
+    let (journal, rec) = Journal::open(&data_dir.join("journal"), cfg.store.segment_bytes())?;
     log_recovery("journal", &rec);
     tracing::info!(
         first_lsn = rec.first_lsn,
@@ -126,7 +126,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     );
 
     let epoch = crate::store::epoch::load_or_create(&data_dir)?;
-    let (outbox, recs) = Outbox::open(&data_dir.join("outbox"), cfg.store.segment_size.as_u64())
+    let (outbox, recs) = Outbox::open(&data_dir.join("outbox"), cfg.store.segment_bytes())
         .map_err(crate::store::StoreError::from)?;
     log_recovery("outbox aggregates lane", &recs[0]);
     log_recovery("outbox alerts lane", &recs[1]);
@@ -371,7 +371,7 @@ async fn systemd_loop(
 pub fn dump_journal(cfg: &Config, out: &mut dyn std::io::Write) -> Result<(), DaemonError> {
     let (journal, _) = Journal::open(
         &cfg.gateway.data_dir.join("journal"),
-        cfg.store.segment_size.as_u64(),
+        cfg.store.segment_bytes(),
     )?;
     for r in journal.read_from(journal.first_lsn())? {
         let (lsn, e) = r?;

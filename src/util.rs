@@ -38,6 +38,16 @@ mod tests {
     }
 
     #[test]
+    fn a_staged_file_costs_its_own_bytes_plus_its_temporary_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.bin");
+        assert_eq!(super::staged_bytes(&p), 0);
+        std::fs::write(&p, [0u8; 100]).unwrap();
+        std::fs::write(p.with_extension("tmp"), [0u8; 30]).unwrap();
+        assert_eq!(super::staged_bytes(&p), 130);
+    }
+
+    #[test]
     fn formats_utc_with_milliseconds() {
         assert_eq!(
             super::rfc3339_ms(1_700_000_000_123),
@@ -45,6 +55,13 @@ mod tests {
         );
         assert_eq!(super::rfc3339_ms(0), "1970-01-01T00:00:00Z");
     }
+}
+
+/// Bytes on disk of `path` and of the temporary file [`StagingFile`] writes beside it (absent
+/// files count 0): what an atomically replaced file costs, mid-write included.
+pub fn staged_bytes(path: &std::path::Path) -> u64 {
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    size(path) + size(&path.with_extension("tmp"))
 }
 
 /// Replaces `path` atomically with `bytes`: temp file, `fdatasync`, rename, directory `fsync`.

@@ -142,6 +142,22 @@ pub(super) fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, CheckpointEr
     crate::util::decode_framed(bytes, CHECKPOINT_MAGIC, CHECKPOINT_VERSION)
 }
 
+/// Removes the temporary copy a crash mid-write left beside the checkpoint at `path`. It is
+/// never valid (the rename is the commit point), and without this it would sit there, as big
+/// as the checkpoint, for good.
+pub(super) fn remove_stale_temp(path: &Path) {
+    let stale = path.with_extension("tmp");
+    if stale.exists() {
+        match std::fs::remove_file(&stale) {
+            Ok(()) => tracing::info!(
+                "removed {} left by an interrupted checkpoint",
+                stale.display()
+            ),
+            Err(e) => tracing::warn!("cannot remove {}: {e}", stale.display()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +207,21 @@ mod tests {
         state(42).stage(&path).unwrap().write().unwrap();
         let again = decode_checkpoint(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(again.applied_lsn, 42, "replaced atomically");
+    }
+
+    #[test]
+    fn a_temporary_copy_left_by_a_crash_is_removed_and_the_checkpoint_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        state(5).stage(&path).unwrap().write().unwrap();
+        // A crash after staging the next one, before its rename.
+        let _staged = state(6).stage(&path).unwrap();
+        assert!(path.with_extension("tmp").exists());
+        remove_stale_temp(&path);
+        assert!(!path.with_extension("tmp").exists());
+        let kept = decode_checkpoint(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(kept.applied_lsn, 5);
+        remove_stale_temp(&path); // nothing to do is fine
     }
 
     #[test]

@@ -98,6 +98,7 @@ impl Processor {
             source,
         })?;
         let path = state_dir.join("checkpoint.bin");
+        checkpoint::remove_stale_temp(&path);
         let spec = WindowSpec {
             lengths_secs: cfg.windows.iter().map(|w| w.as_secs() as u32).collect(),
             allowed_lateness_ms: cfg.allowed_lateness.as_millis() as i64,
@@ -499,6 +500,9 @@ impl Processor {
 
     /// Applies the disk quota to journal + outbox.    /// Applies the disk quota to journal + outbox.
     fn enforce_quota(&mut self) -> Result<(), ProcessError> {
+        // The checkpoint is not counted: its size follows the number of series and windows,
+        // not the data waiting, so neither blocking nor dropping could ever bring it down (a
+        // quota below it would block for good). A stale temporary copy is removed at open.
         let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
         quota::enforce(
             &self.limits.store,

@@ -8,15 +8,18 @@ use crate::store::outbox::{Lane, Outbox};
 use crate::store::{StoreConfig, WhenFull};
 use std::sync::atomic::Ordering;
 
-/// Applies the quota of `store` to `ob` plus the journal's `journal_bytes`.
+/// Applies the quota of `store` to `ob` (its lanes and acknowledgement state) plus
+/// `other_bytes` (the journal). Not counted: the checkpoint (its size follows the series and
+/// windows, not the data waiting, so nothing at the quota could shrink it), the tiny epoch and
+/// address files, and `quarantine/` (damage set aside for inspection).
 pub(super) fn enforce(
     store: &StoreConfig,
     ob: &mut Outbox,
-    journal_bytes: u64,
+    other_bytes: u64,
     status: &ProcessStatus,
 ) -> Result<(), ProcessError> {
     let max = store.max_disk.as_u64();
-    let used = |ob: &Outbox| ob.disk_bytes() + journal_bytes;
+    let used = |ob: &Outbox| ob.disk_bytes() + other_bytes;
     let full = used(ob) > max;
     metrics::gauge!("edgeferry_store_bytes").set(used(ob) as f64);
     match store.when_full {

@@ -413,9 +413,10 @@ impl Outbox {
         Ok((batches, items, bytes, oldest))
     }
 
-    /// Bytes on disk over both lanes.
+    /// Bytes on disk over both lanes and the acknowledgement state (with its temporary copy).
     pub fn disk_bytes(&self) -> u64 {
-        self.lanes.iter().map(SegmentLog::disk_bytes).sum()
+        self.lanes.iter().map(SegmentLog::disk_bytes).sum::<u64>()
+            + crate::util::staged_bytes(&self.dir.join("acked.bin"))
     }
 
     /// Drops the oldest closed segment of `lane`, acknowledged or not, counting what was lost.
