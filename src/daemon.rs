@@ -138,6 +138,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let live = crate::live::LiveFeed::default();
     let trim_to = Arc::new(AtomicU64::new(0));
     let journal_bytes = Arc::new(AtomicU64::new(journal.disk_bytes()));
+    let status = Arc::new(IngestStatus::default());
+    let ingest_live = {
+        let s = status.clone();
+        Arc::new(move || {
+            s.connected.load(Ordering::Relaxed)
+                && s.subscribed.load(Ordering::Relaxed)
+                && s.journal_error().is_none()
+        }) as Arc<dyn Fn() -> bool + Send + Sync>
+    };
     // The processor holds the only watermark sender: when it stops, the link sees the end.
     let shared = ProcessShared {
         outbox: outbox.clone(),
@@ -145,6 +154,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         trim_to: trim_to.clone(),
         journal_bytes: journal_bytes.clone(),
         status: pstatus.clone(),
+        input_live: Some(ingest_live),
         live: Some(live.clone()),
     };
     let limits = ProcessLimits {
@@ -179,7 +189,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         .expect("embedded broker start-up panicked")?;
     }
 
-    let status = Arc::new(IngestStatus::default());
     let progress = Arc::new(AtomicU64::new(crate::clock::now_ms() as u64));
     // Committed records go to processing one commit group per message; a few groups in
     // flight (each at most `mqtt.commit_max` records).

@@ -33,10 +33,44 @@ pub(super) struct Checkpoint {
     /// Outbox next lsn per lane (aggregates, alerts) when this checkpoint was taken: batches
     /// at or beyond it after a crash were never sent and are forgotten.
     pub(super) outbox_next: [u64; 2],
+    /// The event-time watermark (ms since epoch) that closes windows: the highest event time
+    /// received (never beyond its arrival time), moved on by the wall clock only while input
+    /// is idle. See [`super::Processor::apply`].
+    pub(super) watermark_ms: i64,
+}
+
+/// A version 3 checkpoint: the same state without the watermark (windows then closed on the
+/// processing clock, which is where the watermark starts after an upgrade).
+#[derive(Deserialize)]
+struct CheckpointV3 {
+    applied_lsn: u64,
+    clock_ms: i64,
+    windows: Windows,
+    rules: rules::Rules,
+    series: BTreeMap<String, SeriesInfo>,
+    pending: Vec<OutboxItem>,
+    pending_since_ms: Option<i64>,
+    outbox_next: [u64; 2],
+}
+
+impl From<CheckpointV3> for Checkpoint {
+    fn from(c: CheckpointV3) -> Checkpoint {
+        Checkpoint {
+            applied_lsn: c.applied_lsn,
+            clock_ms: c.clock_ms,
+            windows: c.windows,
+            rules: c.rules,
+            series: c.series,
+            pending: c.pending,
+            pending_since_ms: c.pending_since_ms,
+            outbox_next: c.outbox_next,
+            watermark_ms: c.clock_ms,
+        }
+    }
 }
 
 const CHECKPOINT_MAGIC: &[u8; 4] = b"EFCK";
-const CHECKPOINT_VERSION: u16 = 3;
+const CHECKPOINT_VERSION: u16 = 4;
 
 /// Why a checkpoint file is unusable.
 pub type CheckpointError = crate::util::StateFileError;
@@ -139,7 +173,12 @@ pub fn inspect_checkpoint(bytes: &[u8]) -> Result<CheckpointSummary, CheckpointE
 
 /// Decodes the bytes of a checkpoint file.
 pub(super) fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
-    crate::util::decode_framed(bytes, CHECKPOINT_MAGIC, CHECKPOINT_VERSION)
+    match crate::util::decode_framed(bytes, CHECKPOINT_MAGIC, CHECKPOINT_VERSION) {
+        Err(CheckpointError::Frame(crate::util::FrameError::Version { found: 3, .. })) => {
+            crate::util::decode_framed::<CheckpointV3>(bytes, CHECKPOINT_MAGIC, 3).map(Into::into)
+        }
+        other => other,
+    }
 }
 
 /// Removes the temporary copy a crash mid-write left beside the checkpoint at `path`. It is
@@ -178,6 +217,7 @@ mod tests {
             pending: Vec::new(),
             pending_since_ms: Some(3),
             outbox_next: [7, 2],
+            watermark_ms: 1_699_999_999_000,
         }
     }
 

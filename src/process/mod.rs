@@ -72,6 +72,8 @@ pub struct Processor {
     alerts: Vec<Alert>,
     publications: Option<mpsc::Sender<Publication>>,
     log_limit: crate::telemetry::RateLimit,
+    /// When the last committed record arrived (for [`Processor::input_idle`]).
+    last_input: Instant,
     /// Processing time of the last `close_due` (see [`CLOSE_EVERY_MS`]).
     last_close_ms: i64,
     /// commit → processed latency (the age of a record when processing takes it).
@@ -113,6 +115,7 @@ impl Processor {
             pending: Vec::new(),
             pending_since_ms: None,
             outbox_next: [0, 0],
+            watermark_ms: 0,
         };
         let (state, found) = match std::fs::read(&path) {
             Ok(bytes) => match decode_checkpoint(&bytes) {
@@ -154,6 +157,7 @@ impl Processor {
             publications: None,
             log_limit: crate::telemetry::RateLimit::new(Duration::from_secs(10)),
             last_close_ms: i64::MIN / 2,
+            last_input: Instant::now(),
             lag_histogram: metrics::histogram!("edgeferry_process_lag_seconds"),
             apply_histogram: metrics::histogram!("edgeferry_process_seconds"),
             key_buf: String::new(),
@@ -268,7 +272,16 @@ impl Processor {
         }
         self.state.clock_ms = self.state.clock_ms.max(c.entry.received_ms);
         let now = self.state.clock_ms;
+        self.last_input = Instant::now();
         for r in &c.entry.readings {
+            // The watermark follows the data: a backlog the broker kept while edgeferry was
+            // stopped or held back moves it through its own event times, in order, so it lands
+            // in its original windows. Never beyond the arrival time: a sensor clock running
+            // ahead must not make everyone else's readings late.
+            self.state.watermark_ms = self
+                .state
+                .watermark_ms
+                .max(r.time_ms.min(c.entry.received_ms));
             // The key is built in a reused buffer: only a new series allocates.
             self.key_buf.clear();
             crate::model::write_series_key(&mut self.key_buf, &r.metric, &r.tags);
@@ -291,14 +304,18 @@ impl Processor {
             self.state
                 .rules
                 .on_reading(info, r.value, r.time_ms, now, &mut self.alerts);
-            match self.state.windows.apply(key, r.value, r.time_ms, now) {
+            match self
+                .state
+                .windows
+                .apply(key, r.value, r.time_ms, self.state.watermark_ms)
+            {
                 window::Applied::TooLate => {
                     metrics::counter!("edgeferry_process_too_late_total").increment(1);
                     if let Some(n) = self.log_limit.check("too_late") {
                         tracing::warn!(
                             series = %key,
                             suppressed = n,
-                            "reading at {} is older than every window still kept (correction_horizon); dropped",
+                            "reading at {} is older than every window still kept (correction_horizon behind the data's watermark); dropped",
                             crate::util::rfc3339_ms(r.time_ms)
                         );
                     }
@@ -377,7 +394,8 @@ impl Processor {
 
     fn close_due(&mut self, now: i64) {
         self.last_close_ms = now;
-        self.state.windows.close_due(now, &mut self.emitted);
+        let watermark = self.state.watermark_ms;
+        self.state.windows.close_due(watermark, &mut self.emitted);
         if self.emitted.is_empty() {
             return;
         }
@@ -545,15 +563,19 @@ impl Processor {
                     }
                 }
                 _ = tick.tick() => {
-                    // Idle: let the wall clock close windows and silence rules fire
-                    // (never moving the clock back).
+                    // Let the wall clock fire silence rules (never moving the clock back),
+                    // and close windows once input is idle.
                     let now = crate::clock::now_ms();
                     if now > self.state.clock_ms {
                         self.state.clock_ms = now;
                         self.state.rules.on_tick(now, &mut self.alerts);
                         self.emit_alerts(None);
-                        self.close_due(now);
                     }
+                    if self.input_idle() && now > self.state.watermark_ms {
+                        self.state.watermark_ms = now;
+                        self.dirty = true;
+                    }
+                    self.close_due(self.state.clock_ms);
                     if let Err(e) = self.enforce_quota() {
                         self.write_failed(e)?;
                     }
@@ -584,6 +606,18 @@ impl Processor {
             self.checkpoint()?;
         }
         Ok(())
+    }
+
+    /// Whether input is idle, so the wall clock may move the watermark on (closing the last
+    /// windows when sensors stop): nothing committed for `allowed_lateness` (at least a
+    /// second) while ingest is live. Not while the broker is unreachable, the quota or a
+    /// failing disk holds ingest back, or before ingest is subscribed: then the data is
+    /// delayed by edgeferry or its link, not absent, and moving on would judge it late.
+    fn input_idle(&self) -> bool {
+        let idle_after = self.cfg.allowed_lateness.max(Duration::from_secs(1));
+        self.last_input.elapsed() >= idle_after
+            && !self.shared.status.blocked.load(Ordering::Relaxed)
+            && self.shared.input_live.as_ref().is_none_or(|live| live())
     }
 
     /// A write of the outbox or the checkpoint failed. A disk error (full, failing,

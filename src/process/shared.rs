@@ -45,6 +45,9 @@ pub struct ProcessShared {
     pub journal_bytes: Arc<AtomicU64>,
     /// Counters the processor updates as it goes; `/status` and `/metrics` read them.
     pub status: Arc<ProcessStatus>,
+    /// Whether ingest is taking input right now (connected, subscribed, able to write the
+    /// journal); `None`: always. Only then may idle input move the watermark on.
+    pub input_live: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
     /// The live feed: emitted windows and alerts are sent to it (never blocks).
     pub live: Option<crate::live::LiveFeed>,
 }
