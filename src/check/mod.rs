@@ -3,7 +3,7 @@
 //!
 //! The parts of a store (`<data_dir>/`): the journal (`journal/`, a segment log), the two
 //! outbox lanes (`outbox/aggregates/`, `outbox/alerts/`, segment logs), the processing
-//! checkpoint (`state/checkpoint.bin`, envelope `EFCK` v2), the outbox acknowledgement state
+//! checkpoint (`state/checkpoint.bin`, envelope `EFCK` v4, v3 read too), the outbox acknowledgement state
 //! (`outbox/acked.bin`, envelope `EFAK` v1) and the store epoch (`epoch`, 16 hex digits).
 //!
 //! * [`verify`] reads everything and changes nothing. It takes no lock, but says when a

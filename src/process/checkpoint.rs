@@ -42,6 +42,7 @@ pub(super) struct Checkpoint {
 /// A version 3 checkpoint: the same state without the watermark (windows then closed on the
 /// processing clock, which is where the watermark starts after an upgrade).
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct CheckpointV3 {
     applied_lsn: u64,
     clock_ms: i64,
@@ -247,6 +248,32 @@ mod tests {
         state(42).stage(&path).unwrap().write().unwrap();
         let again = decode_checkpoint(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(again.applied_lsn, 42, "replaced atomically");
+    }
+
+    #[test]
+    fn a_version_3_checkpoint_is_read_and_its_watermark_starts_at_the_processing_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        let c = state(9);
+        let v3 = CheckpointV3 {
+            applied_lsn: c.applied_lsn,
+            clock_ms: c.clock_ms,
+            windows: c.windows,
+            rules: c.rules,
+            series: c.series,
+            pending: c.pending,
+            pending_since_ms: c.pending_since_ms,
+            outbox_next: c.outbox_next,
+        };
+        let body = postcard::to_stdvec(&v3).unwrap();
+        crate::util::write_framed(&path, CHECKPOINT_MAGIC, 3, &body).unwrap();
+        let back = decode_checkpoint(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back.applied_lsn, 9);
+        assert_eq!(back.watermark_ms, back.clock_ms);
+        // Other versions are still refused, with the version named.
+        crate::util::write_framed(&path, CHECKPOINT_MAGIC, 2, &body).unwrap();
+        let err = decode_checkpoint(&std::fs::read(&path).unwrap()).unwrap_err();
+        assert_eq!(err.to_string(), "unknown format version 2 (expected 4)");
     }
 
     #[test]
