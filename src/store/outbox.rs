@@ -555,6 +555,106 @@ mod tests {
         );
     }
 
+    /// A tmpfs of `size` mounted at a fresh directory (root only; `None` elsewhere), unmounted
+    /// on drop.
+    struct SmallDisk(tempfile::TempDir);
+
+    impl SmallDisk {
+        fn mount(size: &str) -> Option<SmallDisk> {
+            let dir = tempfile::tempdir().ok()?;
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !ok {
+                eprintln!("NOTICE: cannot mount a tmpfs here; skipping the full-disk outbox test");
+                return None;
+            }
+            Some(SmallDisk(dir))
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_full_disk_loses_no_batch_the_outbox_accepted_and_it_writes_again_when_space_returns() {
+        use std::io::Write;
+        let Some(disk) = SmallDisk::mount("1m") else {
+            return;
+        };
+        let dir = disk.0.path().join("outbox");
+        let (mut o, _) = Outbox::open(&dir, 64 * 1024).unwrap();
+        // Another file takes all the space but about one and a half segments.
+        let filler = disk.0.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let mut total = 0u64;
+        while f.write_all(&[0u8; 4096]).is_ok() {
+            total += 4096;
+        }
+        f.set_len(total.saturating_sub(96 * 1024)).unwrap();
+        drop(f);
+        // Append and sync until the disk refuses.
+        let mut accepted = Vec::new();
+        let mut failed = false;
+        for i in 0..400u32 {
+            let payload = vec![(i % 251) as u8; 1000];
+            match o.append(Lane::Aggregates, i, i as i64, &payload) {
+                Ok(seq) => accepted.push((seq, payload)),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+            if i % 10 == 9 && o.sync().is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "the small disk filled up");
+        assert!(!accepted.is_empty());
+        // While full, a sync keeps failing, and loses nothing.
+        assert!(o.sync().is_err(), "still full");
+        // Space comes back: the same batches, same seqs, become durable.
+        std::fs::remove_file(&filler).unwrap();
+        o.sync().unwrap();
+        let got = o
+            .unacked(Lane::Aggregates, 0, u64::MAX, usize::MAX)
+            .unwrap();
+        assert_eq!(got.len(), accepted.len(), "every accepted batch is there");
+        for (b, (seq, payload)) in got.iter().zip(&accepted) {
+            assert_eq!(b.seq, *seq);
+            assert_eq!(&b.payload, payload);
+        }
+        let next = o.append(Lane::Aggregates, 1, 0, b"after").unwrap();
+        assert_eq!(
+            lane_lsn(next).1,
+            accepted.len() as u64,
+            "lsns continue, none skipped"
+        );
+        o.sync().unwrap();
+        drop(o);
+        let (o, rec) = Outbox::open(&dir, 64 * 1024).unwrap();
+        assert!(
+            rec.iter()
+                .all(|r| r.truncated_bytes == 0 && r.quarantined.is_empty()),
+            "{rec:?}"
+        );
+        assert_eq!(
+            o.unacked(Lane::Aggregates, 0, u64::MAX, usize::MAX)
+                .unwrap()
+                .len(),
+            accepted.len() + 1
+        );
+    }
+
     /// One step against the outbox and its model.
     #[derive(Debug, Clone)]
     enum Op {
