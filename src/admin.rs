@@ -98,7 +98,48 @@ pub struct Admin {
     pub live: LiveFeed,
 }
 
+/// How long a loss of readings keeps the status DEGRADED after the last one.
+pub const DEGRADED_FOR: Duration = Duration::from_secs(15 * 60);
+
 impl Admin {
+    /// Readings lost within [`DEGRADED_FOR`] although the daemon works, one line per cause,
+    /// with the total since start and the time of the last one.
+    fn degraded(&self) -> Vec<String> {
+        let now = crate::clock::now_ms();
+        let recent = |at: i64| at > 0 && now - at <= DEGRADED_FOR.as_millis() as i64;
+        let p = &self.process;
+        let i = &self.ingest;
+        let mut out = Vec::new();
+        let too_late = p.too_late.load(Ordering::Relaxed);
+        let at = p.last_too_late_ms.load(Ordering::Relaxed);
+        if too_late > 0 && recent(at) {
+            out.push(format!(
+                "{too_late} reading(s) dropped as too late since start (older than \
+                 process.correction_horizon behind the data), the last at {}",
+                crate::util::rfc3339_ms(at)
+            ));
+        }
+        let future = i.future_rejected.load(Ordering::Relaxed);
+        let at = i.last_future_ms.load(Ordering::Relaxed);
+        if future > 0 && recent(at) {
+            out.push(format!(
+                "{future} message(s) rejected since start for a timestamp ahead of this \
+                 gateway's clock (mqtt.future_skew), the last at {}: check the clocks",
+                crate::util::rfc3339_ms(at)
+            ));
+        }
+        let dropped = p.dropped_items.load(Ordering::Relaxed);
+        let at = p.last_dropped_ms.load(Ordering::Relaxed);
+        if dropped > 0 && recent(at) {
+            out.push(format!(
+                "{dropped} unsent item(s) dropped at the disk quota since start \
+                 (store.max_disk, when_full = \"drop_oldest\"), the last at {}",
+                crate::util::rfc3339_ms(at)
+            ));
+        }
+        out
+    }
+
     /// Builds the status served at `/status` and sent each second on `/live`; it is healthy
     /// only when no problem (broker, journal writes, upstream, disk quota) is listed.
     pub fn report(&self) -> StatusReport {
@@ -171,6 +212,7 @@ impl Admin {
             ready,
             healthy: problems.is_empty(),
             problems,
+            degraded: self.degraded(),
             broker: BrokerStatus {
                 url: self.broker_url.clone(),
                 connected,

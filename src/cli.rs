@@ -267,8 +267,8 @@ pub fn tail(cfg: &Config, series: Option<&str>) -> Exit {
     }
 }
 
-/// `edgeferry status`: the daemon's report for a human (or its JSON); unhealthy exits 3, an
-/// unreachable daemon 2.
+/// `edgeferry status`: the daemon's report for a human (or its JSON); unhealthy or degraded
+/// (readings lost recently) exits 3, an unreachable daemon 2.
 pub fn status(cfg: &Config, json: bool) -> Exit {
     let addr = crate::admin::resolve_addr(&cfg.admin.listen, &cfg.gateway.data_dir);
     let body = match crate::admin::http_get(&addr, "/status", Duration::from_secs(3)) {
@@ -297,7 +297,7 @@ pub fn status(cfg: &Config, json: bool) -> Exit {
     } else {
         print!("{}", render_status(&report));
     }
-    if report.healthy {
+    if report.healthy && report.degraded.is_empty() {
         Exit::Success
     } else {
         Exit::Unhealthy
@@ -312,7 +312,13 @@ pub fn render_status(r: &StatusReport) -> String {
         "edgeferry {} on gateway {}: {} (up {})",
         r.version,
         r.gateway,
-        if r.healthy { "HEALTHY" } else { "UNHEALTHY" },
+        if !r.healthy {
+            "UNHEALTHY"
+        } else if !r.degraded.is_empty() {
+            "DEGRADED"
+        } else {
+            "HEALTHY"
+        },
         humantime::format_duration(Duration::from_secs(r.uptime_secs))
     );
     let _ = writeln!(
@@ -383,6 +389,9 @@ pub fn render_status(r: &StatusReport) -> String {
     for p in &r.problems {
         let _ = writeln!(s, "PROBLEM  {p}");
     }
+    for d in &r.degraded {
+        let _ = writeln!(s, "DEGRADED {d}");
+    }
     if !r.rejected_recent.is_empty() {
         let _ = writeln!(s, "last rejected messages (oldest first):");
         for m in &r.rejected_recent {
@@ -433,6 +442,21 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn readings_lost_recently_make_a_working_daemon_degraded() {
+        let mut r = report();
+        r.healthy = true;
+        r.problems.clear();
+        assert!(render_status(&r).starts_with("edgeferry 9.9.9 on gateway gw-1: HEALTHY"));
+        r.degraded = vec!["3 reading(s) dropped as too late since start".into()];
+        let text = render_status(&r);
+        assert!(
+            text.starts_with("edgeferry 9.9.9 on gateway gw-1: DEGRADED"),
+            "{text}"
+        );
+        assert!(text.contains("DEGRADED 3 reading(s) dropped as too late since start"));
     }
 
     #[test]

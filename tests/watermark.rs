@@ -115,3 +115,31 @@ fn readings_queued_while_edgeferry_was_stopped_land_in_their_own_windows() {
 fn readings_queued_while_edgeferry_was_killed_land_in_their_own_windows() {
     stopped_longer_than_the_horizon(true);
 }
+
+#[test]
+fn readings_too_late_for_the_data_make_the_status_degraded_with_the_reason() {
+    let broker = Mosquitto::start();
+    let mut collector = Collector::new(&[]);
+    collector.start();
+    let mut gw = Gateway::with_config(&broker.url(), "", &config(&collector));
+    gw.start();
+    let p = Publisher::connect(broker.port, "pub-wm-degraded");
+    let i = publish_for(&p, 0, 2.0);
+    let (st, out, _) = gw.command(&["status"]);
+    assert_eq!(st.code(), Some(0), "healthy before: {out}");
+    // A reading a minute older than everything else: far beyond the horizon behind the data.
+    let old = format!(r#"{{"value":{i},"ts":{}}}"#, now_ms() - 60_000);
+    p.publish(&topic(i), old);
+    p.wait_acked(i + 1, Duration::from_secs(10));
+    wait_for("the drop to be counted", Duration::from_secs(10), || {
+        metric(&gw, "edgeferry_process_too_late_total") >= 1.0
+    });
+    let (st, out, _) = gw.command(&["status"]);
+    assert_eq!(st.code(), Some(3), "{out}");
+    assert!(out.contains(": DEGRADED"), "{out}");
+    assert!(
+        out.contains("DEGRADED 1 reading(s) dropped as too late since start"),
+        "{out}"
+    );
+    assert!(gw.stop().success());
+}

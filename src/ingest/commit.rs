@@ -433,6 +433,12 @@ impl Committer {
 
     pub(super) fn reject(&self, m: &Incoming, reason: &'static str, detail: String) {
         self.status.rejected.fetch_add(1, Ordering::Relaxed);
+        if reason == "future_timestamp" {
+            self.status.future_rejected.fetch_add(1, Ordering::Relaxed);
+            self.status
+                .last_future_ms
+                .store(now_ms(), Ordering::Relaxed);
+        }
         metrics::counter!("edgeferry_ingest_rejected_total", "reason" => reason).increment(1);
         if let Some(n) = self.log_limit.check(reason) {
             tracing::warn!(topic = %m.topic, reason, suppressed = n, "payload rejected: {detail}");

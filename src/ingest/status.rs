@@ -27,6 +27,11 @@ pub struct IngestStatus {
     pub last_error: Mutex<Option<String>>,
     /// The last rejected messages (bounded by [`REJECTS_KEPT`]).
     pub rejects: Mutex<VecDeque<RejectedMessage>>,
+    /// Messages rejected because their event time was ahead of this gateway's clock by more
+    /// than `mqtt.future_skew`.
+    pub future_rejected: AtomicU64,
+    /// Wall-clock ms of the last such rejection (0: never).
+    pub last_future_ms: std::sync::atomic::AtomicI64,
     /// Why the journal cannot write, while it cannot (a full disk): ingest is holding back
     /// and retrying.
     pub journal_error: Mutex<Option<String>>,

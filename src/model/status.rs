@@ -35,6 +35,10 @@ pub struct StatusReport {
     pub healthy: bool,
     /// Human descriptions of what is wrong right now.
     pub problems: Vec<String>,
+    /// Readings lost recently although the daemon works (dropped as too late, rejected for
+    /// clock skew, dropped at the disk quota): the status is DEGRADED while this is not empty.
+    #[serde(default)]
+    pub degraded: Vec<String>,
     /// The connection to the local MQTT broker: URL, connected, subscribed, last error.
     pub broker: BrokerStatus,
     /// Ingest counters since start.

@@ -311,6 +311,11 @@ impl Processor {
             {
                 window::Applied::TooLate => {
                     metrics::counter!("edgeferry_process_too_late_total").increment(1);
+                    self.shared.status.too_late.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .status
+                        .last_too_late_ms
+                        .store(crate::clock::now_ms(), Ordering::Relaxed);
                     if let Some(n) = self.log_limit.check("too_late") {
                         tracing::warn!(
                             series = %key,
@@ -655,6 +660,10 @@ impl Processor {
                     .status
                     .dropped_items
                     .fetch_add(d.items, Ordering::Relaxed);
+                self.shared
+                    .status
+                    .last_dropped_ms
+                    .store(crate::clock::now_ms(), Ordering::Relaxed);
                 tracing::warn!(
                     batches = d.batches,
                     items = d.items,

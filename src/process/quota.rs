@@ -47,6 +47,9 @@ pub(super) fn enforce(
                 metrics::counter!("edgeferry_outbox_dropped_items_total").increment(d.items);
                 metrics::counter!("edgeferry_outbox_dropped_batches_total").increment(d.batches);
                 status.dropped_items.fetch_add(d.items, Ordering::Relaxed);
+                status
+                    .last_dropped_ms
+                    .store(crate::clock::now_ms(), Ordering::Relaxed);
                 tracing::warn!(
                     batches = d.batches,
                     items = d.items,
@@ -74,6 +77,9 @@ mod tests {
             windows_emitted: Default::default(),
             budget_violations: Default::default(),
             dropped_items: Default::default(),
+            too_late: Default::default(),
+            last_too_late_ms: Default::default(),
+            last_dropped_ms: Default::default(),
             write_error: Default::default(),
             blocked: Arc::new(AtomicBool::new(false)),
         }

@@ -23,6 +23,12 @@ pub struct ProcessStatus {
     pub budget_violations: AtomicU64,
     /// Items dropped at the disk quota.
     pub dropped_items: AtomicU64,
+    /// Readings dropped as too late (older than `correction_horizon` behind the watermark).
+    pub too_late: AtomicU64,
+    /// Wall-clock ms of the last reading dropped as too late (0: never).
+    pub last_too_late_ms: std::sync::atomic::AtomicI64,
+    /// Wall-clock ms of the last drop at the disk quota (0: never).
+    pub last_dropped_ms: std::sync::atomic::AtomicI64,
     /// Why processing cannot write (the outbox or the checkpoint), while it cannot: a full
     /// or failing disk. Shown in `/status`; cleared by the next checkpoint that is written.
     pub write_error: std::sync::Mutex<Option<String>>,
