@@ -30,7 +30,8 @@ enum Command {
         #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
         config: PathBuf,
     },
-    /// Ask the running daemon how it is doing; exit code 0 healthy, 3 unhealthy, 2 unreachable.
+    /// Ask the running daemon how it is doing; exit code 0 healthy, 3 unhealthy or degraded
+    /// (readings lost recently), 2 unreachable.
     Status {
         /// Configuration file (its admin.listen and gateway.data_dir are read).
         #[arg(short, long, default_value = "/etc/edgeferry/config.toml")]
