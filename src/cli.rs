@@ -62,63 +62,55 @@ pub fn check_config(path: &Path) -> Exit {
     }
 }
 
-/// A multi-threaded runtime of two workers (gateways have 1–4 cores; more threads only cost
-/// memory), or a printed error.
-fn runtime(what: &str, name: &str) -> Result<tokio::runtime::Runtime, Exit> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Runs `serve` (given the shutdown token) on a multi-threaded runtime of two workers
+/// (gateways have 1–4 cores; more threads only cost memory) until it ends; SIGTERM/SIGINT
+/// cancel the token. `what` prefixes the error printed when it fails.
+fn until_signalled<F, E>(what: &str, serve: impl FnOnce(CancellationToken) -> F) -> Exit
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .thread_name(name)
-        .build()
-        .map_err(|e| {
+        .thread_name(what.replace(' ', "-"))
+        .build();
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
             eprintln!("{what}: cannot start the async runtime: {e}");
+            return Exit::Runtime;
+        }
+    };
+    let result = rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(crate::daemon::watch_signals(shutdown.clone()));
+        serve(shutdown).await
+    });
+    match result {
+        Ok(()) => Exit::Success,
+        Err(e) => {
+            // `{:#}` shows an error's causes (anyhow's chain; plain Display otherwise).
+            tracing::error!("{e:#}");
+            eprintln!("{what}: {e:#}");
             Exit::Runtime
-        })
+        }
+    }
 }
 
 /// `edgeferry run`: the daemon in the foreground until SIGTERM/SIGINT.
 pub fn run_daemon(cfg: Config) -> Exit {
     crate::telemetry::init(&cfg.log);
-    let rt = match runtime("edgeferry", "edgeferry") {
-        Ok(rt) => rt,
-        Err(e) => return e,
-    };
-    let result = rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(crate::daemon::watch_signals(shutdown.clone()));
-        crate::daemon::run(cfg, shutdown).await
-    });
-    match result {
-        Ok(()) => Exit::Success,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("edgeferry: {e}");
-            Exit::Runtime
-        }
-    }
+    until_signalled("edgeferry", |shutdown| crate::daemon::run(cfg, shutdown))
 }
 
 /// `edgeferry collect`: the reference central receiver until SIGTERM/SIGINT.
 #[cfg(feature = "central")]
 pub fn run_collect(cfg: crate::collect::CollectConfig) -> Exit {
     crate::telemetry::init(&crate::telemetry::LogConfig::default());
-    let rt = match runtime("edgeferry collect", "edgeferry-collect") {
-        Ok(rt) => rt,
-        Err(e) => return e,
-    };
-    let result = rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(crate::daemon::watch_signals(shutdown.clone()));
-        crate::collect::run(cfg, shutdown).await
-    });
-    match result {
-        Ok(()) => Exit::Success,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("edgeferry collect: {e:#}");
-            Exit::Runtime
-        }
-    }
+    until_signalled("edgeferry collect", |shutdown| {
+        crate::collect::run(cfg, shutdown)
+    })
 }
 
 /// `edgeferry demo`: success only when the closing report matches.

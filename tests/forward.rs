@@ -355,18 +355,6 @@ fn the_journal_is_trimmed_below_the_checkpoint_so_its_disk_use_stays_bounded() {
     );
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else if e.file_name() != "LOCK" {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_data_directory_restored_from_an_older_copy_is_detected_and_continues_under_a_new_epoch() {
     let broker = Mosquitto::start();

@@ -537,15 +537,3 @@ fn a_data_directory_restored_from_an_older_copy_is_caught_by_the_stored_state_an
     );
     assert!(gw.stop().success());
 }
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else if e.file_name() != "LOCK" {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
-}

@@ -632,3 +632,17 @@ pub fn now_ms() -> u64 {
 pub fn live_payload(i: usize) -> String {
     format!(r#"{{"value":{i},"ts":{}}}"#, now_ms())
 }
+
+/// Copies a data directory as a backup tool would (lock files left out): the "older copy" a
+/// gateway is restored from.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else if e.file_name() != "LOCK" {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
