@@ -128,6 +128,16 @@ impl Admin {
                 crate::util::rfc3339_ms(at)
             ));
         }
+        let lost = i.sessions_lost.load(Ordering::Relaxed);
+        let at = i.last_session_lost_ms.load(Ordering::Relaxed);
+        if lost > 0 && recent(at) {
+            out.push(format!(
+                "the MQTT broker lost edgeferry's session {lost} time(s) since start, the last \
+                 at {}: what it queued meanwhile may be gone (check its persistence and \
+                 autosave_interval)",
+                crate::util::rfc3339_ms(at)
+            ));
+        }
         let dropped = p.dropped_items.load(Ordering::Relaxed);
         let at = p.last_dropped_ms.load(Ordering::Relaxed);
         if dropped > 0 && recent(at) {

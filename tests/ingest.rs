@@ -387,3 +387,40 @@ fn broker_credentials_come_from_the_password_file() {
     assert_eq!(st.code(), Some(3), "{out}");
     assert!(refused.stop().success());
 }
+
+#[test]
+fn a_broker_that_lost_edgeferrys_session_is_reported_not_silently_accepted() {
+    let mut broker = Mosquitto::start();
+    let mut gw = Gateway::new(&broker.url());
+    gw.start();
+    let p = Publisher::connect(broker.port, "pub-session");
+    for i in 0..10 {
+        p.publish(&topic(i), reading_payload(i));
+    }
+    p.wait_acked(10, Duration::from_secs(10));
+    drop(p);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(gw.stop().success());
+    // The broker comes back without its database (no persistence, or a crash before its
+    // autosave): edgeferry's persistent session is gone.
+    broker.stop();
+    let _ = std::fs::remove_file(broker.dir.path().join("mosquitto.db"));
+    broker.restart();
+    gw.start();
+    let (st, out, _) = gw.command(&["status"]);
+    assert_eq!(st.code(), Some(3), "{out}");
+    assert!(out.contains("lost edgeferry's session 1 time(s)"), "{out}");
+    assert!(
+        gw.current_log()
+            .contains("did not keep edgeferry's session")
+    );
+    // A graceful broker restart keeps the session: nothing more is reported.
+    broker.restart();
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, out, _) = gw.command(&["status"]);
+    assert!(
+        out.contains("lost edgeferry's session 1 time(s)"),
+        "still one: {out}"
+    );
+    assert!(gw.stop().success());
+}

@@ -193,6 +193,7 @@ impl<T: Transport> Link<T> {
             let delay = backoff.next_delay();
             // What the link waits now, for whoever wonders why it is not reconnecting yet.
             metrics::gauge!("edgeferry_upstream_reconnect_delay_seconds").set(delay.as_secs_f64());
+            metrics::gauge!("edgeferry_upstream_reconnect_attempt").set(backoff.attempts() as f64);
             let pause = tokio::time::sleep(delay);
             tokio::pin!(pause);
             loop {

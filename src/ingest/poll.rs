@@ -97,6 +97,25 @@ pub(super) async fn poll_loop(
                 if ever_connected {
                     status.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
+                if !ack.session_present
+                    && (ever_connected || status.expect_session.load(Ordering::Relaxed))
+                {
+                    // A persistent session (clean_session = false) that the broker should
+                    // have kept: it restarted without persistence, or saved it too rarely
+                    // (Mosquitto's autosave_interval), or expired it. Whatever it queued for
+                    // edgeferry meanwhile is gone, and edgeferry cannot know how much.
+                    status.sessions_lost.fetch_add(1, Ordering::Relaxed);
+                    status
+                        .last_session_lost_ms
+                        .store(crate::clock::now_ms(), Ordering::Relaxed);
+                    metrics::counter!("edgeferry_ingest_sessions_lost_total").increment(1);
+                    tracing::warn!(
+                        "the broker {} did not keep edgeferry's session (session_present = \
+                         false): messages it queued while edgeferry was away may be lost; check \
+                         its persistence and autosave_interval (README)",
+                        cfg.url
+                    );
+                }
                 ever_connected = true;
                 if !ack.session_present {
                     // Acks still queued for the previous connection would now acknowledge

@@ -53,6 +53,10 @@ pub async fn run(
     progress: Arc<AtomicU64>,
     shutdown: CancellationToken,
 ) -> Result<Journal, IngestError> {
+    // A journal with records means an earlier run subscribed with a persistent session.
+    status
+        .expect_session
+        .store(journal.next_lsn() > 0, std::sync::atomic::Ordering::Relaxed);
     let decoders = cfg
         .subscribe
         .iter()

@@ -27,6 +27,15 @@ pub struct IngestStatus {
     pub last_error: Mutex<Option<String>>,
     /// The last rejected messages (bounded by [`REJECTS_KEPT`]).
     pub rejects: Mutex<VecDeque<RejectedMessage>>,
+    /// Connections on which the broker had lost edgeferry's persistent session although it
+    /// should have kept it (a reconnect, or a start with a journal from earlier runs): what
+    /// it queued meanwhile may be gone.
+    pub sessions_lost: AtomicU64,
+    /// Wall-clock ms of the last such connection (0: never).
+    pub last_session_lost_ms: std::sync::atomic::AtomicI64,
+    /// The broker should already hold a session for edgeferry (the journal has records from
+    /// an earlier run), so a first CONNACK without one is a loss, not a first start.
+    pub expect_session: AtomicBool,
     /// Messages rejected because their event time was ahead of this gateway's clock by more
     /// than `mqtt.future_skew`.
     pub future_rejected: AtomicU64,
