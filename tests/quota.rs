@@ -27,6 +27,9 @@ fn quota_gateway(broker: &Mosquitto, upstream: &str, when_full: &str) -> Gateway
 [process]
 windows = ["1s"]
 allowed_lateness = "200ms"
+# Shorter than the block the block test holds: what the broker keeps meanwhile must still
+# land in its own windows (the watermark follows the data, not the wall clock).
+correction_horizon = "2s"
 checkpoint_interval = "500ms"
 
 [[rules]]
@@ -312,7 +315,10 @@ fn block_at_the_disk_quota_stops_acknowledging_and_loses_nothing() {
     // and queues for the gateway.
     let readings_blocked = status(&gw)["ingest"]["readings"].as_u64().unwrap();
     let published_blocked = published.load(Ordering::SeqCst);
-    std::thread::sleep(Duration::from_secs(2));
+    // Held for three times lateness + correction_horizon: by the wall clock, everything the
+    // broker queues meanwhile would be too late.
+    let held = Instant::now();
+    std::thread::sleep(Duration::from_millis(3 * 2200));
     let s = status(&gw);
     assert_eq!(s["process"]["blocked"].as_bool(), Some(true), "{s:#}");
     assert!(
@@ -326,6 +332,7 @@ fn block_at_the_disk_quota_stops_acknowledging_and_loses_nothing() {
     // 1 MiB quota must keep working through more traffic than the quota holds.
     collector.start();
     wait_unblocked(&gw, Duration::from_secs(30));
+    let held = held.elapsed();
     let n = load.join().unwrap() as u64;
     // Everything the broker queued is taken, processed and forwarded.
     let start = Instant::now();
@@ -354,6 +361,22 @@ fn block_at_the_disk_quota_stops_acknowledging_and_loses_nothing() {
     let counts_after = central_counts(&collector.lines());
     let s = status(&gw);
     let problem = format!("status: {s:#}\nlog:\n{}", gw.current_log());
+    let (_, metrics) =
+        edgeferry::admin::http_get(&admin_addr(&gw), "/metrics", Duration::from_secs(3)).unwrap();
+    let too_late = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("edgeferry_process_too_late_total "))
+        .map_or(0.0, |v| v.trim().parse::<f64>().unwrap());
+    eprintln!(
+        "fault: quota block held {:.1} s (lateness 0.2 s, horizon 2 s); published {n}, counted \
+         {:?}, too late {too_late}",
+        held.as_secs_f64(),
+        counts.get(&1)
+    );
+    assert_eq!(
+        too_late, 0.0,
+        "nothing is late relative to the data: {problem}"
+    );
     assert_eq!(s["ingest"]["readings"].as_u64(), Some(n), "{problem}");
     assert_eq!(s["process"]["dropped_items"].as_u64(), Some(0), "{problem}");
     assert_eq!(counts.get(&1).copied(), Some(n), "{counts:?} {problem}");
