@@ -58,18 +58,11 @@ fn fill(path: &Path) -> u64 {
 }
 
 fn status(gw: &Gateway) -> serde_json::Value {
-    let addr = std::fs::read_to_string(gw.dir.path().join("data/admin.addr")).unwrap();
-    let (_, body) = edgeferry::admin::http_get(&addr, "/status", Duration::from_secs(3)).unwrap();
-    serde_json::from_str(&body).unwrap()
+    serde_json::from_str(&gw.admin_get("/status").unwrap()).unwrap()
 }
 
 fn readings_total(gw: &Gateway) -> u64 {
-    let addr = std::fs::read_to_string(gw.dir.path().join("data/admin.addr")).unwrap();
-    let (_, text) = edgeferry::admin::http_get(&addr, "/metrics", Duration::from_secs(3)).unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("edgeferry_ingest_readings_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    gw.metric("edgeferry_ingest_readings_total").unwrap_or(0.0) as u64
 }
 
 fn topic(i: usize) -> String {

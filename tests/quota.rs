@@ -361,12 +361,7 @@ fn block_at_the_disk_quota_stops_acknowledging_and_loses_nothing() {
     let counts_after = central_counts(&collector.lines());
     let s = status(&gw);
     let problem = format!("status: {s:#}\nlog:\n{}", gw.current_log());
-    let (_, metrics) =
-        edgeferry::admin::http_get(&admin_addr(&gw), "/metrics", Duration::from_secs(3)).unwrap();
-    let too_late = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("edgeferry_process_too_late_total "))
-        .map_or(0.0, |v| v.trim().parse::<f64>().unwrap());
+    let too_late = gw.metric("edgeferry_process_too_late_total").unwrap_or(0.0);
     eprintln!(
         "fault: quota block held {:.1} s (lateness 0.2 s, horizon 2 s); published {n}, counted \
          {:?}, too late {too_late}",

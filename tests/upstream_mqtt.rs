@@ -105,15 +105,6 @@ fn connects(gw: &Gateway) -> usize {
     gw.current_log().matches("upstream connected (MQTT").count()
 }
 
-/// The value of a gauge or counter in the gateway's `/metrics`.
-fn metric(gw: &Gateway, name: &str) -> Option<f64> {
-    let addr = std::fs::read_to_string(gw.dir.path().join("data/admin.addr")).ok()?;
-    let (_, text) = edgeferry::admin::http_get(&addr, "/metrics", Duration::from_secs(3)).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Publishes readings `from..` for `secs` seconds; returns the next index.
 fn publish_for(p: &Publisher, from: usize, secs: u64) -> usize {
     let until = Instant::now() + Duration::from_secs(secs);
@@ -400,7 +391,11 @@ fn rotated_client_certificates_are_used_without_a_restart_and_nothing_is_lost() 
     wait_for(
         "the refused link to be reported",
         Duration::from_secs(15),
-        || metric(&gw, "edgeferry_upstream_reconnects_total").unwrap_or(0.0) >= 2.0,
+        || {
+            gw.metric("edgeferry_upstream_reconnects_total")
+                .unwrap_or(0.0)
+                >= 2.0
+        },
     );
     assert_eq!(connects(&gw), 0, "an expired certificate must not connect");
     let p = Publisher::connect(local.port, "pub-up-mqtt-rotate");
@@ -444,27 +439,33 @@ fn after_a_link_that_lived_30_s_the_backoff_starts_over() {
     gw.start();
     // Failures while the cloud is away grow the pause (0.5 s, 1 s, 2 s, ... up to 20 s).
     wait_for("six failed attempts", Duration::from_secs(40), || {
-        metric(&gw, "edgeferry_upstream_reconnects_total").unwrap_or(0.0) >= 6.0
+        gw.metric("edgeferry_upstream_reconnects_total")
+            .unwrap_or(0.0)
+            >= 6.0
     });
     cloud.broker.restart();
     cloud.wait_tls();
     wait_for("the link", Duration::from_secs(30), || connects(&gw) == 1);
     // A healthy link for longer than STABLE_AFTER ...
     std::thread::sleep(edgeferry::forward::link::STABLE_AFTER + Duration::from_secs(1));
-    let failures = metric(&gw, "edgeferry_upstream_reconnects_total").unwrap();
+    let failures = gw.metric("edgeferry_upstream_reconnects_total").unwrap();
     cloud.broker.restart();
     cloud.wait_tls();
     wait_for(
         "the link to notice the restart",
         Duration::from_secs(60),
-        || metric(&gw, "edgeferry_upstream_reconnects_total").unwrap_or(0.0) > failures,
+        || {
+            gw.metric("edgeferry_upstream_reconnects_total")
+                .unwrap_or(0.0)
+                > failures
+        },
     );
     // ... so the backoff started over: the attempts since the break count from one (a
     // broker restart costs a failure or three), not on from the six before the link.
     wait_for("the link again", Duration::from_secs(10), || {
         connects(&gw) == 2
     });
-    let attempt = metric(&gw, "edgeferry_upstream_reconnect_attempt").unwrap();
+    let attempt = gw.metric("edgeferry_upstream_reconnect_attempt").unwrap();
     assert!(
         attempt <= 4.0,
         "attempt {attempt} after a stable link: the backoff went on from the earlier failures"

@@ -25,12 +25,7 @@ fn topic(i: usize) -> String {
 }
 
 fn metric(gw: &Gateway, name: &str) -> f64 {
-    let addr = std::fs::read_to_string(gw.dir.path().join("data/admin.addr")).unwrap();
-    let (_, text) = edgeferry::admin::http_get(&addr, "/metrics", Duration::from_secs(3)).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    gw.metric(name).unwrap_or(0.0)
 }
 
 /// Publishes one timestamped reading every 10 ms for `secs`, from index `from`.

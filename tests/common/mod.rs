@@ -336,6 +336,30 @@ impl Gateway {
         )
     }
 
+    /// `GET path` on the running daemon's admin endpoint (body of any status), or `None`
+    /// when it does not answer.
+    pub fn admin_get(&self, path: &str) -> Option<String> {
+        let addr = std::fs::read_to_string(self.dir.path().join("data/admin.addr")).ok()?;
+        edgeferry::admin::http_get(addr.trim(), path, Duration::from_secs(3))
+            .ok()
+            .map(|(_, body)| body)
+    }
+
+    /// A metric from `/metrics`, summed over its label sets; `None` when absent (or the
+    /// daemon does not answer).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let text = self.admin_get("/metrics")?;
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with([' ', '{']))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
     /// Every reading in the journal (the daemon must be stopped: the journal is locked).
     pub fn journal(&self) -> Vec<JournalReading> {
         let (st, out, err) = self.command(&["dump-journal"]);
