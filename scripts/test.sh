@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs what the tests need on a fresh Debian machine (as root):
 # Mosquitto and its clients (tests start their own broker on an ephemeral loopback port),
-# Chromium (the dashboard is checked in a real headless browser) and Python's paho-mqtt (a
-# second, independent MQTT client for the interoperability test).
+# Chromium (the dashboard is checked in a real headless browser), libfaketime (tests/clock.rs
+# steps the daemon's wall clock with it) and Python's paho-mqtt (a second, independent MQTT
+# client for the interoperability test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ need=()
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "test.sh: please install: ${need[*]} (sudo apt-get install ${need[*]})" >&2

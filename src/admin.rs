@@ -8,7 +8,8 @@
 use crate::ingest::IngestStatus;
 use crate::live::{LiveEvent, LiveFeed};
 use crate::model::{
-    Backlog, BrokerStatus, IngestCounters, ProcessCounters, StatusReport, UpstreamStatus,
+    Backlog, BrokerStatus, ClockStatus, IngestCounters, ProcessCounters, StatusReport,
+    UpstreamStatus,
 };
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -96,6 +97,8 @@ pub struct Admin {
     pub upstream: Option<(String, Arc<crate::forward::ForwardStatus>)>,
     /// The live feed behind `/live`.
     pub live: LiveFeed,
+    /// The gateway's clock: trusted or not, steps seen.
+    pub clock: Arc<crate::clock::GatewayClock>,
 }
 
 /// How long a loss of readings keeps the status DEGRADED after the last one.
@@ -147,7 +150,58 @@ impl Admin {
                 crate::util::rfc3339_ms(at)
             ));
         }
+        out.extend(self.clock_status().suspect);
         out
+    }
+
+    /// The clock part of the report. The clock is suspect while arrival times are held
+    /// ahead of a wall clock that stepped back, or while it is untrusted and sensor
+    /// timestamps disagreed with it (within [`DEGRADED_FOR`]).
+    fn clock_status(&self) -> ClockStatus {
+        let c = &self.clock;
+        let i = &self.ingest;
+        let synchronised = c.trusted();
+        let ahead = c.ahead_of_wall_ms();
+        let last_step = c.steps_after(0).last().map(|s| {
+            format!(
+                "{} by {} at {}",
+                if s.delta_ms >= 0 { "forward" } else { "back" },
+                crate::clock::human(s.delta_ms.unsigned_abs()),
+                crate::util::rfc3339_ms(s.at_ms)
+            )
+        });
+        let mut suspect = Vec::new();
+        if ahead > 0 {
+            suspect.push(format!(
+                "the wall clock is {} behind the arrival times (it stepped back): they go on \
+                 from the monotonic clock until it catches up, so nothing is judged late",
+                crate::clock::human(ahead as u64)
+            ));
+        }
+        let at = i.last_clock_disagreement_mono.load(Ordering::Relaxed);
+        let disagreements = i.clock_disagreements.load(Ordering::Relaxed);
+        if !synchronised
+            && at > 0
+            && crate::clock::mono_ms() - at <= DEGRADED_FOR.as_millis() as i64
+        {
+            let off = i.clock_disagreement_ms.load(Ordering::Relaxed);
+            suspect.push(format!(
+                "this gateway's clock is not synchronised (NTP) and sensor timestamps are {} {} \
+                 it ({disagreements} message(s) since start, all accepted): one of the clocks \
+                 is wrong",
+                crate::clock::human(off.unsigned_abs()),
+                if off > 0 { "ahead of" } else { "behind" },
+            ));
+        }
+        ClockStatus {
+            synchronised,
+            steps: c.steps(),
+            last_step,
+            ahead_of_wall_ms: ahead,
+            disagreements,
+            suspect: (!suspect.is_empty())
+                .then(|| format!("clock suspect: {}", suspect.join("; "))),
+        }
     }
 
     /// Builds the status served at `/status` and sent each second on `/live`; it is healthy
@@ -237,6 +291,7 @@ impl Admin {
                 duplicates_dropped: IngestStatus::get(&i.duplicates),
             },
             rejected_recent: i.recent_rejects(),
+            clock: self.clock_status(),
         }
     }
 }

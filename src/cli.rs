@@ -378,6 +378,28 @@ pub fn render_status(r: &StatusReport) -> String {
             let _ = writeln!(s, "upstream none configured (batches stay in the outbox)");
         }
     }
+    let c = &r.clock;
+    let _ = writeln!(
+        s,
+        "clock    {}{}{}",
+        if c.synchronised {
+            "synchronised"
+        } else {
+            "NOT synchronised (sensor timestamps are accepted, not judged)"
+        },
+        match (&c.last_step, c.steps) {
+            (Some(last), n) => format!(", {n} step(s), the last {last}"),
+            _ => String::new(),
+        },
+        if c.ahead_of_wall_ms > 0 {
+            format!(
+                ", arrival times {} ahead of the wall clock",
+                crate::clock::human(c.ahead_of_wall_ms as u64)
+            )
+        } else {
+            String::new()
+        }
+    );
     for p in &r.problems {
         let _ = writeln!(s, "PROBLEM  {p}");
     }
@@ -431,9 +453,27 @@ mod tests {
             "backlog  2 batches, 9 items, 512 bytes, oldest 40 s ago, 7 items DROPPED at the disk quota",
             "upstream wss://central:9443 — DOWN, 6 batches sent, 4 acknowledged, 1 reconnects",
             "PROBLEM  upstream unreachable for 40 s",
+            "clock    NOT synchronised (sensor timestamps are accepted, not judged)",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn the_clock_line_tells_steps_and_how_far_arrival_times_run_ahead() {
+        let mut r = report();
+        r.clock.synchronised = true;
+        r.clock.steps = 2;
+        r.clock.last_step = Some("back by 1h at 2026-12-03T10:00:00.000Z".into());
+        r.clock.ahead_of_wall_ms = 3_599_000;
+        let text = render_status(&r);
+        assert!(
+            text.contains(
+                "clock    synchronised, 2 step(s), the last back by 1h at \
+                 2026-12-03T10:00:00.000Z, arrival times 59m 59s ahead of the wall clock"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

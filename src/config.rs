@@ -6,6 +6,7 @@
 //! that serde cannot express.
 
 use crate::admin::AdminConfig;
+use crate::clock::ClockConfig;
 use crate::forward::UpstreamConfig;
 use crate::ingest::MqttConfig;
 use crate::process::{ProcessConfig, RuleConfig};
@@ -46,6 +47,9 @@ pub struct Config {
     /// `[log]`: log level and format.
     #[serde(default)]
     pub log: LogConfig,
+    /// `[clock]`: whether the wall clock may be trusted (NTP state).
+    #[serde(default)]
+    pub clock: ClockConfig,
 }
 
 /// `[gateway]`: this gateway's identity and where it keeps its durable data.

@@ -147,6 +147,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 && s.journal_error().is_none()
         }) as Arc<dyn Fn() -> bool + Send + Sync>
     };
+    let clock = Arc::new(crate::clock::GatewayClock::system(&cfg.clock));
     // The processor holds the only watermark sender: when it stops, the link sees the end.
     let shared = ProcessShared {
         outbox: outbox.clone(),
@@ -156,6 +157,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         status: pstatus.clone(),
         input_live: Some(ingest_live),
         live: Some(live.clone()),
+        clock: clock.clone(),
     };
     let limits = ProcessLimits {
         batch_max: cfg.upstream.as_ref().map(|u| u.batch_max).unwrap_or(500),
@@ -178,6 +180,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let replayed = processor.replay(&journal)?;
     tracing::info!(replayed, checkpoint_lsn = processor.checkpoint_lsn(), epoch = %format!("{epoch:016x}"), "state recovered");
     let known_series = processor.known_series();
+    // Arrival times go on from the latest one recorded, even if the wall clock is behind it.
+    clock.raise_floor(processor.arrival_clock_ms());
 
     // The embedded broker (if any) runs until the process exits: rumqttd has no shutdown.
     #[cfg(feature = "embedded-broker")]
@@ -189,7 +193,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         .expect("embedded broker start-up panicked")?;
     }
 
-    let progress = Arc::new(AtomicU64::new(crate::clock::now_ms() as u64));
+    // Monotonic: a wall-clock step must neither fake a stall nor hide one.
+    let progress = Arc::new(AtomicU64::new(crate::clock::mono_ms() as u64));
     // Committed records go to processing one commit group per message; a few groups in
     // flight (each at most `mqtt.commit_max` records).
     let (tx, rx) = mpsc::channel(4);
@@ -213,6 +218,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             journal_bytes,
             blocked: pstatus.blocked.clone(),
             live: Some(live.clone()),
+            clock: clock.clone(),
         },
         journal,
         tx,
@@ -251,6 +257,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 .as_ref()
                 .map(|u| (u.url.clone(), forward_status.clone())),
             live: live.clone(),
+            clock: clock.clone(),
         },
         shutdown.clone(),
     ));
@@ -351,7 +358,7 @@ async fn systemd_loop(
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let now = crate::clock::now_ms() as u64;
+        let now = crate::clock::mono_ms() as u64;
         let last = progress.load(Ordering::Relaxed);
         if watchdog && now.saturating_sub(last) < stale_after.max(2000) {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);

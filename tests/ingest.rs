@@ -162,7 +162,13 @@ fn broker_restart_with_persistence_loses_nothing() {
 #[test]
 fn bad_payloads_are_rejected_acknowledged_and_harm_nothing_else() {
     let broker = Mosquitto::start();
-    let mut gw = Gateway::with_config(&broker.url(), "max_payload = \"1KiB\"", "");
+    // A synchronised clock, so that a timestamp from the future is rejected whatever this
+    // machine's NTP state (an unsynchronised one accepts it: tests/clock.rs).
+    let mut gw = Gateway::with_config(
+        &broker.url(),
+        "max_payload = \"1KiB\"",
+        "[clock]\nsynchronised = \"yes\"\n",
+    );
     gw.start();
     let p = Publisher::connect(broker.port, "pub-bad");
     let bad: Vec<(&str, Vec<u8>)> = vec![

@@ -56,6 +56,8 @@ pub(super) struct Committer {
     pub(super) series: SeriesGuard,
     pub(super) status: Arc<IngestStatus>,
     pub(super) future_skew_ms: i64,
+    /// Whether a timestamp from the future may be rejected (only by a synchronised clock).
+    pub(super) clock: Arc<crate::clock::GatewayClock>,
     pub(super) max_payload: usize,
     /// Per-subscription counters, registered once (a registry lookup per message is not free
     /// at 100k+ messages/s).
@@ -102,7 +104,7 @@ impl Committer {
         let mut permits: Vec<OwnedSemaphorePermit> = Vec::with_capacity(cfg.commit_max);
         let mut closed = false;
         while !closed {
-            progress.store(now_ms() as u64, Ordering::Relaxed);
+            progress.store(crate::clock::mono_ms() as u64, Ordering::Relaxed);
             if self.blocked.load(Ordering::Relaxed) {
                 // Processing keeps checkpointing while ingest is held: keep trimming so the
                 // journal gives its share of the quota back.
@@ -291,7 +293,7 @@ impl Committer {
             let pause = tokio::time::sleep(backoff.next_delay());
             tokio::pin!(pause);
             loop {
-                progress.store(now_ms() as u64, Ordering::Relaxed);
+                progress.store(crate::clock::mono_ms() as u64, Ordering::Relaxed);
                 tokio::select! {
                     _ = &mut pause => break,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -367,15 +369,7 @@ impl Committer {
             self.reject_decode(m, &r);
             return None;
         }
-        let limit = m.received_ms + self.future_skew_ms;
-        if let Some(r) = readings.iter().find(|r| r.time_ms > limit) {
-            let detail = format!(
-                "event time {} ms is {} s ahead of this gateway's clock (mqtt.future_skew allows {} s)",
-                r.time_ms,
-                (r.time_ms - m.received_ms) / 1000,
-                self.future_skew_ms / 1000
-            );
-            self.reject(m, "future_timestamp", detail);
+        if !self.check_clock(m, readings) {
             return None;
         }
         let mut kept = Vec::with_capacity(readings.len());
@@ -425,6 +419,49 @@ impl Committer {
             }
         }
         Ok(())
+    }
+
+    /// Compares the readings' event times with the gateway's clock. A synchronised clock
+    /// rejects a message with a reading further than `mqtt.future_skew` ahead of it (a sensor
+    /// clock that would otherwise hold windows open). An unsynchronised one cannot tell which
+    /// side is wrong: it accepts, counts the disagreement (either way: sensors far ahead of
+    /// it or far behind it) and reports itself suspect in `/status`.
+    fn check_clock(&self, m: &Incoming, readings: &[Reading]) -> bool {
+        let skew = self.future_skew_ms;
+        let Some(newest) = readings.iter().map(|r| r.time_ms).max() else {
+            return true;
+        };
+        let ahead = newest - m.received_ms;
+        if ahead <= skew && ahead >= -skew {
+            return true;
+        }
+        if ahead > skew && self.clock.trusted() {
+            let detail = format!(
+                "event time {newest} ms is {} s ahead of this gateway's synchronised clock \
+                 (mqtt.future_skew allows {} s)",
+                ahead / 1000,
+                skew / 1000
+            );
+            self.reject(m, "future_timestamp", detail);
+            return false;
+        }
+        if ahead < -skew && self.clock.trusted() {
+            return true; // old data by a clock that knows: the watermark judges it
+        }
+        let direction = if ahead > 0 { "ahead" } else { "behind" };
+        metrics::counter!("edgeferry_clock_disagreements_total", "sensors" => direction)
+            .increment(readings.len() as u64);
+        self.status.note_clock_disagreement(ahead);
+        if let Some(n) = self.log_limit.check("clock_disagreement") {
+            tracing::warn!(
+                topic = %m.topic,
+                suppressed = n,
+                "event time {} ahead of this gateway's clock, which is not synchronised: \
+                 accepted (one of the two clocks is wrong; see `edgeferry status`)",
+                crate::clock::signed_human(ahead)
+            );
+        }
+        true
     }
 
     pub(super) fn reject_decode(&self, m: &Incoming, r: &Reject) {

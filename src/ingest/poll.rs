@@ -12,7 +12,7 @@ use rumqttc::{
     SubscribeReasonCode,
 };
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -62,6 +62,8 @@ pub(super) async fn poll_loop(
     ready: watch::Sender<bool>,
     shutdown: CancellationToken,
     mut acks: mpsc::UnboundedReceiver<Vec<AckRequest>>,
+    clock: &crate::clock::GatewayClock,
+    blocked: &AtomicBool,
 ) {
     let filters: Vec<String> = cfg.subscribe.iter().map(|s| s.filter.clone()).collect();
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.reconnect_max);
@@ -83,7 +85,7 @@ pub(super) async fn poll_loop(
             Some(group) = acks.recv() => {
                 let since = Instant::now();
                 write_acks(eventloop, group, &generation).await;
-                slow_wait(&stalls, Wait::AckWrite, since);
+                slow_wait(&stalls, (&status, blocked), Wait::AckWrite, since);
                 continue;
             }
             ev = eventloop.poll() => ev,
@@ -174,7 +176,7 @@ pub(super) async fn poll_loop(
                     // Acknowledge through the same ordered path as everything else.
                     let since = Instant::now();
                     let permit = acquire(&permits, &shutdown).await;
-                    slow_wait(&stalls, Wait::Permits, since);
+                    slow_wait(&stalls, (&status, blocked), Wait::Permits, since);
                     let Some(permit) = permit else {
                         in_tx = None;
                         continue;
@@ -190,7 +192,7 @@ pub(super) async fn poll_loop(
                 let subscription = filters.iter().position(|f| topic_matches(f, &p.topic));
                 let since = Instant::now();
                 let permit = acquire(&permits, &shutdown).await;
-                slow_wait(&stalls, Wait::Permits, since);
+                slow_wait(&stalls, (&status, blocked), Wait::Permits, since);
                 let Some(permit) = permit else {
                     in_tx = None;
                     continue;
@@ -202,14 +204,14 @@ pub(super) async fn poll_loop(
                     dup: p.dup,
                     topic: p.topic,
                     payload: p.payload,
-                    received_ms: now_ms(),
+                    received_ms: clock.arrival_ms(),
                     received_at: Instant::now(),
                     subscription,
                     permit,
                 };
                 let since = Instant::now();
                 forward(&mut in_tx, &shutdown, incoming).await;
-                slow_wait(&stalls, Wait::Committer, since);
+                slow_wait(&stalls, (&status, blocked), Wait::Committer, since);
             }
             Ok(_) => {}
             Err(e) => {
@@ -290,6 +292,7 @@ pub(super) fn retained_marker(
         dup: p.dup,
         topic: String::new(),
         payload: Bytes::new(),
+        // Never journaled (the message carries no readings): the wall clock is label enough.
         received_ms: now_ms(),
         received_at: Instant::now(),
         subscription: None,
@@ -323,7 +326,12 @@ impl Wait {
     }
 }
 
-pub(super) fn slow_wait(limit: &RateLimit, what: Wait, since: Instant) {
+pub(super) fn slow_wait(
+    limit: &RateLimit,
+    (status, blocked): (&IngestStatus, &AtomicBool),
+    what: Wait,
+    since: Instant,
+) {
     let waited = since.elapsed();
     if waited < SLOW_WAIT {
         return;
@@ -333,8 +341,35 @@ pub(super) fn slow_wait(limit: &RateLimit, what: Wait, since: Instant) {
         tracing::warn!(
             waited_ms = waited.as_millis() as u64,
             similar_hidden = hidden,
-            "MQTT poll loop stalled waiting for {what:?}: nothing read from or acknowledged to the broker meanwhile"
+            "MQTT poll loop stalled waiting for {what:?}: nothing read from or acknowledged to the broker meanwhile; {}",
+            stall_cause(
+                what,
+                status.journal_error(),
+                blocked.load(Ordering::Relaxed)
+            )
         );
+    }
+}
+
+/// What a field engineer should read into a stall: edgeferry holding back on purpose (the
+/// quota's `block` policy, a disk that cannot write) or a backlog being drained.
+pub(super) fn stall_cause(what: Wait, journal_error: Option<String>, blocked: bool) -> String {
+    match (what, blocked, journal_error) {
+        (Wait::AckWrite, _, _) => {
+            "the broker is not reading its socket (overloaded, or the link to it is stuck)".into()
+        }
+        (_, true, _) => "cause: store.max_disk is reached and store.when_full = \"block\" holds \
+             ingest back until the upstream drains the outbox; the broker keeps the messages"
+            .into(),
+        (_, false, Some(e)) => {
+            format!(
+                "cause: the journal cannot write ({e}); retrying, the broker keeps the messages"
+            )
+        }
+        (_, false, None) => "cause: messages arrive faster than the journal commits them, as \
+             when the broker delivers a backlog it kept (after a restart or reconnect); it \
+             catches up by itself"
+            .into(),
     }
 }
 
@@ -475,16 +510,36 @@ mod tests {
     }
 
     #[test]
+    fn a_stall_names_its_cause() {
+        let quota = stall_cause(Wait::Permits, None, true);
+        assert!(quota.contains("when_full = \"block\""), "{quota}");
+        let disk = stall_cause(
+            Wait::Committer,
+            Some("No space left on device".into()),
+            false,
+        );
+        assert!(
+            disk.contains("journal cannot write (No space left"),
+            "{disk}"
+        );
+        let drain = stall_cause(Wait::Permits, None, false);
+        assert!(drain.contains("backlog"), "{drain}");
+        assert!(stall_cause(Wait::AckWrite, None, true).contains("broker is not reading"));
+    }
+
+    #[test]
     fn only_poll_loop_waits_over_the_threshold_are_reported() {
         let limit = RateLimit::new(Duration::from_secs(10));
-        slow_wait(&limit, Wait::Permits, Instant::now());
+        let status = IngestStatus::default();
+        let held = AtomicBool::new(false);
+        slow_wait(&limit, (&status, &held), Wait::Permits, Instant::now());
         assert_eq!(
             limit.check("permits"),
             Some(0),
             "a short wait reports nothing"
         );
         let long_ago = Instant::now() - SLOW_WAIT - Duration::from_millis(10);
-        slow_wait(&limit, Wait::AckWrite, long_ago);
+        slow_wait(&limit, (&status, &held), Wait::AckWrite, long_ago);
         assert_eq!(
             limit.check("ack_write"),
             None,

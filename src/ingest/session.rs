@@ -35,6 +35,8 @@ pub struct IngestParams {
     pub blocked: Arc<std::sync::atomic::AtomicBool>,
     /// The live feed: committed readings are offered to it (sampled; never blocks).
     pub live: Option<crate::live::LiveFeed>,
+    /// Arrival times, and whether the wall clock may judge a sensor's timestamp.
+    pub clock: Arc<crate::clock::GatewayClock>,
 }
 
 /// Runs ingest until `shutdown` is cancelled (then drains and commits what was received)
@@ -92,6 +94,8 @@ pub async fn run(
     recent.seed(journal.tail_keys(recent_cap as u64)?);
 
     let publish_task = tokio::spawn(publish_loop(client.clone(), publications));
+    let params_clock = params.clock.clone();
+    let params_blocked = params.blocked.clone();
     // The poll loop stops on shutdown, or when the committer dies (a journal error): then
     // nothing more can be made durable, so nothing more may be read or acknowledged.
     let stop = shutdown.child_token();
@@ -107,6 +111,7 @@ pub async fn run(
                 series: SeriesGuard::new(params.max_series, params.known_series),
                 status,
                 future_skew_ms: cfg.future_skew.as_millis() as i64,
+                clock: params.clock.clone(),
                 max_payload: cfg.max_payload.as_u64() as usize,
                 readings_counters: cfg
                     .subscribe
@@ -149,6 +154,8 @@ pub async fn run(
         ready,
         stop,
         ack_rx,
+        &params_clock,
+        &params_blocked,
     )
     .await;
     drop(eventloop);

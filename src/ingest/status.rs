@@ -4,7 +4,7 @@
 use crate::model::RejectedMessage;
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 /// Live counters and state of ingest, shared with status reporting.
 #[derive(Debug, Default)]
@@ -44,6 +44,13 @@ pub struct IngestStatus {
     /// Why the journal cannot write, while it cannot (a full disk): ingest is holding back
     /// and retrying.
     pub journal_error: Mutex<Option<String>>,
+    /// Messages whose newest event time was more than `mqtt.future_skew` ahead of or behind
+    /// this gateway's clock while it was not synchronised (accepted).
+    pub clock_disagreements: AtomicU64,
+    /// By how much the last of them disagreed: event time − arrival time, ms.
+    pub clock_disagreement_ms: AtomicI64,
+    /// Monotonic ms ([`crate::clock::mono_ms`]) of the last of them (0: never).
+    pub last_clock_disagreement_mono: AtomicI64,
 }
 
 /// How many rejected messages status keeps.
@@ -61,6 +68,14 @@ impl IngestStatus {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    pub(crate) fn note_clock_disagreement(&self, offset_ms: i64) {
+        self.clock_disagreements.fetch_add(1, Ordering::Relaxed);
+        self.clock_disagreement_ms
+            .store(offset_ms, Ordering::Relaxed);
+        self.last_clock_disagreement_mono
+            .store(crate::clock::mono_ms().max(1), Ordering::Relaxed);
     }
 
     pub(crate) fn remember_reject(&self, r: RejectedMessage) {

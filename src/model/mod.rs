@@ -21,6 +21,6 @@ pub use reading::{Reading, SeriesInfo, series_key, write_series_key};
 pub use record::{DedupKey, JournalEntry};
 pub use sketch::Sketch;
 pub use status::{
-    Backlog, BrokerStatus, IngestCounters, ProcessCounters, RejectedMessage, StatusReport,
-    UpstreamStatus,
+    Backlog, BrokerStatus, ClockStatus, IngestCounters, ProcessCounters, RejectedMessage,
+    StatusReport, UpstreamStatus,
 };

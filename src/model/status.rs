@@ -51,6 +51,29 @@ pub struct StatusReport {
     pub backlog: Backlog,
     /// The upstream link (absent when no `[upstream]` is configured).
     pub upstream: Option<UpstreamStatus>,
+    /// The gateway's wall clock: trusted or not, steps, disagreement with the sensors.
+    #[serde(default)]
+    pub clock: ClockStatus,
+}
+
+/// What edgeferry knows about the gateway's wall clock (see `crate::clock`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClockStatus {
+    /// Trusted: `[clock] synchronised = "yes"`, or the kernel reports NTP synchronisation.
+    /// Only a trusted clock rejects sensor timestamps from the future.
+    pub synchronised: bool,
+    /// Wall-clock steps (forward or back) seen since start.
+    pub steps: u64,
+    /// The last of them, e.g. "back by 1h at 2026-12-03T10:00:00.000Z".
+    pub last_step: Option<String>,
+    /// How far arrival times run ahead of the wall clock, ms: after a step back they go on
+    /// from the monotonic clock until the wall clock catches up (0 normally).
+    pub ahead_of_wall_ms: i64,
+    /// Messages whose timestamps disagreed with the untrusted clock by more than
+    /// `mqtt.future_skew` (accepted) since start.
+    pub disagreements: u64,
+    /// Why the clock is suspect right now (also a `degraded` line); `None` when it is not.
+    pub suspect: Option<String>,
 }
 
 /// Processing's counters when the report was made: `series`, `alerts_active` and `blocked`

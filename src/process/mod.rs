@@ -74,6 +74,15 @@ pub struct Processor {
     log_limit: crate::telemetry::RateLimit,
     /// When the last committed record arrived (for [`Processor::input_idle`]).
     last_input: Instant,
+    /// The watermark right after that record: idle input moves it on from here by the
+    /// monotonic time since, so the data's own time goes on, not the wall clock's (which may
+    /// be an hour away from the sensors').
+    watermark_at_input: i64,
+    /// The last wall-clock step applied to the silence rules ([`crate::clock::ClockStep::seq`]).
+    seen_clock_step: u64,
+    /// How far the sensors' clocks agree to lead the arrival clock (used while it is not
+    /// synchronised).
+    lead: SensorLead,
     /// Processing time of the last `close_due` (see [`CLOSE_EVERY_MS`]).
     last_close_ms: i64,
     /// commit → processed latency (the age of a record when processing takes it).
@@ -143,6 +152,7 @@ impl Processor {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (fresh(), false),
             Err(source) => return Err(ProcessError::Io { path, source }),
         };
+        let state_watermark = state.watermark_ms;
         let mut p = Processor {
             cfg: cfg.clone(),
             limits,
@@ -158,6 +168,9 @@ impl Processor {
             log_limit: crate::telemetry::RateLimit::new(Duration::from_secs(10)),
             last_close_ms: i64::MIN / 2,
             last_input: Instant::now(),
+            watermark_at_input: state_watermark,
+            seen_clock_step: 0,
+            lead: SensorLead::default(),
             lag_histogram: metrics::histogram!("edgeferry_process_lag_seconds"),
             apply_histogram: metrics::histogram!("edgeferry_process_seconds"),
             key_buf: String::new(),
@@ -201,6 +214,12 @@ impl Processor {
     }
 
     /// The journal position the checkpoint reflects.
+    /// The latest arrival time the state has seen (the journal's, after replay): the gateway
+    /// clock's floor, so arrival times never go back across a restart.
+    pub fn arrival_clock_ms(&self) -> i64 {
+        self.state.clock_ms
+    }
+
     pub fn checkpoint_lsn(&self) -> u64 {
         self.state.applied_lsn
     }
@@ -262,6 +281,7 @@ impl Processor {
         if n > 0 || rewound {
             self.checkpoint()?;
         }
+        self.watermark_at_input = self.state.watermark_ms;
         Ok(n)
     }
 
@@ -273,15 +293,25 @@ impl Processor {
         self.state.clock_ms = self.state.clock_ms.max(c.entry.received_ms);
         let now = self.state.clock_ms;
         self.last_input = Instant::now();
+        // How far the sensors may lead the arrival clock: not at all by a trusted clock; by
+        // what every recent message agrees on when the clock is not synchronised (a gateway
+        // an hour behind all of its sensors must not hold their windows open for an hour).
+        let newest = c.entry.readings.iter().map(|r| r.time_ms).max();
+        if let Some(newest) = newest {
+            self.lead
+                .observe(c.entry.received_ms, newest - c.entry.received_ms);
+        }
+        let cap = if self.shared.clock.trusted() {
+            c.entry.received_ms
+        } else {
+            c.entry.received_ms.saturating_add(self.lead.lead_ms())
+        };
         for r in &c.entry.readings {
             // The watermark follows the data: a backlog the broker kept while edgeferry was
             // stopped or held back moves it through its own event times, in order, so it lands
-            // in its original windows. Never beyond the arrival time: a sensor clock running
-            // ahead must not make everyone else's readings late.
-            self.state.watermark_ms = self
-                .state
-                .watermark_ms
-                .max(r.time_ms.min(c.entry.received_ms));
+            // in its original windows. Never beyond the arrival time (plus the agreed lead): a
+            // sensor clock running ahead must not make everyone else's readings late.
+            self.state.watermark_ms = self.state.watermark_ms.max(r.time_ms.min(cap));
             // The key is built in a reused buffer: only a new series allocates.
             self.key_buf.clear();
             crate::model::write_series_key(&mut self.key_buf, &r.metric, &r.tags);
@@ -551,7 +581,7 @@ impl Processor {
         loop {
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(group) => self.on_committed(group),
+                    Some(group) => self.on_committed(group, rx.len()),
                     None => break,
                 },
                 done = async { writing.as_mut().expect("guarded by the condition").await },
@@ -568,17 +598,29 @@ impl Processor {
                     }
                 }
                 _ = tick.tick() => {
-                    // Let the wall clock fire silence rules (never moving the clock back),
-                    // and close windows once input is idle.
-                    let now = crate::clock::now_ms();
+                    // Let the gateway's clock fire silence rules (it never goes back; a step
+                    // forward is not silence), and close windows once input is idle.
+                    let now = self.shared.clock.arrival_ms();
+                    self.follow_clock_steps();
                     if now > self.state.clock_ms {
                         self.state.clock_ms = now;
                         self.state.rules.on_tick(now, &mut self.alerts);
                         self.emit_alerts(None);
                     }
-                    if self.input_idle() && now > self.state.watermark_ms {
-                        self.state.watermark_ms = now;
-                        self.dirty = true;
+                    if self.input_idle() {
+                        // The data's time goes on at the monotonic clock's pace from its last
+                        // watermark; never past the arrival clock.
+                        let idle_ms = self.last_input.elapsed().as_millis() as i64;
+                        let cap = if self.shared.clock.trusted() {
+                            now
+                        } else {
+                            now.saturating_add(self.lead.lead_ms())
+                        };
+                        let target = (self.watermark_at_input + idle_ms).min(cap);
+                        if target > self.state.watermark_ms {
+                            self.state.watermark_ms = target;
+                            self.dirty = true;
+                        }
                     }
                     self.close_due(self.state.clock_ms);
                     if let Err(e) = self.enforce_quota() {
@@ -613,7 +655,19 @@ impl Processor {
         Ok(())
     }
 
-    /// Whether input is idle, so the wall clock may move the watermark on (closing the last
+    /// Applies the wall clock's forward steps to the silence rules: a series heard a second
+    /// before NTP moved the clock an hour on has been silent for a second, not an hour.
+    fn follow_clock_steps(&mut self) {
+        for step in self.shared.clock.steps_after(self.seen_clock_step) {
+            self.seen_clock_step = step.seq;
+            if step.delta_ms > 0 {
+                self.state.rules.shift_silence(step.at_ms, step.delta_ms);
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Whether input is idle, so processing time may move the watermark on (closing the last
     /// windows when sensors stop): nothing committed for `allowed_lateness` (at least a
     /// second) while ingest is live. Not while the broker is unreachable, the quota or a
     /// failing disk holds ingest back, or before ingest is subscribed: then the data is
@@ -680,15 +734,16 @@ impl Processor {
     /// The lag and apply-time histograms get one sample per group (the oldest record's lag,
     /// the mean apply time per record): a sample per record made every `/metrics` scrape fold
     /// hundreds of thousands of samples into the quantile summaries during a backlog drain.
-    fn on_committed(&mut self, group: Vec<Committed>) {
+    fn on_committed(&mut self, group: Vec<Committed>, queued: usize) {
         let Some(first) = group.first() else { return };
-        let now = crate::clock::now_ms();
-        let age = now - first.entry.received_ms;
-        self.lag_histogram.record(age.max(0) as f64 / 1000.0);
-        let budget = self.cfg.budget.as_millis() as i64;
+        // Ages on the monotonic clock: a wall-clock step is not a delay.
+        let age_of = |c: &Committed| c.received_at.map(|t| t.elapsed());
+        let age = age_of(first).unwrap_or_default();
+        self.lag_histogram.record(age.as_secs_f64());
+        let budget = self.cfg.budget;
         let late = group
             .iter()
-            .filter(|c| now - c.entry.received_ms > budget)
+            .filter(|c| age_of(c).is_some_and(|a| a > budget))
             .count() as u64;
         if late > 0 {
             self.shared
@@ -697,10 +752,16 @@ impl Processor {
                 .fetch_add(late, Ordering::Relaxed);
             metrics::counter!("edgeferry_budget_violations_total").increment(late);
             if let Some(n) = self.log_limit.check("budget") {
+                let held = self.shared.status.blocked.load(Ordering::Relaxed) || {
+                    let at = self.shared.status.last_held_mono.load(Ordering::Relaxed);
+                    at > 0 && crate::clock::mono_ms() - at <= age.as_millis() as i64 + 1000
+                };
                 tracing::warn!(
                     suppressed = n,
-                    "processing backlog is {age} ms old, beyond process.budget ({:?})",
-                    self.cfg.budget
+                    "processing backlog is {} ms old, beyond process.budget ({:?}); {}",
+                    age.as_millis(),
+                    budget,
+                    budget_cause(held, queued)
                 );
             }
         }
@@ -710,5 +771,98 @@ impl Processor {
         }
         self.apply_histogram
             .record(started.elapsed().as_secs_f64() / group.len() as f64);
+        self.watermark_at_input = self.state.watermark_ms;
+    }
+}
+
+/// The lead of the sensors' clocks over the arrival clock that every message of the last
+/// [`SensorLead::SECONDS`] seconds of arrival time agrees on: the least (newest event time −
+/// arrival time) per arrival second, the least of those, never below 0. Driven by the records'
+/// own arrival times, so replay computes the same values.
+#[derive(Debug, Default)]
+struct SensorLead {
+    /// (arrival second, least lead in it), newest last.
+    seconds: std::collections::VecDeque<(i64, i64)>,
+}
+
+impl SensorLead {
+    const SECONDS: i64 = 10;
+
+    fn observe(&mut self, received_ms: i64, lead_ms: i64) {
+        let sec = received_ms.div_euclid(1000);
+        match self.seconds.back_mut() {
+            Some((s, least)) if *s == sec => *least = (*least).min(lead_ms),
+            Some((s, _)) if *s > sec => {} // arrival times never go back; ignore if they do
+            _ => self.seconds.push_back((sec, lead_ms)),
+        }
+        while self
+            .seconds
+            .front()
+            .is_some_and(|(s, _)| *s <= sec - Self::SECONDS)
+        {
+            self.seconds.pop_front();
+        }
+    }
+
+    fn lead_ms(&self) -> i64 {
+        self.seconds
+            .iter()
+            .map(|(_, l)| *l)
+            .min()
+            .unwrap_or(0)
+            .max(0)
+    }
+}
+
+/// Why records reached processing later than the budget allows, for the warning: the
+/// quota's `block` policy held them, a backlog is being drained (commit groups queue up
+/// behind this one), or processing itself is too slow for the input.
+fn budget_cause(held: bool, queued: usize) -> String {
+    if held {
+        "cause: store.when_full = \"block\" held ingest back at store.max_disk; the messages \
+         received meanwhile waited (unacknowledged) until the outbox drained"
+            .into()
+    } else if queued > 0 {
+        format!(
+            "cause: a backlog is being drained ({queued} more commit groups queued), as after a \
+             restart or reconnect when the broker delivers what it kept; it catches up by itself"
+        )
+    } else {
+        "cause: processing is slower than the input (rules, windows or series count too large \
+         for this machine?)"
+            .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sensors_that_all_lead_the_clock_lead_it_and_one_that_does_not_cancels_it() {
+        let mut lead = SensorLead::default();
+        let t0 = 1_700_000_000_000;
+        for i in 0..20 {
+            lead.observe(t0 + i * 100, 3_600_000 + i);
+        }
+        assert_eq!(lead.lead_ms(), 3_600_000, "every message agrees");
+        lead.observe(t0 + 2500, 200);
+        assert_eq!(
+            lead.lead_ms(),
+            200,
+            "one message close to the clock is enough"
+        );
+        // Ten seconds later that message is forgotten.
+        lead.observe(t0 + 12_600, 3_600_000);
+        assert_eq!(lead.lead_ms(), 3_600_000);
+        lead.observe(t0 + 13_000, -60_000);
+        assert_eq!(lead.lead_ms(), 0, "old data never moves the watermark back");
+    }
+
+    #[test]
+    fn a_budget_miss_names_the_block_policy_or_the_backlog() {
+        assert!(budget_cause(true, 3).contains("when_full = \"block\""));
+        assert!(budget_cause(false, 3).contains("backlog is being drained (3 more"));
+        assert!(budget_cause(false, 0).contains("processing is slower than the input"));
     }
 }

@@ -25,6 +25,11 @@ pub(super) fn enforce(
     match store.when_full {
         WhenFull::Block => {
             let was = status.blocked.swap(full, Ordering::Relaxed);
+            if full || was {
+                status
+                    .last_held_mono
+                    .store(crate::clock::mono_ms().max(1), Ordering::Relaxed);
+            }
             if full && !was {
                 tracing::warn!(
                     "store.max_disk ({}) reached: no longer acknowledging the broker until the upstream drains the outbox",
@@ -66,23 +71,9 @@ pub(super) fn enforce(
 mod tests {
     use super::*;
     use bytesize::ByteSize;
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
 
     fn status() -> ProcessStatus {
-        ProcessStatus {
-            series: Default::default(),
-            alerts_active: Default::default(),
-            alerts: Default::default(),
-            windows_emitted: Default::default(),
-            budget_violations: Default::default(),
-            dropped_items: Default::default(),
-            too_late: Default::default(),
-            last_too_late_ms: Default::default(),
-            last_dropped_ms: Default::default(),
-            write_error: Default::default(),
-            blocked: Arc::new(AtomicBool::new(false)),
-        }
+        ProcessStatus::default()
     }
 
     fn store(max: u64, when_full: WhenFull) -> StoreConfig {

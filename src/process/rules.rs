@@ -243,6 +243,17 @@ impl Rules {
         });
     }
 
+    /// The wall clock stepped forward by `by_ms`, noticed at `at_ms` (on the new time): every
+    /// series last heard before it moves forward by the step (never past `at_ms`), so that
+    /// its silence is measured in time that passed, not in the step.
+    pub fn shift_silence(&mut self, at_ms: i64, by_ms: i64) {
+        for t in self.series.values_mut() {
+            if t.last_seen_ms < at_ms {
+                t.last_seen_ms = t.last_seen_ms.saturating_add(by_ms).min(at_ms);
+            }
+        }
+    }
+
     /// Evaluates the rules of `series.metric` for one reading and notes the series as alive
     /// (at processing time `now_ms`) for silence rules. Raised/cleared alerts are appended to
     /// `out` in rule order; threshold alerts carry `time_ms` (the reading's event time).
@@ -741,6 +752,31 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         rules.on_tick(clock.now_ms(), &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn a_wall_clock_step_forward_is_not_silence() {
+        let mut r = rule("dead-sensor", "temp");
+        r.silent_for = Some(Duration::from_secs(300));
+        let mut rules = Rules::new(&[r]);
+        let t0 = 1_700_000_000_000;
+        let early = series("temp", &[("device", "early")]);
+        let late = series("temp", &[("device", "late")]);
+        let mut out = Vec::new();
+        rules.on_reading(&early, 1.0, t0, t0, &mut out);
+        // NTP moves the clock an hour on at t0 + 1 s; one series reports right after it.
+        let step_at = t0 + 1000 + 3_600_000;
+        rules.on_reading(&late, 1.0, step_at, step_at, &mut out);
+        rules.shift_silence(step_at, 3_600_000);
+        rules.on_tick(step_at + 1000, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // Silence is then measured from the shifted time: 300 s after t0 + 1 h ...
+        rules.on_tick(t0 + 3_600_000 + 299_999, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // ... and the series heard after the step keeps its own time.
+        rules.on_tick(step_at + 300_000, &mut out);
+        let raised: Vec<_> = out.iter().map(|a| a.series.as_str()).collect();
+        assert_eq!(raised, ["temp{device=early}", "temp{device=late}"]);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct ProcessStatus {
     /// Ingest is held back because the disk quota is reached and `when_full = "block"`
     /// (shared with the committer, which stops taking messages while it is set).
     pub blocked: Arc<AtomicBool>,
+    /// Monotonic ms ([`crate::clock::mono_ms`]) when the quota last held ingest back (0:
+    /// never), so a budget miss just after the block ended can name it as the cause.
+    pub last_held_mono: std::sync::atomic::AtomicI64,
 }
 
 /// Handles the processor shares with other stages.
@@ -56,6 +59,9 @@ pub struct ProcessShared {
     pub input_live: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
     /// The live feed: emitted windows and alerts are sent to it (never blocks).
     pub live: Option<crate::live::LiveFeed>,
+    /// The gateway's clock: "now" for silence rules and the idle watermark, and the wall
+    /// clock's steps (which silence rules must not mistake for silence).
+    pub clock: Arc<crate::clock::GatewayClock>,
 }
 
 /// Limits and policies the processor applies that live in other sections.
