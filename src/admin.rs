@@ -511,6 +511,38 @@ async fn status(State(a): State<Admin>) -> Json<StatusReport> {
     Json(a.report())
 }
 
+/// `/metrics` and `/healthz` alone, for processes without a gateway's status (`edgeferry
+/// collect --metrics-listen`).
+pub async fn serve_metrics(listener: tokio::net::TcpListener, shutdown: CancellationToken) {
+    let handle = prometheus();
+    let upkeep = handle.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = t.tick() => upkeep.run_upkeep(),
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let h = handle.clone();
+                async move { ([("content-type", "text/plain; version=0.0.4")], h.render()) }
+            }),
+        )
+        .route("/healthz", get(healthz));
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!("metrics endpoint failed: {e}");
+    }
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }

@@ -75,9 +75,20 @@ enum Command {
         /// CA (PEM) for client certificates; enables mutual TLS.
         #[arg(long, requires = "tls_cert")]
         client_ca: Option<PathBuf>,
-        /// Most concurrent gateway connections; further ones are closed right after accepting.
+        /// Most concurrent gateway sessions (past the upgrade and its token check); further
+        /// gateways are refused with HTTP 503 and retry.
         #[arg(long, default_value_t = 1024)]
         max_connections: usize,
+        /// Most connections not yet authenticated (TLS handshake, WebSocket upgrade); at the
+        /// limit the oldest is closed for the newcomer.
+        #[arg(long, default_value_t = 128)]
+        max_pending: usize,
+        /// Most unauthenticated connections from one IP address.
+        #[arg(long, default_value_t = 16)]
+        max_pending_per_address: usize,
+        /// Serve Prometheus /metrics and /healthz here (e.g. 127.0.0.1:9871).
+        #[arg(long)]
+        metrics_listen: Option<String>,
         /// Largest frame body accepted, bytes.
         #[arg(long, hide = true, default_value_t = edgeferry::protocol::DEFAULT_MAX_FRAME)]
         max_frame: u32,
@@ -164,6 +175,9 @@ fn main() -> ExitCode {
             tls_key,
             client_ca,
             max_connections,
+            max_pending,
+            max_pending_per_address,
+            metrics_listen,
             max_frame,
             heartbeat,
             handshake_timeout,
@@ -174,6 +188,9 @@ fn main() -> ExitCode {
             cfg.tls_key = tls_key;
             cfg.client_ca = client_ca;
             cfg.max_connections = max_connections;
+            cfg.max_pending = max_pending;
+            cfg.max_pending_per_address = max_pending_per_address;
+            cfg.metrics_listen = metrics_listen;
             cfg.max_frame = max_frame;
             cfg.heartbeat = heartbeat;
             cfg.handshake_timeout = handshake_timeout;

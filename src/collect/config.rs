@@ -21,15 +21,27 @@ pub struct CollectConfig {
     pub tls_key: Option<PathBuf>,
     /// CA (PEM) that client certificates must chain to; enables mutual TLS.
     pub client_ca: Option<PathBuf>,
-    /// Most concurrent connections; more are closed right after accepting.
+    /// Most concurrent gateway sessions (connections past the WebSocket upgrade and its
+    /// token check); a gateway beyond it is refused with HTTP 503 and retries.
     pub max_connections: usize,
+    /// Most connections still in their TLS handshake or WebSocket upgrade (not yet
+    /// authenticated), a separate and smaller budget so that idle or slow clients cannot use
+    /// up the gateways' one; at the limit the oldest of them is closed for the newcomer.
+    pub max_pending: usize,
+    /// Most such unauthenticated connections from one IP address; more from it are refused
+    /// (HTTP 503 on plain connections).
+    pub max_pending_per_address: usize,
+    /// Where to serve `/metrics` and `/healthz` (the bound address is written to
+    /// `DIR/metrics.addr`); `None`: not served.
+    pub metrics_listen: Option<String>,
     /// Largest frame body accepted.
     pub max_frame: u32,
     /// Most unacknowledged batches a client may have outstanding (announced in Welcome).
     pub max_in_flight: u32,
     /// Heartbeat interval (whole seconds, at least 1); silence for 3 intervals drops a peer.
     pub heartbeat: Duration,
-    /// Time allowed for the TLS handshake, the WebSocket upgrade and the Hello frame, each.
+    /// Time allowed for the TLS handshake, the WebSocket upgrade and the Hello frame, each
+    /// (the first two together for an unauthenticated connection).
     pub handshake_timeout: Duration,
     /// Time allowed for sending one frame to a client (slow readers are dropped).
     pub write_timeout: Duration,
@@ -48,6 +60,9 @@ impl CollectConfig {
             tls_key: None,
             client_ca: None,
             max_connections: 1024,
+            max_pending: 128,
+            max_pending_per_address: 16,
+            metrics_listen: None,
             max_frame: crate::protocol::DEFAULT_MAX_FRAME,
             max_in_flight: 64,
             heartbeat: Duration::from_secs(15),

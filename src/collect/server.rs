@@ -16,7 +16,7 @@ use crate::protocol::{
 use crate::telemetry::RateLimit;
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -44,6 +44,108 @@ struct Shared {
     store: Arc<Store>,
     log: RateLimit,
     shutdown: CancellationToken,
+    /// Connections not yet authenticated (their own budget: [`Pending`]).
+    pending: Pending,
+    /// Gateway sessions (`max_connections`): taken at the upgrade, after the token check.
+    sessions: Arc<Semaphore>,
+}
+
+/// The answer to a plain-HTTP client refused before its upgrade (TLS ones are just closed).
+const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\n\
+Content-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// The connections still in their TLS handshake or WebSocket upgrade: at most
+/// `max_pending` in all and `max_pending_per_address` per IP address, each within
+/// `handshake_timeout`. At the total limit the oldest is closed for the newcomer (an idle
+/// flood ages out instead of locking real gateways out, which finish in milliseconds).
+struct Pending {
+    max: usize,
+    per_address: usize,
+    inner: std::sync::Mutex<PendingInner>,
+}
+
+#[derive(Default)]
+struct PendingInner {
+    next: u64,
+    /// By arrival: the first is the oldest.
+    open: std::collections::BTreeMap<u64, (IpAddr, CancellationToken)>,
+    by_address: std::collections::HashMap<IpAddr, usize>,
+}
+
+/// Why a connection was not admitted to the pending budget.
+#[derive(Debug, PartialEq, Eq)]
+enum Refused {
+    PerAddress,
+}
+
+/// A pending connection's place; leaving it (drop) frees the place.
+struct PendingSlot<'a> {
+    pending: &'a Pending,
+    id: u64,
+    /// Cancelled when the slot is taken for a newer connection.
+    evicted: CancellationToken,
+}
+
+impl Pending {
+    fn new(max: usize, per_address: usize) -> Pending {
+        Pending {
+            max: max.max(1),
+            per_address: per_address.max(1),
+            inner: Default::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn admit(&self, ip: IpAddr) -> Result<(PendingSlot<'_>, bool), Refused> {
+        let mut g = self.lock();
+        if g.by_address.get(&ip).copied().unwrap_or(0) >= self.per_address {
+            return Err(Refused::PerAddress);
+        }
+        let mut evicted_one = false;
+        if g.open.len() >= self.max
+            && let Some((_, (old_ip, token))) = g.open.pop_first()
+        {
+            token.cancel();
+            Self::release_address(&mut g, old_ip);
+            evicted_one = true;
+        }
+        let id = g.next;
+        g.next += 1;
+        let evicted = CancellationToken::new();
+        g.open.insert(id, (ip, evicted.clone()));
+        *g.by_address.entry(ip).or_insert(0) += 1;
+        metrics::gauge!("edgeferry_collect_pending_connections").set(g.open.len() as f64);
+        Ok((
+            PendingSlot {
+                pending: self,
+                id,
+                evicted,
+            },
+            evicted_one,
+        ))
+    }
+
+    fn release_address(g: &mut PendingInner, ip: IpAddr) {
+        if let Some(n) = g.by_address.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                g.by_address.remove(&ip);
+            }
+        }
+    }
+}
+
+impl Drop for PendingSlot<'_> {
+    fn drop(&mut self) {
+        let mut g = self.pending.lock();
+        if let Some((ip, _)) = g.open.remove(&self.id) {
+            Pending::release_address(&mut g, ip);
+        }
+        metrics::gauge!("edgeferry_collect_pending_connections").set(g.open.len() as f64);
+    }
 }
 
 /// Why a connection ended, for the log.
@@ -148,6 +250,17 @@ fn authorized(tokens: Option<&[String]>, req: &Request) -> bool {
         .fold(false, |ok, t| ct_eq(t.as_bytes(), given) | ok)
 }
 
+/// At `max_connections`: the gateway backs off and retries (or tries another collector).
+fn busy() -> ErrorResponse {
+    let mut resp = http::Response::new(Some("collector at its session limit\n".to_string()));
+    *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    resp.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("5"),
+    );
+    resp
+}
+
 fn unauthorized() -> ErrorResponse {
     let mut resp = http::Response::new(Some("missing or invalid bearer token\n".to_string()));
     *resp.status_mut() = http::StatusCode::UNAUTHORIZED;
@@ -197,8 +310,9 @@ pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> 
         data_dir = %cfg.data_dir.display(),
         "collector listening"
     );
-    let permits = Arc::new(Semaphore::new(cfg.max_connections));
     let shared = Arc::new(Shared {
+        pending: Pending::new(cfg.max_pending, cfg.max_pending_per_address),
+        sessions: Arc::new(Semaphore::new(cfg.max_connections)),
         cfg,
         tokens,
         tls,
@@ -213,19 +327,10 @@ pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> 
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let Ok(permit) = permits.clone().try_acquire_owned() else {
-                        shared.warn("connection_cap", &format!(
-                            "refusing {peer}: {} connections already open",
-                            shared.cfg.max_connections
-                        ));
-                        drop(tcp);
-                        continue;
-                    };
                     let _ = tcp.set_nodelay(true);
                     let sh = shared.clone();
                     tracker.spawn(async move {
                         sh.connection(tcp, peer).await;
-                        drop(permit);
                     });
                 }
                 Err(e) => {
@@ -270,14 +375,57 @@ impl Shared {
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let slot = match self.pending.admit(peer.ip()) {
+            Ok((slot, evicted_one)) => {
+                if evicted_one {
+                    metrics::counter!("edgeferry_collect_pending_evicted_total").increment(1);
+                    self.warn(
+                        "pending_evicted",
+                        &format!(
+                            "{} connections are still in their handshake (collect \
+                             --max-pending): closed the oldest of them for {peer}",
+                            self.cfg.max_pending
+                        ),
+                    );
+                }
+                slot
+            }
+            Err(Refused::PerAddress) => {
+                metrics::counter!("edgeferry_collect_refused_total", "reason" => "per_address")
+                    .increment(1);
+                self.warn(
+                    "per_address",
+                    &format!(
+                        "refusing {peer}: {} connections from {} are still in their handshake \
+                         (collect --max-pending-per-address)",
+                        self.cfg.max_pending_per_address,
+                        peer.ip()
+                    ),
+                );
+                if self.tls.is_none() {
+                    let _ = tcp.try_write(BUSY_RESPONSE);
+                }
+                return;
+            }
+        };
         let hs = self.cfg.handshake_timeout;
+        let evicted = slot.evicted.clone();
         let end = match &self.tls {
-            Some(acceptor) => match timeout(hs, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => self.websocket(stream, peer).await,
-                Ok(Err(e)) => End::bad("tls", format!("TLS handshake failed: {e}")),
-                Err(_) => End::bad("tls_timeout", "TLS handshake timed out"),
-            },
-            None => self.websocket(tcp, peer).await,
+            Some(acceptor) => {
+                let stream = tokio::select! {
+                    () = evicted.cancelled() => Err(End::ok("pending_evicted", "closed for a newer connection while still in its TLS handshake")),
+                    r = timeout(hs, acceptor.accept(tcp)) => match r {
+                        Ok(Ok(stream)) => Ok(stream),
+                        Ok(Err(e)) => Err(End::bad("tls", format!("TLS handshake failed: {e}"))),
+                        Err(_) => Err(End::bad("tls_timeout", "TLS handshake timed out")),
+                    },
+                };
+                match stream {
+                    Ok(stream) => self.websocket(stream, peer, slot).await,
+                    Err(end) => end,
+                }
+            }
+            None => self.websocket(tcp, peer, slot).await,
         };
         if end.problem {
             self.warn(
@@ -289,7 +437,7 @@ impl Shared {
         }
     }
 
-    async fn websocket<S>(&self, stream: S, peer: SocketAddr) -> End
+    async fn websocket<S>(&self, stream: S, peer: SocketAddr, slot: PendingSlot<'_>) -> End
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
@@ -298,31 +446,71 @@ impl Shared {
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit));
         let tokens = self.tokens.as_deref();
+        // A session place is taken only for an authorized client, at its upgrade.
+        let mut session: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let sessions = &self.sessions;
         // The signature is tungstenite's `Callback`; the large error type is theirs.
         #[allow(clippy::result_large_err)]
         let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-            if authorized(tokens, req) {
-                Ok(resp)
-            } else {
-                Err(unauthorized())
+            if !authorized(tokens, req) {
+                return Err(unauthorized());
+            }
+            match sessions.clone().try_acquire_owned() {
+                Ok(p) => {
+                    session = Some(p);
+                    Ok(resp)
+                }
+                Err(_) => Err(busy()),
             }
         };
-        let accepted = timeout(
+        let upgrade = timeout(
             self.cfg.handshake_timeout,
             tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config)),
-        )
-        .await;
+        );
+        let accepted = tokio::select! {
+            () = slot.evicted.cancelled() => {
+                return End::ok(
+                    "pending_evicted",
+                    "closed for a newer connection while still before its WebSocket upgrade",
+                );
+            }
+            r = upgrade => r,
+        };
+        drop(slot); // authenticated (or gone): no longer pending
         let ws = match accepted {
             Ok(Ok(ws)) => ws,
             Ok(Err(tungstenite::Error::Http(resp))) => {
+                if resp.status() == http::StatusCode::SERVICE_UNAVAILABLE {
+                    metrics::counter!("edgeferry_collect_refused_total", "reason" => "sessions_full")
+                        .increment(1);
+                    return End::bad(
+                        "sessions_full",
+                        format!(
+                            "refused with HTTP 503: {} gateway sessions already open (collect \
+                             --max-connections)",
+                            self.cfg.max_connections
+                        ),
+                    );
+                }
+                metrics::counter!("edgeferry_collect_refused_total", "reason" => "unauthorized")
+                    .increment(1);
                 return End::bad(
                     "unauthorized",
                     format!("upgrade refused with HTTP {}", resp.status()),
                 );
             }
+            // Connected and closed without a request: a TCP health check or port scan.
+            Ok(Err(tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::HandshakeIncomplete,
+            ))) => return End::ok("probe", "closed before sending a request"),
             Ok(Err(e)) => return End::bad("upgrade", format!("WebSocket upgrade failed: {e}")),
             Err(_) => return End::bad("upgrade_timeout", "WebSocket upgrade timed out"),
         };
+        let Some(_session) = session else {
+            return End::bad("upgrade", "upgraded without a session place");
+        };
+        metrics::gauge!("edgeferry_collect_sessions")
+            .set((self.cfg.max_connections - self.sessions.available_permits()) as f64);
         Session {
             shared: self,
             peer,

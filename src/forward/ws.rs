@@ -79,7 +79,7 @@ impl Transport for WsTransport {
         )
         .await
         .map_err(|_| LinkError::Connect("connect timed out".into()))?
-        .map_err(|e| LinkError::Connect(e.to_string()))?;
+        .map_err(upgrade_error)?;
 
         ws.send(Message::binary(protocol::encode(&Frame::Hello(
             hello.clone(),
@@ -213,4 +213,21 @@ where
     ws.send(Message::binary(bytes))
         .await
         .map_err(|e| LinkError::Broken(e.to_string()))
+}
+
+/// Says what an HTTP refusal of the upgrade means for the field engineer reading the log.
+fn upgrade_error(e: tokio_tungstenite::tungstenite::Error) -> LinkError {
+    use tokio_tungstenite::tungstenite::{Error, http::StatusCode};
+    match e {
+        Error::Http(resp) => LinkError::Connect(match resp.status() {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                "the collector is busy (HTTP 503: at its connection limit); retrying".into()
+            }
+            StatusCode::UNAUTHORIZED => {
+                "the collector refused the token (HTTP 401): check upstream.token_file".into()
+            }
+            other => format!("the collector refused the WebSocket upgrade (HTTP {other})"),
+        }),
+        other => LinkError::Connect(other.to_string()),
+    }
 }

@@ -577,6 +577,10 @@ impl Collector {
         self.child.is_some()
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn log(&self) -> String {
         read_all(&self.dir.path().join("collect.log"))
     }
