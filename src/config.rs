@@ -228,7 +228,20 @@ impl Config {
             secrets.push(("upstream.key_file", &u.key_file));
             urls.push(("upstream.url", u.url.as_str()));
         }
-        crate::validate::exposure_warnings(&secrets, &urls)
+        let mut w = crate::validate::exposure_warnings(&secrets, &urls);
+        // The admin endpoint has no authentication: beyond loopback, anyone on the network
+        // reads the status, the metrics and the live readings.
+        if let Ok(addr) = self.admin.listen.parse::<std::net::SocketAddr>()
+            && !addr.ip().is_loopback()
+        {
+            w.push(format!(
+                "admin.listen = {:?} is not loopback: the dashboard, /status, /metrics and the \
+                 live readings are served without authentication to the network; keep it on \
+                 127.0.0.1 and reach it through SSH or a reverse proxy with authentication",
+                self.admin.listen
+            ));
+        }
+        w
     }
 
     /// The MQTT client id actually used.
@@ -414,6 +427,17 @@ filter = "sensors/#"
 
     fn parse(text: &str) -> Result<Config, Vec<String>> {
         Config::from_toml_with_env(text, Vec::<(String, String)>::new())
+    }
+
+    #[test]
+    fn an_admin_endpoint_beyond_loopback_is_warned_about_and_the_default_is_not() {
+        assert!(parse(MINIMAL).unwrap().warnings().is_empty());
+        let open = parse(&with("[admin]\nlisten = \"0.0.0.0:9870\"\n")).unwrap();
+        let w = open.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("admin.listen = \"0.0.0.0:9870\" is not loopback"), "{w:?}");
+        let v6 = parse(&with("[admin]\nlisten = \"[::1]:9870\"\n")).unwrap();
+        assert!(v6.warnings().is_empty());
     }
 
     fn problems(text: &str) -> Vec<String> {
