@@ -513,6 +513,7 @@ async fn status(State(a): State<Admin>) -> Json<StatusReport> {
 
 /// `/metrics` and `/healthz` alone, for processes without a gateway's status (`edgeferry
 /// collect --metrics-listen`).
+#[cfg(feature = "central")]
 pub async fn serve_metrics(listener: tokio::net::TcpListener, shutdown: CancellationToken) {
     let handle = prometheus();
     let upkeep = handle.clone();
