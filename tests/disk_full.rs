@@ -57,6 +57,16 @@ fn fill(path: &Path) -> u64 {
     written
 }
 
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
 fn status(gw: &Gateway) -> serde_json::Value {
     serde_json::from_str(&gw.admin_get("/status").unwrap()).unwrap()
 }
@@ -136,6 +146,13 @@ fn a_full_data_disk_holds_ingest_back_and_it_resumes_by_itself_with_nothing_lost
         status(&gw)["healthy"] == true
     });
     p.wait_acked(n, Duration::from_secs(30));
+    // The journal gauge (which the quota reads) says what is on disk after the episode.
+    let on_disk = dir_size(&data.join("journal"));
+    let gauge = gw.metric("edgeferry_journal_bytes").unwrap() as u64;
+    assert!(
+        on_disk.abs_diff(gauge) <= 4096,
+        "journal {on_disk} bytes on disk, edgeferry_journal_bytes {gauge}"
+    );
     assert!(gw.stop().success(), "{}", gw.logs());
 
     let (st, out, _) = gw.command(&["store", "verify"]);
@@ -159,4 +176,11 @@ fn a_full_data_disk_holds_ingest_back_and_it_resumes_by_itself_with_nothing_lost
         "logged once per episode:\n{log}"
     );
     assert!(log.contains("journal writes again"), "{log}");
+    // The error line says its cause once.
+    let line = log
+        .lines()
+        .find(|l| l.contains("journal write failed"))
+        .unwrap();
+    eprintln!("{line}");
+    assert_eq!(line.matches("No space left on device").count(), 1, "{line}");
 }

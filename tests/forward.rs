@@ -323,6 +323,14 @@ fn the_journal_is_trimmed_below_the_checkpoint_so_its_disk_use_stays_bounded() {
     p.wait_acked(n, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(1500));
     peak = peak.max(dir_bytes(&journal));
+    // The gauge (which the quota also reads) says what is on disk, after the last trim too.
+    let on_disk = dir_bytes(&journal);
+    let gauge = gw.metric("edgeferry_journal_bytes").unwrap() as u64;
+    eprintln!("journal: {on_disk} bytes on disk, edgeferry_journal_bytes {gauge}");
+    assert!(
+        on_disk.abs_diff(gauge) <= 4096,
+        "{on_disk} on disk, gauge {gauge}"
+    );
     assert!(gw.stop().success());
     let (_, out, _) = gw.command(&["dump-journal"]);
     let last_lsn: u64 = out

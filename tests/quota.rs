@@ -326,6 +326,14 @@ fn block_at_the_disk_quota_stops_acknowledging_and_loses_nothing() {
         "ingest kept going while blocked: {s:#}"
     );
     assert!(published.load(Ordering::SeqCst) >= published_blocked + 1000);
+    // The journal is trimmed while blocked, and its gauge (which the quota reads) follows.
+    let on_disk = dir_bytes(&gw.dir.path().join("data/journal"));
+    let gauge = gw.metric("edgeferry_journal_bytes").unwrap() as u64;
+    eprintln!("while blocked: journal {on_disk} bytes on disk, edgeferry_journal_bytes {gauge}");
+    assert!(
+        on_disk.abs_diff(gauge) <= 4096,
+        "{on_disk} on disk, gauge {gauge}"
+    );
 
     // The upstream comes back: the outbox drains, ingest resumes and catches up. The load
     // goes on (16,000 readings in all, well over 1 MiB of journal records): a gateway with a

@@ -416,6 +416,11 @@ impl Committer {
             let freed = tokio::task::block_in_place(|| self.journal.trim_before(to))?;
             if freed > 0 {
                 tracing::debug!(freed, to, "journal trimmed");
+                // Also while nothing is committed (a quota block): the quota and the gauge
+                // must see the space given back, not the size before the trim.
+                let jb = self.journal.disk_bytes();
+                self.journal_bytes.store(jb, Ordering::Relaxed);
+                metrics::gauge!("edgeferry_journal_bytes").set(jb as f64);
             }
         }
         Ok(())
