@@ -435,7 +435,10 @@ filter = "sensors/#"
         let open = parse(&with("[admin]\nlisten = \"0.0.0.0:9870\"\n")).unwrap();
         let w = open.warnings();
         assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].starts_with("admin.listen = \"0.0.0.0:9870\" is not loopback"), "{w:?}");
+        assert!(
+            w[0].starts_with("admin.listen = \"0.0.0.0:9870\" is not loopback"),
+            "{w:?}"
+        );
         let v6 = parse(&with("[admin]\nlisten = \"[::1]:9870\"\n")).unwrap();
         assert!(v6.warnings().is_empty());
     }
