@@ -2,8 +2,9 @@
 # The whole test suite. Installs what the tests need on a fresh Debian machine (as root):
 # Mosquitto and its clients (tests start their own broker on an ephemeral loopback port),
 # Chromium (the dashboard is checked in a real headless browser), libfaketime (tests/clock.rs
-# steps the daemon's wall clock with it) and Python's paho-mqtt (a second, independent MQTT
-# client for the interoperability test).
+# steps the daemon's wall clock with it), Node.js with the aedes broker from npm (a second,
+# independent MQTT broker: tests/other_broker.rs) and Python's paho-mqtt (a second,
+# independent MQTT client for the interoperability test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,7 @@ need=()
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
+{ command -v node && command -v npm; } >/dev/null || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "test.sh: please install: ${need[*]} (sudo apt-get install ${need[*]})" >&2
@@ -20,6 +22,11 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# A second MQTT broker implementation (aedes, npm; pinned in tests/node/package-lock.json).
+if [ ! -d tests/node/node_modules/aedes ]; then
+  echo "test.sh: installing aedes (npm)"
+  npm ci --prefix tests/node --silent --no-audit --no-fund
 fi
 if ! python3 -c 'import paho.mqtt' 2>/dev/null; then
   echo "test.sh: installing paho-mqtt (PyPI)"

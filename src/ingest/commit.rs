@@ -53,6 +53,12 @@ pub(super) struct Committer {
     pub(super) journal: Journal,
     pub(super) decoders: Vec<Decoder>,
     pub(super) recent: RecentCommits,
+    /// Identities of the readings of the most recent commits (see [`super::dedup`]); `None`
+    /// when `mqtt.dedup_by_identity` is off.
+    pub(super) identities: Option<RecentCommits<u64>>,
+    /// The connection generation the redelivery window belongs to, and how many of its
+    /// messages are still looked up by identity.
+    pub(super) identity_window: (u64, usize),
     pub(super) series: SeriesGuard,
     pub(super) status: Arc<IngestStatus>,
     pub(super) future_skew_ms: i64,
@@ -252,6 +258,13 @@ impl Committer {
         for c in committed {
             self.recent.insert(c.entry.dedup);
         }
+        if let Some(ids) = self.identities.as_mut() {
+            for c in committed {
+                if let Some(id) = c.entry.identity(&mut self.key_buf) {
+                    ids.insert(id);
+                }
+            }
+        }
         self.commits += 1;
         if self.crash_after_commits == Some(self.commits) {
             // Failpoint (tests only): die in the narrowest window of the chain, after
@@ -339,9 +352,7 @@ impl Committer {
         }
         let dedup = DedupKey::new(m.pkid, &m.topic, &m.payload);
         if m.dup && m.qos != QoS::AtMostOnce && self.recent.contains(&dedup) {
-            self.status.duplicates.fetch_add(1, Ordering::Relaxed);
-            self.dups_in_group += 1;
-            metrics::counter!("edgeferry_ingest_duplicates_dropped_total").increment(1);
+            self.duplicate("dup_flag");
             return None;
         }
         let Some(sub) = m.subscription else {
@@ -397,13 +408,48 @@ impl Committer {
         if kept.is_empty() {
             return None;
         }
-        self.readings_counters[sub].increment(kept.len() as u64);
-        Some(JournalEntry {
+        let entry = JournalEntry {
             dedup,
             received_ms: m.received_ms,
             subscription: sub as u16,
             readings: kept,
-        })
+        };
+        if self.is_redelivered_reading(m, &entry) {
+            self.duplicate("identity");
+            return None;
+        }
+        self.readings_counters[sub].increment(entry.readings.len() as u64);
+        Some(entry)
+    }
+
+    /// A redelivery the broker did not flag (new packet id, DUP=0): within the first
+    /// messages of a connection, the same readings (series, event time, value) as a message
+    /// committed just before.
+    fn is_redelivered_reading(&mut self, m: &Incoming, entry: &JournalEntry) -> bool {
+        let Some(ids) = self.identities.as_mut() else {
+            return false;
+        };
+        if m.qos == QoS::AtMostOnce {
+            return false;
+        }
+        let (generation, left) = &mut self.identity_window;
+        if *generation != m.generation {
+            *generation = m.generation;
+            *left = ids.capacity();
+        }
+        if *left == 0 {
+            return false;
+        }
+        *left -= 1;
+        entry
+            .identity(&mut self.key_buf)
+            .is_some_and(|id| ids.contains(&id))
+    }
+
+    fn duplicate(&mut self, by: &'static str) {
+        self.status.duplicates.fetch_add(1, Ordering::Relaxed);
+        self.dups_in_group += 1;
+        metrics::counter!("edgeferry_ingest_duplicates_dropped_total", "by" => by).increment(1);
     }
 
     /// Deletes journal segments that processing no longer needs, always keeping the last

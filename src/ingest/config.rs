@@ -50,9 +50,18 @@ pub struct MqttConfig {
     /// its inflight window for slow ackers, so this is what bounds edgeferry's memory.
     #[serde(default = "default_max_unacked")]
     pub max_unacked: usize,
-    /// Readings whose event time is further than this into the future are rejected.
+    /// Readings whose event time is further than this ahead of a synchronised clock are
+    /// rejected (see `[clock]`).
     #[serde(default = "default_future_skew", with = "humantime_serde")]
     pub future_skew: Duration,
+    /// Also recognise redeliveries by the readings' identity (series, event time, value),
+    /// whatever the broker's packet id and DUP flag: for brokers that resend with new ids and
+    /// DUP=0. Applies to the first `2 × max_unacked + commit_max` messages of each connection
+    /// (the only ones that can be redeliveries) and to readings with their own timestamps;
+    /// a reading equal in series, time and value to one just journaled is then dropped as the
+    /// same reading. Costs 8 bytes per remembered message (~330 KB at the defaults).
+    #[serde(default = "default_true")]
+    pub dedup_by_identity: bool,
     /// MQTT keep-alive: edgeferry pings the broker after this long without traffic, so a dead
     /// connection is noticed and the broker can drop a vanished client.
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
@@ -96,6 +105,9 @@ fn default_commit_max() -> usize {
 }
 fn default_max_unacked() -> usize {
     20_000
+}
+fn default_true() -> bool {
+    true
 }
 fn default_future_skew() -> Duration {
     Duration::from_secs(300)

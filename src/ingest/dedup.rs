@@ -2,11 +2,19 @@
 //!
 //! After a crash between "journal synced" and "PUBACK reached the broker", the broker resends
 //! the whole committed-but-unacknowledged group first, with DUP=1, the same packet ids and the
-//! same bytes. Those must be acknowledged and dropped, not committed a second time. Only
-//! messages flagged DUP are ever checked: a fresh publish with identical bytes is a new reading.
+//! same bytes. Those must be acknowledged and dropped, not committed a second time. By packet
+//! id only messages flagged DUP are checked: a fresh publish with identical bytes is a new
+//! reading.
+//!
+//! Some brokers resend with a new packet id and DUP=0 (aedes does, tests/other_broker.rs).
+//! Readings that carry their own timestamps have an identity of their own (series, event time,
+//! value: [`crate::model::JournalEntry::identity`]), and the first messages of every connection
+//! — the only ones that can be redeliveries — are also looked up by it
+//! (`mqtt.dedup_by_identity`).
 
 use crate::model::DedupKey;
 use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 
 /// The keys of the most recently committed messages, bounded to `cap` entries (FIFO).
 ///
@@ -17,14 +25,14 @@ use std::collections::{HashMap, VecDeque};
 /// cost ~7 % of the daemon's CPU during a backlog drain: three SipHash lookups per message
 /// in a table of `2 × max_unacked + commit_max` keys.)
 #[derive(Debug)]
-pub struct RecentCommits {
+pub struct RecentCommits<K = DedupKey> {
     cap: usize,
-    order: VecDeque<DedupKey>,
-    index: Option<HashMap<DedupKey, u32>>,
+    order: VecDeque<K>,
+    index: Option<HashMap<K, u32>>,
     inserts_since_lookup: usize,
 }
 
-impl RecentCommits {
+impl<K: Copy + Eq + Hash> RecentCommits<K> {
     /// `cap` must cover everything the broker could still consider unacknowledged:
     /// edgeferry's own unacknowledged bound plus one commit group, with margin.
     pub fn new(cap: usize) -> Self {
@@ -37,14 +45,14 @@ impl RecentCommits {
     }
 
     /// Seeds from the journal's tail after a restart, oldest first.
-    pub fn seed(&mut self, keys: impl IntoIterator<Item = DedupKey>) {
+    pub fn seed(&mut self, keys: impl IntoIterator<Item = K>) {
         for k in keys {
             self.insert(k);
         }
     }
 
     /// Remembers a committed message, forgetting the oldest beyond the bound.
-    pub fn insert(&mut self, k: DedupKey) {
+    pub fn insert(&mut self, k: K) {
         if self.order.len() == self.cap
             && let Some(old) = self.order.pop_front()
             && let Some(index) = self.index.as_mut()
@@ -67,7 +75,7 @@ impl RecentCommits {
     }
 
     /// Was a message with this key committed recently?
-    pub fn contains(&mut self, k: &DedupKey) -> bool {
+    pub fn contains(&mut self, k: &K) -> bool {
         self.inserts_since_lookup = 0;
         let order = &self.order;
         self.index
@@ -79,6 +87,11 @@ impl RecentCommits {
                 index
             })
             .contains_key(k)
+    }
+
+    /// How many keys it remembers at most.
+    pub fn capacity(&self) -> usize {
+        self.cap
     }
 
     /// Number of remembered keys.

@@ -91,7 +91,13 @@ pub async fn run(
 
     let recent_cap = cfg.max_unacked * 2 + cfg.commit_max;
     let mut recent = RecentCommits::new(recent_cap);
-    recent.seed(journal.tail_keys(recent_cap as u64)?);
+    let tail = journal.tail_keys(recent_cap as u64)?;
+    let identities = cfg.dedup_by_identity.then(|| {
+        let mut ids = RecentCommits::new(recent_cap);
+        ids.seed(tail.iter().filter_map(|(_, id)| *id));
+        ids
+    });
+    recent.seed(tail.into_iter().map(|(k, _)| k));
 
     let publish_task = tokio::spawn(publish_loop(client.clone(), publications));
     let params_clock = params.clock.clone();
@@ -108,6 +114,8 @@ pub async fn run(
                 journal,
                 decoders,
                 recent,
+                identities,
+                identity_window: (u64::MAX, 0),
                 series: SeriesGuard::new(params.max_series, params.known_series),
                 status,
                 future_skew_ms: cfg.future_skew.as_millis() as i64,

@@ -42,3 +42,74 @@ pub struct JournalEntry {
     /// The decoded readings (one or more).
     pub readings: Vec<Reading>,
 }
+
+impl JournalEntry {
+    /// The identity of the readings themselves: a 64-bit hash of every reading's series,
+    /// event time and value, for recognising a redelivery the broker did not flag as one (new
+    /// packet id, DUP=0). `None` when no reading carries its own timestamp: an arrival-time
+    /// reading gets a new time on every delivery, so it has no identity to recognise. `buf`
+    /// is scratch space for the series keys. Stable within one process (it is recomputed
+    /// from the journal at start), not across versions.
+    pub fn identity(&self, buf: &mut String) -> Option<u64> {
+        use std::hash::Hasher;
+        if !self.readings.iter().any(|r| r.time_ms != self.received_ms) {
+            return None;
+        }
+        let mut h = std::hash::DefaultHasher::new();
+        for r in &self.readings {
+            buf.clear();
+            super::write_series_key(buf, &r.metric, &r.tags);
+            h.write(buf.as_bytes());
+            h.write_u8(0xff);
+            h.write_i64(r.time_ms);
+            h.write_u64(r.value.to_bits());
+        }
+        Some(h.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Reading;
+    use std::collections::BTreeMap;
+
+    fn entry(received_ms: i64, readings: &[(f64, i64)]) -> JournalEntry {
+        JournalEntry {
+            dedup: DedupKey::new(1, "t", b"p"),
+            received_ms,
+            subscription: 0,
+            readings: readings
+                .iter()
+                .map(|&(value, time_ms)| Reading {
+                    metric: "temp".into(),
+                    tags: BTreeMap::from([("device".into(), "d1".into())]),
+                    value,
+                    time_ms,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn readings_with_their_own_timestamps_have_an_identity_arrival_times_do_not() {
+        let mut buf = String::new();
+        let a = entry(2000, &[(21.5, 1000)]);
+        // The same readings delivered again later (new arrival time, new packet id).
+        let mut again = entry(9000, &[(21.5, 1000)]);
+        again.dedup = DedupKey::new(77, "t", b"p");
+        assert_eq!(a.identity(&mut buf), again.identity(&mut buf));
+        assert!(a.identity(&mut buf).is_some());
+        // Another value at the same time, or another time, is another reading.
+        assert_ne!(
+            a.identity(&mut buf),
+            entry(2000, &[(21.6, 1000)]).identity(&mut buf)
+        );
+        assert_ne!(
+            a.identity(&mut buf),
+            entry(2000, &[(21.5, 1001)]).identity(&mut buf)
+        );
+        // Readings stamped with their arrival time: no identity to recognise.
+        assert_eq!(entry(2000, &[(21.5, 2000)]).identity(&mut buf), None);
+    }
+}

@@ -98,13 +98,15 @@ impl Journal {
         }))
     }
 
-    /// The dedup keys of the last `n` records, oldest first: what the broker may resend.
-    pub fn tail_keys(&self, n: u64) -> Result<Vec<DedupKey>, StoreError> {
+    /// The dedup keys and reading identities of the last `n` records, oldest first: what the
+    /// broker may resend.
+    pub fn tail_keys(&self, n: u64) -> Result<Vec<(DedupKey, Option<u64>)>, StoreError> {
         let from = self.next_lsn().saturating_sub(n).max(self.first_lsn());
         let mut keys = Vec::new();
+        let mut buf = String::new();
         for r in self.read_from(from)? {
             match r {
-                Ok((_, e)) => keys.push(e.dedup),
+                Ok((_, e)) => keys.push((e.dedup, e.identity(&mut buf))),
                 Err(e) => tracing::warn!("journal tail: {e}"),
             }
         }
@@ -150,9 +152,14 @@ mod tests {
             assert_eq!(*e, entry(i as u16));
         }
         let tail = j.tail_keys(3).unwrap();
-        assert_eq!(
-            tail,
-            vec![entry(497).dedup, entry(498).dedup, entry(499).dedup]
+        let mut buf = String::new();
+        let want: Vec<_> = (497..500)
+            .map(|i| (entry(i).dedup, entry(i).identity(&mut buf)))
+            .collect();
+        assert_eq!(tail, want);
+        assert!(
+            want.iter().all(|(_, id)| id.is_some()),
+            "timestamped readings"
         );
     }
 
