@@ -150,12 +150,27 @@ fn upstream_outage_then_recovery_delivers_every_window_exactly_once_live_first()
 #[test]
 fn sigkill_of_gateway_and_collector_while_the_upstream_flaps_loses_nothing_and_counts_nothing_twice()
  {
+    chain_under_kills(PROCESS, 0..300);
+}
+
+/// The same with gateway outages longer than `allowed_lateness + correction_horizon`: what
+/// the broker kept meanwhile lands in its own windows, and the windows still equal an
+/// uninterrupted run's.
+#[test]
+fn crashes_with_backlogs_beyond_the_horizon_give_the_windows_of_an_uninterrupted_run() {
+    let process = format!("{PROCESS}correction_horizon = \"400ms\"\n");
+    chain_under_kills(&process, 900..1500);
+}
+
+/// Publishes timestamped readings while SIGKILLing the gateway (down for `down_ms` each
+/// time) and the collector at random, then checks every window against a direct computation.
+fn chain_under_kills(process: &str, down_ms: std::ops::Range<u64>) {
     let broker = Mosquitto::start();
     let mut collector = Collector::new(&[]);
     let mut gw = Gateway::with_config(
         &broker.url(),
         "",
-        &format!("{PROCESS}{}", upstream(&collector.url(), 5)),
+        &format!("{process}{}", upstream(&collector.url(), 5)),
     );
     gw.start();
     collector.start();
@@ -185,7 +200,7 @@ fn sigkill_of_gateway_and_collector_while_the_upstream_flaps_loses_nothing_and_c
         if rng.random_bool(0.5) {
             gw.kill9();
             kills.0 += 1;
-            std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
+            std::thread::sleep(Duration::from_millis(rng.random_range(down_ms.clone())));
             gw.spawn();
         } else if collector.is_running() {
             collector.kill9();
@@ -202,11 +217,13 @@ fn sigkill_of_gateway_and_collector_while_the_upstream_flaps_loses_nothing_and_c
     gw.start();
     let counts = wait_for_central(&collector, n as u64, Duration::from_secs(40));
     let renewals = gw.logs().matches("restored from an older copy").count();
+    let too_late = gw.metric("edgeferry_process_too_late_total").unwrap_or(0.0);
     eprintln!(
-        "chain: {n} readings, {} gateway and {} collector SIGKILLs: {counts:?}, {renewals} \
-         epoch renewals",
+        "chain: {n} readings, {} gateway SIGKILLs (down {down_ms:?} ms) and {} collector \
+         SIGKILLs: {counts:?}, {renewals} epoch renewals, {too_late} too late in the last run",
         kills.0, kills.1
     );
+    assert_eq!(too_late, 0.0);
     // A stored batch whose Ack was lost is not a restored data directory (issue 14).
     assert_eq!(renewals, 0, "spurious epoch renewals:\n{}", gw.logs());
     assert_eq!(
