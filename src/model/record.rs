@@ -58,7 +58,7 @@ impl JournalEntry {
         let mut h = std::hash::DefaultHasher::new();
         for r in &self.readings {
             buf.clear();
-            super::write_series_key(buf, &r.metric, &r.tags);
+            super::reading::write_series_key(buf, &r.metric, &r.tags);
             h.write(buf.as_bytes());
             h.write_u8(0xff);
             h.write_i64(r.time_ms);
@@ -71,7 +71,6 @@ impl JournalEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Reading;
     use std::collections::BTreeMap;
 
     fn entry(received_ms: i64, readings: &[(f64, i64)]) -> JournalEntry {
