@@ -241,11 +241,14 @@ pub fn read_framed<'a>(
             expected: version,
         });
     }
-    let len = u64::from_le_bytes(bytes[6..14].try_into().expect("8 bytes")) as usize;
+    let len = u64::from_le_bytes(bytes[6..14].try_into().expect("8 bytes"));
     let crc = u32::from_le_bytes(bytes[14..18].try_into().expect("4 bytes"));
-    let body = bytes
-        .get(FRAME_HEADER..FRAME_HEADER + len)
+    // A damaged length can be anything up to 2^64 - 1: no arithmetic on it may overflow.
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|len| FRAME_HEADER.checked_add(len))
         .ok_or(FrameError::Truncated)?;
+    let body = bytes.get(FRAME_HEADER..end).ok_or(FrameError::Truncated)?;
     if crc32fast::hash(body) != crc {
         return Err(FrameError::Checksum);
     }
@@ -255,6 +258,17 @@ pub fn read_framed<'a>(
 #[cfg(test)]
 mod framed_tests {
     use super::*;
+
+    #[test]
+    fn a_length_near_two_to_the_64_is_truncation_not_an_overflow() {
+        // Found by fuzz/fuzz_targets/checkpoint.rs: a checkpoint header whose length field
+        // is 0xffff_ffff_ffff_fff6 made `FRAME_HEADER + len` overflow.
+        let bytes = [
+            0x45, 0x46, 0x43, 0x4b, 0x04, 0x00, 0xf6, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x4a,
+        ];
+        assert_eq!(read_framed(&bytes, b"EFCK", 4), Err(FrameError::Truncated));
+    }
 
     #[test]
     fn framed_files_round_trip_and_damage_is_detected() {
