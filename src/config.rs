@@ -688,4 +688,26 @@ filter = "sensors/#"
             "check-config output is itself a valid config:\n{out}"
         );
     }
+
+    proptest::proptest! {
+        /// The same property as `fuzz/fuzz_targets/config.rs`: any text (here: the example
+        /// with one span replaced) is a configuration or a list of problems, never a panic.
+        #[test]
+        fn any_configuration_text_is_loaded_or_refused_with_named_problems(
+            at in 0usize..8192,
+            len in 0usize..64,
+            junk in "[ -~\n]{0,32}",
+        ) {
+            let example = include_str!("../config.toml.example");
+            let at = at % example.len();
+            let end = (at + len).min(example.len());
+            if example.is_char_boundary(at) && example.is_char_boundary(end) {
+                let text = format!("{}{junk}{}", &example[..at], &example[end..]);
+                if let Err(problems) = parse(&text) {
+                    proptest::prop_assert!(!problems.is_empty());
+                    proptest::prop_assert!(problems.iter().all(|p| !p.trim().is_empty()));
+                }
+            }
+        }
+    }
 }

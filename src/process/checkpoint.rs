@@ -315,4 +315,32 @@ mod tests {
         let err = inspect_checkpoint(&flipped).unwrap_err().to_string();
         assert_eq!(err, "checksum mismatch");
     }
+
+    /// The bytes of a checkpoint as written to disk (once per test run).
+    fn real_checkpoint_bytes() -> &'static Vec<u8> {
+        static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        BYTES.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("checkpoint.bin");
+            state(7).stage(&path).unwrap().write().unwrap();
+            std::fs::read(&path).unwrap()
+        })
+    }
+
+    proptest::proptest! {
+        /// The same property as `fuzz/fuzz_targets/checkpoint.rs`: any bytes give a summary or
+        /// a reason, never a panic; so does a real checkpoint with any byte changed.
+        #[test]
+        fn arbitrary_or_damaged_checkpoint_bytes_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            at in 0usize..4096,
+            flip in 1u8..=255,
+        ) {
+            let _ = inspect_checkpoint(&bytes);
+            let mut real = real_checkpoint_bytes().clone();
+            let i = at % real.len();
+            real[i] ^= flip;
+            let _ = inspect_checkpoint(&real);
+        }
+    }
 }

@@ -505,4 +505,18 @@ mod tests {
         assert_eq!(t.as_str(), "sensors/{site}/+/{metric}/#");
         assert_eq!(t.to_string(), t.as_str());
     }
+
+    proptest::proptest! {
+        /// The same property as `fuzz/fuzz_targets/topic_template.rs`.
+        #[test]
+        fn any_template_text_is_parsed_or_refused_and_matching_never_panics(
+            template in "[a-z{}+#/]{0,24}",
+            topic in "[a-z0-9$/+#]{0,24}",
+        ) {
+            if let Ok(t) = Template::parse(&template) {
+                let _ = t.matches(&topic);
+                let _ = t.matches(&template);
+            }
+        }
+    }
 }
