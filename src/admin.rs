@@ -318,19 +318,22 @@ impl Admin {
     }
 }
 
-/// Serves the admin endpoint on `listener` until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, admin: Admin, shutdown: CancellationToken) {
-    let upkeep = admin.prometheus.clone();
-    let stop = shutdown.clone();
+/// The recorder's upkeep (histogram buckets, idle metrics) every 5 s until `shutdown`.
+fn spawn_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
-                _ = t.tick() => upkeep.run_upkeep(),
-                _ = stop.cancelled() => return,
+                _ = t.tick() => handle.run_upkeep(),
+                _ = shutdown.cancelled() => return,
             }
         }
     });
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown`.
+pub async fn serve(listener: tokio::net::TcpListener, admin: Admin, shutdown: CancellationToken) {
+    spawn_upkeep(admin.prometheus.clone(), shutdown.clone());
     let ctx = LiveCtx {
         clients: Arc::new(Semaphore::new(MAX_LIVE_CLIENTS)),
         shutdown: shutdown.clone(),
@@ -516,17 +519,7 @@ async fn status(State(a): State<Admin>) -> Json<StatusReport> {
 #[cfg(feature = "central")]
 pub async fn serve_metrics(listener: tokio::net::TcpListener, shutdown: CancellationToken) {
     let handle = prometheus();
-    let upkeep = handle.clone();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut t = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                _ = t.tick() => upkeep.run_upkeep(),
-                _ = stop.cancelled() => return,
-            }
-        }
-    });
+    spawn_upkeep(handle.clone(), shutdown.clone());
     let app = Router::new()
         .route(
             "/metrics",

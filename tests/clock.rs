@@ -103,6 +103,20 @@ fn counted(collector: &Collector) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits until the first `n` readings are counted at the central side, then checks that
+/// nothing more arrives and nothing was too late.
+fn all_counted_none_late(p: &Publisher, gw: &Gateway, collector: &Collector, n: usize) {
+    p.wait_acked(n, Duration::from_secs(30));
+    wait_for(
+        "every reading at the central side",
+        Duration::from_secs(60),
+        || counted(collector) >= n as u64,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(metric(gw, "edgeferry_process_too_late_total"), 0.0);
+    assert_eq!(counted(collector), n as u64);
+}
+
 fn metric(gw: &Gateway, name: &str) -> f64 {
     gw.metric(name).unwrap_or(0.0)
 }
@@ -213,15 +227,7 @@ fn a_restart_behind_the_recorded_arrival_times_goes_on_from_them() {
     gw.spawn_with_env(&wall.env());
     gw.wait_ready();
     let n = publish_for(&p, i, 3.0, false, 0);
-    p.wait_acked(n, Duration::from_secs(30));
-    wait_for(
-        "every reading at the central side",
-        Duration::from_secs(60),
-        || counted(&collector) >= n as u64,
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(metric(&gw, "edgeferry_process_too_late_total"), 0.0);
-    assert_eq!(counted(&collector), n as u64);
+    all_counted_none_late(&p, &gw, &collector, n);
     assert!(
         gw.current_log()
             .contains("behind the last arrival time this data directory recorded"),
@@ -231,15 +237,7 @@ fn a_restart_behind_the_recorded_arrival_times_goes_on_from_them() {
     // NTP then sets the real time: followed, and what follows is counted too.
     wall.set(0);
     let m = publish_for(&p, n, 3.0, false, 0);
-    p.wait_acked(m, Duration::from_secs(30));
-    wait_for(
-        "the rest at the central side",
-        Duration::from_secs(60),
-        || counted(&collector) >= m as u64,
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(metric(&gw, "edgeferry_process_too_late_total"), 0.0);
-    assert_eq!(counted(&collector), m as u64);
+    all_counted_none_late(&p, &gw, &collector, m);
     assert!(gw.stop().success());
 }
 
