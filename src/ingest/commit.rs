@@ -59,6 +59,8 @@ pub(super) struct Committer {
     /// The connection generation the redelivery window belongs to, and how many of its
     /// messages are still looked up by identity.
     pub(super) identity_window: (u64, usize),
+    /// Identities accepted into the group being gathered (not yet in `identities`).
+    pub(super) group_identities: std::collections::HashSet<u64>,
     pub(super) series: SeriesGuard,
     pub(super) status: Arc<IngestStatus>,
     pub(super) future_skew_ms: i64,
@@ -222,6 +224,7 @@ impl Committer {
         permits: &mut Vec<OwnedSemaphorePermit>,
     ) -> Result<Option<StoreError>, IngestError> {
         let first = self.journal.next_lsn();
+        self.group_identities.clear();
         for m in group.drain(..) {
             if let Some(entry) = self.accept(&m, readings) {
                 committed.push(Committed {
@@ -260,7 +263,11 @@ impl Committer {
         }
         if let Some(ids) = self.identities.as_mut() {
             for c in committed {
-                if let Some(id) = c.entry.identity(&mut self.key_buf) {
+                let timed = self
+                    .decoders
+                    .get(c.entry.subscription as usize)
+                    .is_some_and(|d| d.reads_timestamps());
+                if let Some(id) = c.entry.identity(timed, &mut self.key_buf) {
                     ids.insert(id);
                 }
             }
@@ -441,9 +448,16 @@ impl Committer {
             return false;
         }
         *left -= 1;
-        entry
-            .identity(&mut self.key_buf)
-            .is_some_and(|id| ids.contains(&id))
+        let timed = self
+            .decoders
+            .get(entry.subscription as usize)
+            .is_some_and(|d| d.reads_timestamps());
+        let Some(id) = entry.identity(timed, &mut self.key_buf) else {
+            return false;
+        };
+        // Committed before, or delivered twice into this very group (some brokers resend
+        // their in-flight messages and then deliver them again from the session's queue).
+        ids.contains(&id) || !self.group_identities.insert(id)
     }
 
     fn duplicate(&mut self, by: &'static str) {

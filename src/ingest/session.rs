@@ -91,7 +91,8 @@ pub async fn run(
 
     let recent_cap = cfg.max_unacked * 2 + cfg.commit_max;
     let mut recent = RecentCommits::new(recent_cap);
-    let tail = journal.tail_keys(recent_cap as u64)?;
+    let timed: Vec<bool> = decoders.iter().map(Decoder::reads_timestamps).collect();
+    let tail = journal.tail_keys(recent_cap as u64, &timed)?;
     let identities = cfg.dedup_by_identity.then(|| {
         let mut ids = RecentCommits::new(recent_cap);
         ids.seed(tail.iter().filter_map(|(_, id)| *id));
@@ -116,6 +117,7 @@ pub async fn run(
                 recent,
                 identities,
                 identity_window: (u64::MAX, 0),
+                group_identities: Default::default(),
                 series: SeriesGuard::new(params.max_series, params.known_series),
                 status,
                 future_skew_ms: cfg.future_skew.as_millis() as i64,

@@ -46,13 +46,16 @@ pub struct JournalEntry {
 impl JournalEntry {
     /// The identity of the readings themselves: a 64-bit hash of every reading's series,
     /// event time and value, for recognising a redelivery the broker did not flag as one (new
-    /// packet id, DUP=0). `None` when no reading carries its own timestamp: an arrival-time
-    /// reading gets a new time on every delivery, so it has no identity to recognise. `buf`
-    /// is scratch space for the series keys. Stable within one process (it is recomputed
-    /// from the journal at start), not across versions.
-    pub fn identity(&self, buf: &mut String) -> Option<u64> {
+    /// packet id, DUP=0). `timed` says the record's subscription decodes timestamps from its
+    /// payloads (JSON with a `timestamp` path, SenML): then it has an identity even when a
+    /// time happens to equal the arrival time to the millisecond. Otherwise only when some
+    /// reading's time differs from the arrival time: an arrival-time reading gets a new time
+    /// on every delivery, so it has no identity to recognise. `buf` is scratch space for the
+    /// series keys. Stable within one process (it is recomputed from the journal at start),
+    /// not across versions.
+    pub fn identity(&self, timed: bool, buf: &mut String) -> Option<u64> {
         use std::hash::Hasher;
-        if !self.readings.iter().any(|r| r.time_ms != self.received_ms) {
+        if !timed && !self.readings.iter().any(|r| r.time_ms != self.received_ms) {
             return None;
         }
         let mut h = std::hash::DefaultHasher::new();
@@ -97,18 +100,24 @@ mod tests {
         // The same readings delivered again later (new arrival time, new packet id).
         let mut again = entry(9000, &[(21.5, 1000)]);
         again.dedup = DedupKey::new(77, "t", b"p");
-        assert_eq!(a.identity(&mut buf), again.identity(&mut buf));
-        assert!(a.identity(&mut buf).is_some());
+        assert_eq!(a.identity(false, &mut buf), again.identity(false, &mut buf));
+        assert!(a.identity(false, &mut buf).is_some());
         // Another value at the same time, or another time, is another reading.
         assert_ne!(
-            a.identity(&mut buf),
-            entry(2000, &[(21.6, 1000)]).identity(&mut buf)
+            a.identity(false, &mut buf),
+            entry(2000, &[(21.6, 1000)]).identity(false, &mut buf)
         );
         assert_ne!(
-            a.identity(&mut buf),
-            entry(2000, &[(21.5, 1001)]).identity(&mut buf)
+            a.identity(false, &mut buf),
+            entry(2000, &[(21.5, 1001)]).identity(false, &mut buf)
         );
-        // Readings stamped with their arrival time: no identity to recognise.
-        assert_eq!(entry(2000, &[(21.5, 2000)]).identity(&mut buf), None);
+        // Readings stamped with their arrival time: no identity to recognise, unless their
+        // subscription reads timestamps from payloads (a time equal to the arrival time).
+        assert_eq!(entry(2000, &[(21.5, 2000)]).identity(false, &mut buf), None);
+        assert!(
+            entry(2000, &[(21.5, 2000)])
+                .identity(true, &mut buf)
+                .is_some()
+        );
     }
 }

@@ -100,13 +100,22 @@ impl Journal {
 
     /// The dedup keys and reading identities of the last `n` records, oldest first: what the
     /// broker may resend.
-    pub fn tail_keys(&self, n: u64) -> Result<Vec<(DedupKey, Option<u64>)>, StoreError> {
+    /// `timed[i]`: subscription `i` decodes timestamps from its payloads (see
+    /// [`JournalEntry::identity`]).
+    pub fn tail_keys(
+        &self,
+        n: u64,
+        timed: &[bool],
+    ) -> Result<Vec<(DedupKey, Option<u64>)>, StoreError> {
         let from = self.next_lsn().saturating_sub(n).max(self.first_lsn());
         let mut keys = Vec::new();
         let mut buf = String::new();
         for r in self.read_from(from)? {
             match r {
-                Ok((_, e)) => keys.push((e.dedup, e.identity(&mut buf))),
+                Ok((_, e)) => {
+                    let t = timed.get(e.subscription as usize).copied().unwrap_or(false);
+                    keys.push((e.dedup, e.identity(t, &mut buf)))
+                }
                 Err(e) => tracing::warn!("journal tail: {e}"),
             }
         }
@@ -151,10 +160,10 @@ mod tests {
             assert_eq!(*lsn, i as u64);
             assert_eq!(*e, entry(i as u16));
         }
-        let tail = j.tail_keys(3).unwrap();
+        let tail = j.tail_keys(3, &[]).unwrap();
         let mut buf = String::new();
         let want: Vec<_> = (497..500)
-            .map(|i| (entry(i).dedup, entry(i).identity(&mut buf)))
+            .map(|i| (entry(i).dedup, entry(i).identity(false, &mut buf)))
             .collect();
         assert_eq!(tail, want);
         assert!(

@@ -120,6 +120,12 @@ impl Decoder {
         })
     }
 
+    /// Whether payloads carry their readings' timestamps (JSON with a `timestamp` path,
+    /// SenML), so that a reading has an identity of its own (series, event time, value).
+    pub fn reads_timestamps(&self) -> bool {
+        self.format == Format::Senml || self.timestamp.is_some()
+    }
+
     /// The payload format this decoder expects.
     pub fn format(&self) -> Format {
         self.format
