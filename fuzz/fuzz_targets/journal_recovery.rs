@@ -18,5 +18,5 @@ fuzz_target!(|data: &[u8]| {
         let n = records.count() as u64;
         assert!(n <= next - j.first_lsn());
     }
-    let _ = j.tail_keys(100);
+    let _ = j.tail_keys(100, &[true]);
 });
