@@ -2,7 +2,11 @@
 //! transports share): the `Hello`/`Welcome` handshake gives the resume point and the window,
 //! batches travel as `Dict` + `Batch` frames with a dictionary per connection, acknowledgements
 //! come back as `Ack` frames, and heartbeats go both ways (a peer silent for three intervals
-//! is dropped).
+//! is dropped, and so is one that takes no frame for as long).
+//!
+//! Both bounds matter on a path that stalls without closing (a dead NAT entry, a radio link
+//! gone quiet): no FIN or RST ever arrives, so only the heartbeat bound ends the connection
+//! (`tests/link_faults.rs` stalls one behind a fault proxy and measures it).
 
 use super::UpstreamConfig;
 use super::link::{Connection, LinkError, Resume, Transport};
@@ -10,14 +14,18 @@ use crate::model::batch::OutboxBatch;
 use crate::protocol::{self, DictEncoder, Frame, Hello};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// How long connecting, and then waiting for `Welcome`, may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a polite close may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Connects over `ws://` or `wss://` to `[upstream] url`.
 pub struct WsTransport {
@@ -41,6 +49,32 @@ pub struct WsConnection {
     heartbeat: tokio::time::Interval,
     heartbeat_every: Duration,
     last_heard: Instant,
+}
+
+impl WsConnection {
+    /// How long the central side may stay silent, or take no frame, before the connection is
+    /// given up: three heartbeat intervals (docs/PROTOCOL.md section 5).
+    fn silence_bound(&self) -> Duration {
+        self.heartbeat_every * 3
+    }
+
+    /// Sends one frame, at most for [`Self::silence_bound`]. Over a stalled path the socket
+    /// buffers fill and a send never completes; without a bound the link waited in it for
+    /// good (the silence deadline is only watched while waiting for acknowledgements), until
+    /// the kernel gave up retransmitting, many minutes later. The collector, for its part,
+    /// drops a gateway whose frame has not arrived within the same three intervals.
+    async fn send_frame(&mut self, f: &Frame) -> Result<(), LinkError> {
+        let bound = self.silence_bound();
+        tokio::time::timeout(bound, send(&mut self.ws, f, self.max_frame))
+            .await
+            .map_err(|_| {
+                LinkError::Broken(format!(
+                    "the central side took no {:?} frame for {bound:?} (not reading, or the \
+                     path stalled)",
+                    f.kind()
+                ))
+            })?
+    }
 }
 
 impl Transport for WsTransport {
@@ -140,13 +174,17 @@ impl Connection for WsConnection {
     ) -> Result<(), LinkError> {
         let (d, frame) = self.dict.encode_batch(seq, batch);
         if let Some(d) = d {
-            send(&mut self.ws, &d, self.max_frame).await?;
+            self.send_frame(&d).await?;
         }
-        send(&mut self.ws, &frame, self.max_frame).await
+        self.send_frame(&frame).await
     }
 
+    /// Acknowledgements, with the silence bound as a deadline of its own: checked only when
+    /// the heartbeat ticked, silence was noticed up to one interval late (between 3 and 4
+    /// intervals after the last frame; 4.0 s for a 1 s heartbeat in `tests/link_faults.rs`).
     async fn acks(&mut self) -> Result<Vec<u64>, LinkError> {
         loop {
+            let silent_until = self.last_heard + self.silence_bound();
             tokio::select! {
                 m = self.ws.next() => {
                     let m = m.ok_or_else(|| LinkError::Broken("connection closed".into()))?
@@ -174,24 +212,26 @@ impl Connection for WsConnection {
                         _ => {}
                     }
                 }
+                () = tokio::time::sleep_until(silent_until) => {
+                    return Err(LinkError::Broken(format!(
+                        "no frame from the central side for {:?}",
+                        self.last_heard.elapsed()
+                    )));
+                }
                 _ = self.heartbeat.tick() => {
-                    if self.last_heard.elapsed() > self.heartbeat_every * 3 {
-                        return Err(LinkError::Broken(format!(
-                            "no frame from the central side for {:?}",
-                            self.last_heard.elapsed()
-                        )));
-                    }
                     let hb = Frame::Heartbeat(protocol::Heartbeat {
                         time_ms: crate::clock::now_ms(),
                     });
-                    send(&mut self.ws, &hb, self.max_frame).await?;
+                    self.send_frame(&hb).await?;
                 }
             }
         }
     }
 
+    /// Best effort and bounded: over a stalled path the Close frame would never be flushed,
+    /// and a shutdown's drain must not wait for it.
     async fn close(&mut self) {
-        let _ = self.ws.close(None).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(None)).await;
     }
 }
 
@@ -229,5 +269,141 @@ fn upgrade_error(e: tokio_tungstenite::tungstenite::Error) -> LinkError {
             other => format!("the collector refused the WebSocket upgrade (HTTP {other})"),
         }),
         other => LinkError::Connect(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::alert::{Alert, AlertState};
+    use crate::model::batch::{BatchKind, OutboxItem};
+    use tokio::net::TcpListener;
+
+    /// A central side that answers the Hello with a Welcome (heartbeat 1 s), then hands the
+    /// connection to `then` (which decides how long it stays open).
+    async fn central<F, Fut>(then: F) -> String
+    where
+        F: FnOnce(WebSocketStream<TcpStream>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            let _hello = ws.next().await.unwrap().unwrap();
+            let welcome = Frame::Welcome(protocol::Welcome {
+                version: protocol::PROTOCOL_VERSION,
+                stored: vec![],
+                max_in_flight: 64,
+                max_frame: protocol::DEFAULT_MAX_FRAME,
+                heartbeat_secs: 1,
+            });
+            ws.send(Message::binary(protocol::encode(&welcome)))
+                .await
+                .unwrap();
+            then(ws).await;
+        });
+        url
+    }
+
+    async fn connect(url: String) -> WsConnection {
+        let mut t = WsTransport::new(UpstreamConfig {
+            url,
+            token_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            batch_max: 500,
+            linger: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(1),
+            topic: String::new(),
+        });
+        let (conn, _) = t.connect(&hello()).await.unwrap();
+        conn
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            gateway: "gw-unit".into(),
+            epoch: 1,
+            versions: vec![protocol::PROTOCOL_VERSION],
+            first_seq: 0,
+            software: "test".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn silence_ends_the_connection_three_intervals_after_the_last_frame() {
+        let url = central(|mut ws| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let ack = Frame::Ack(protocol::Ack { seqs: vec![7] });
+            ws.send(Message::binary(protocol::encode(&ack)))
+                .await
+                .unwrap();
+            // Silent from now on, reading (and dropping) what the gateway sends.
+            let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                while let Some(Ok(_)) = ws.next().await {}
+            })
+            .await;
+        })
+        .await;
+        let mut conn = connect(url).await;
+        assert_eq!(conn.acks().await.unwrap(), vec![7]);
+        let heard = Instant::now();
+        let e = conn.acks().await.unwrap_err();
+        let after = heard.elapsed();
+        assert!(
+            e.to_string().contains("no frame from the central side"),
+            "{e}"
+        );
+        // Checked at heartbeat ticks only, this was 3.9 s (the Ack came 0.1 s after a tick).
+        assert!(
+            after >= Duration::from_millis(2900) && after <= Duration::from_millis(3300),
+            "given up {after:?} after the last frame, bound 3 s"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_central_side_that_stops_reading_ends_a_send_within_the_bound() {
+        // Accepts the connection, then neither reads nor writes: the socket buffers fill.
+        let url = central(|ws| async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(ws);
+        })
+        .await;
+        let mut conn = connect(url).await;
+        let batch = OutboxBatch {
+            kind: BatchKind::Alerts,
+            created_ms: 0,
+            items: vec![OutboxItem::Alert(Alert {
+                rule: "r".repeat(256 * 1024),
+                series: "m".into(),
+                metric: "m".into(),
+                tags: Default::default(),
+                state: AlertState::Raised,
+                value: Some(1.0),
+                time_ms: 0,
+            })],
+        };
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+            for seq in 0..400u64 {
+                let sent_at = Instant::now();
+                if let Err(e) = conn.send(seq * 2 + 1, &batch, &hello()).await {
+                    return (seq, e, sent_at.elapsed());
+                }
+            }
+            panic!("100 MiB sent to a peer that reads nothing");
+        })
+        .await;
+        let (seq, e, blocked) =
+            outcome.expect("a send to a peer that reads nothing must not wait forever");
+        assert!(e.to_string().contains("took no"), "{e}");
+        assert!(
+            blocked >= Duration::from_millis(2900) && blocked <= Duration::from_millis(3500),
+            "send {seq} given up after {blocked:?} ({:?} in all)",
+            started.elapsed()
+        );
     }
 }
