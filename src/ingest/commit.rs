@@ -56,8 +56,9 @@ pub(super) struct Committer {
     /// Identities of the readings of the most recent commits (see [`super::dedup`]); `None`
     /// when `mqtt.dedup_by_identity` is off.
     pub(super) identities: Option<RecentCommits<u64>>,
-    /// The connection generation the redelivery window belongs to, and how many of its
-    /// messages are still looked up by identity.
+    /// The connection the redelivery window belongs to (every connection, also one that
+    /// kept its session, opens a new window), and how many of its messages are still looked
+    /// up by identity.
     pub(super) identity_window: (u64, usize),
     /// Identities accepted into the group being gathered (not yet in `identities`).
     pub(super) group_identities: std::collections::HashSet<u64>,
@@ -439,9 +440,9 @@ impl Committer {
         if m.qos == QoS::AtMostOnce {
             return false;
         }
-        let (generation, left) = &mut self.identity_window;
-        if *generation != m.generation {
-            *generation = m.generation;
+        let (connection, left) = &mut self.identity_window;
+        if *connection != m.connection {
+            *connection = m.connection;
             *left = ids.capacity();
         }
         if *left == 0 {

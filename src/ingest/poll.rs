@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 /// One message received from the broker, on its way to the journal.
 pub(super) struct Incoming {
     pub(super) generation: u64,
+    /// Counts every connection (the ack `generation` changes only when the broker lost the
+    /// session): the committer looks up the first messages of each one by identity.
+    pub(super) connection: u64,
     pub(super) pkid: u16,
     pub(super) qos: QoS,
     pub(super) dup: bool,
@@ -71,6 +74,7 @@ pub(super) async fn poll_loop(
     let mut in_tx = Some(in_tx);
     let mut pending_sub: Option<u16> = None;
     let mut ever_connected = false;
+    let mut connection = 0u64;
     let stalls = RateLimit::new(Duration::from_secs(10));
     loop {
         if in_tx.is_none() {
@@ -96,6 +100,7 @@ pub(super) async fn poll_loop(
                     continue;
                 }
                 backoff.reset();
+                connection += 1;
                 if ever_connected {
                     status.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
@@ -184,7 +189,7 @@ pub(super) async fn poll_loop(
                     forward(
                         &mut in_tx,
                         &shutdown,
-                        retained_marker(&p, &generation, permit),
+                        retained_marker(&p, &generation, connection, permit),
                     )
                     .await;
                     continue;
@@ -199,6 +204,7 @@ pub(super) async fn poll_loop(
                 };
                 let incoming = Incoming {
                     generation: generation.load(Ordering::SeqCst),
+                    connection,
                     pkid: p.pkid,
                     qos: p.qos,
                     dup: p.dup,
@@ -283,10 +289,12 @@ pub(super) async fn poll_loop(
 pub(super) fn retained_marker(
     p: &rumqttc::Publish,
     generation: &AtomicU64,
+    connection: u64,
     permit: OwnedSemaphorePermit,
 ) -> Incoming {
     Incoming {
         generation: generation.load(Ordering::SeqCst),
+        connection,
         pkid: p.pkid,
         qos: p.qos,
         dup: p.dup,
