@@ -567,6 +567,52 @@ pub fn record_addr(data_dir: &Path, addr: &std::net::SocketAddr) -> std::io::Res
     Ok(p)
 }
 
+/// How often a failed [`record_addr`] is retried.
+const RECORD_RETRY: Duration = Duration::from_secs(5);
+
+/// Records the bound address, retrying until it succeeds or `shutdown` is cancelled.
+///
+/// Why not fail the start: `admin.addr` is a convenience for `edgeferry status` (it finds the
+/// port when `admin.listen` ends in `:0`). A full or failing data disk is exactly when the
+/// gateway must keep ingesting into whatever the journal can still hold and serve `/status`, so
+/// a refused write here is a warning (once per episode), not an exit that systemd would turn
+/// into a crash loop. Until the file is written, `status` falls back to `admin.listen`.
+pub async fn record_addr_until_done(
+    data_dir: PathBuf,
+    addr: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut warned = false;
+    loop {
+        match record_addr(&data_dir, &addr) {
+            Ok(_) => {
+                if warned {
+                    tracing::info!(
+                        "recorded the admin address in {}",
+                        data_dir.join(ADDR_FILE).display()
+                    );
+                }
+                return;
+            }
+            Err(e) if !warned => {
+                warned = true;
+                // A previous run's file would send `status` to a port nobody listens on.
+                let _ = std::fs::remove_file(data_dir.join(ADDR_FILE));
+                tracing::warn!(
+                    "cannot record the admin address in {}: {e}; `edgeferry status` falls back to \
+                     admin.listen until it can (retrying every {RECORD_RETRY:?})",
+                    data_dir.join(ADDR_FILE).display()
+                );
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECORD_RETRY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// A minimal HTTP GET against the loopback admin endpoint (no HTTP client stack needed for
 /// one request to ourselves). Returns (status code, body).
 pub fn http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {

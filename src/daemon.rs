@@ -63,8 +63,9 @@ pub enum DaemonError {
     Admin {
         /// `[admin] listen` as configured, so the operator sees which setting to change.
         addr: String,
-        /// The operating system's reason: binding failed (address in use, permission denied, ...)
-        /// or `admin.addr` could not be written to the data directory.
+        /// The operating system's reason binding failed (address in use, permission denied, ...).
+        /// A data directory that refuses `admin.addr` is not fatal: see
+        /// [`crate::admin::record_addr_until_done`].
         source: std::io::Error,
     },
 }
@@ -237,7 +238,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         .await
         .map_err(admin_err)?;
     let bound = listener.local_addr().map_err(admin_err)?;
-    crate::admin::record_addr(&data_dir, &bound).map_err(admin_err)?;
+    tasks.spawn(crate::admin::record_addr_until_done(
+        data_dir.clone(),
+        bound,
+        shutdown.clone(),
+    ));
     tracing::info!(
         "admin listening on {bound} (/ dashboard, /live, /metrics, /status, /healthz, /readyz)"
     );

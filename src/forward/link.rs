@@ -149,6 +149,9 @@ pub struct Link<T> {
     closed: bool,
     /// The highest acknowledged seq per lane this process has seen.
     acked_high: [Option<u64>; 2],
+    /// The acknowledgement state could not be written at the last attempt (a full, failing
+    /// or read-only disk): logged once per episode, not at every attempt.
+    acks_unwritable: bool,
 }
 
 /// How a connection ended without an error.
@@ -165,6 +168,7 @@ impl<T: Transport> Link<T> {
             transport,
             closed: false,
             acked_high: [None, None],
+            acks_unwritable: false,
         }
     }
 
@@ -210,10 +214,27 @@ impl<T: Transport> Link<T> {
         self.persist_acks();
     }
 
-    fn persist_acks(&self) {
+    /// Writes the acknowledgement state. A failure costs only resends after a crash (the
+    /// central side deduplicates them), so the link goes on and tries again at the next
+    /// interval; the episode is logged once and every failed attempt counted.
+    fn persist_acks(&mut self) {
         let mut ob = self.parts.outbox.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = ob.persist_acks() {
-            tracing::warn!("cannot persist outbox acknowledgements: {e}");
+        match ob.persist_acks() {
+            Err(e) => {
+                metrics::counter!("edgeferry_outbox_ack_write_errors_total").increment(1);
+                if !self.acks_unwritable {
+                    tracing::warn!(
+                        "cannot persist outbox acknowledgements: {e}; retrying (after a crash \
+                         meanwhile, acknowledged batches are sent again and deduplicated)"
+                    );
+                    self.acks_unwritable = true;
+                }
+            }
+            Ok(()) if self.acks_unwritable => {
+                tracing::info!("outbox acknowledgements written again");
+                self.acks_unwritable = false;
+            }
+            Ok(()) => {}
         }
     }
 

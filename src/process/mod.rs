@@ -91,6 +91,9 @@ pub struct Processor {
     apply_histogram: metrics::Histogram,
     /// Scratch buffer for series keys.
     key_buf: String,
+    /// Batches forgotten at start (orphans of a crash) are not yet recorded as done on disk:
+    /// the next checkpoint must write the acknowledgement state first.
+    acks_owed: bool,
 }
 
 impl Processor {
@@ -174,6 +177,7 @@ impl Processor {
             lag_histogram: metrics::histogram!("edgeferry_process_lag_seconds"),
             apply_histogram: metrics::histogram!("edgeferry_process_seconds"),
             key_buf: String::new(),
+            acks_owed: false,
         };
         // Rule configuration may have changed: keep state of rules that still exist (alerts of
         // removed rules are cleared, and those clears forwarded like any alert).
@@ -196,10 +200,17 @@ impl Processor {
                     ob.forget(lane, at_checkpoint, now)?;
                 }
             }
-            ob.persist_acks().map_err(|source| ProcessError::Io {
-                path: state_dir.to_path_buf(),
-                source,
-            })?;
+            // The forgotten batches must be recorded as done before a checkpoint covers
+            // outbox positions beyond them (else they would be sent). On a disk that refuses
+            // writes now, the daemon still starts and waits: the next checkpoint writes them
+            // first (`acks_owed`).
+            if let Err(e) = ob.persist_acks() {
+                tracing::warn!(
+                    "cannot write the outbox acknowledgement state at start ({e}); writing it \
+                     before the next checkpoint"
+                );
+                p.acks_owed = true;
+            }
         }
         p.publish_watermark();
         p.shared
@@ -273,13 +284,22 @@ impl Processor {
                 }
             }
         }
+        // On a disk that refuses writes (full, failing), the daemon still starts: what replay
+        // derived stays in memory and is written by the run loop's next attempts, as after a
+        // failed write while running (under systemd an exit here would be a crash loop).
         if n > 0 {
             let now = self.state.clock_ms;
             self.close_due(now);
-            self.flush_batches(false)?;
+            if let Err(e) = self.flush_batches(false) {
+                self.write_failed(e)?;
+                self.dirty = true;
+            }
         }
-        if n > 0 || rewound {
-            self.checkpoint()?;
+        if (n > 0 || rewound)
+            && let Err(e) = self.checkpoint()
+        {
+            self.write_failed(e)?;
+            self.dirty = true;
         }
         self.watermark_at_input = self.state.watermark_ms;
         Ok(n)
@@ -513,6 +533,13 @@ impl Processor {
         {
             let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
             ob.sync()?;
+            if self.acks_owed {
+                ob.persist_acks().map_err(|source| ProcessError::Io {
+                    path: ob.acks_path(),
+                    source,
+                })?;
+                self.acks_owed = false;
+            }
             self.state.outbox_next = [ob.next_lsn(Lane::Aggregates), ob.next_lsn(Lane::Alerts)];
         }
         let pending = self.state.stage(&self.path)?;

@@ -353,13 +353,18 @@ impl Outbox {
         Ok(())
     }
 
+    /// The file the acknowledgement state is persisted in.
+    pub fn acks_path(&self) -> PathBuf {
+        self.dir.join("acked.bin")
+    }
+
     /// Persists acknowledgement state if it changed (cheap to lose: see module docs).
     pub fn persist_acks(&mut self) -> std::io::Result<()> {
         if !self.acks_dirty {
             return Ok(());
         }
         let body = postcard::to_stdvec(&self.acked).expect("range sets encode");
-        crate::util::write_framed(&self.dir.join("acked.bin"), ACKS_MAGIC, ACKS_VERSION, &body)?;
+        crate::util::write_framed(&self.acks_path(), ACKS_MAGIC, ACKS_VERSION, &body)?;
         self.acks_dirty = false;
         Ok(())
     }
