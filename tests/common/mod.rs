@@ -350,11 +350,28 @@ impl Gateway {
 
     /// `GET path` on the running daemon's admin endpoint (body of any status), or `None`
     /// when it does not answer.
+    ///
+    /// The address comes from `data/admin.addr`; when that does not answer (the daemon could
+    /// not write it, e.g. on a failing disk, so it is missing or a previous run's), from the
+    /// "admin listening on" line of the current run's log.
     pub fn admin_get(&self, path: &str) -> Option<String> {
-        let addr = std::fs::read_to_string(self.dir.path().join("data/admin.addr")).ok()?;
-        edgeferry::admin::http_get(addr.trim(), path, Duration::from_secs(3))
-            .ok()
-            .map(|(_, body)| body)
+        let get = |addr: &str| {
+            edgeferry::admin::http_get(addr.trim(), path, Duration::from_secs(3))
+                .ok()
+                .map(|(_, body)| body)
+        };
+        let recorded = std::fs::read_to_string(self.dir.path().join("data/admin.addr"));
+        if let Some(body) = recorded.ok().and_then(|a| get(&a)) {
+            return Some(body);
+        }
+        let log = self.current_log();
+        let logged = log
+            .lines()
+            .rev()
+            .find_map(|l| l.split("admin listening on ").nth(1))?
+            .split_whitespace()
+            .next()?;
+        get(logged)
     }
 
     /// A metric from `/metrics`, summed over its label sets; `None` when absent (or the
