@@ -122,6 +122,20 @@ impl Mosquitto {
             let _ = c.wait();
         }
     }
+
+    /// SIGKILLs the broker (it saves nothing: what it holds is what its last autosave wrote).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a stopped or killed broker again on the same port and persistence directory.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the broker is still running");
+        self.spawn();
+    }
 }
 
 impl Drop for Mosquitto {
