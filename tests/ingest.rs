@@ -375,8 +375,41 @@ fn broker_credentials_come_from_the_password_file() {
         )
     };
     let mut gw = Gateway::with_config(&broker.url(), &creds(&good), "");
-    gw.start();
+    // The password appears in no output, even at the most verbose log level (issue 14): not
+    // in the trace log of a working session (rumqttc's own tracing included), /status,
+    // /metrics or check-config.
+    gw.spawn_with_env(&[("RUST_LOG", "trace".into())]);
+    gw.wait_ready();
+    let p = Publisher::connect(broker.port, "pub-creds");
+    for i in 0..20 {
+        p.publish(&topic(i), reading_payload(i));
+    }
+    p.wait_acked(20, Duration::from_secs(10));
+    let readings = |gw: &Gateway| {
+        let s: serde_json::Value =
+            serde_json::from_str(&gw.admin_get("/status").unwrap_or_default()).unwrap_or_default();
+        s["ingest"]["readings"].as_u64().unwrap_or(0)
+    };
+    wait_for("20 readings journaled", Duration::from_secs(10), || {
+        readings(&gw) >= 20
+    });
+    let status = gw.admin_get("/status").expect("/status answers");
+    let metrics = gw.admin_get("/metrics").expect("/metrics answers");
+    let (_, config, config_err) = gw.command(&["check-config"]);
     assert!(gw.stop().success());
+    let log = gw.logs();
+    assert!(
+        log.contains("connected to MQTT broker") && log.contains(" DEBUG "),
+        "a trace log of a working session:\n{log}"
+    );
+    for (what, text) in [
+        ("the gateway's trace log", &log),
+        ("/status", &status),
+        ("/metrics", &metrics),
+        ("check-config", &format!("{config}{config_err}")),
+    ] {
+        assert!(!text.contains("s3cret"), "the MQTT password is in {what}");
+    }
 
     let mut refused = Gateway::with_config(&broker.url(), &creds(&bad), "");
     refused.spawn();
