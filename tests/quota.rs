@@ -11,14 +11,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-const MAX_DISK: u64 = 1024 * 1024;
+/// Room for the checkpoint of 1000 series (about 350 KB, reserved twice for its rewrite), the
+/// journal the checkpoint does not cover yet and the outbox.
+const MAX_DISK: u64 = 2 * 1024 * 1024;
 const SEGMENT: u64 = 64 * 1024;
 /// Devices, each publishing one reading per second: one 1 s window per device per second.
 const DEVICES: usize = 1000;
 
-/// A gateway with a 1 MiB quota, 64 KiB segments, 1 s windows, one threshold rule and the
+/// A gateway with a 2 MiB quota, 64 KiB segments, 1 s windows, one threshold rule and the
 /// upstream pointing at `upstream` (a collector that may not be running).
 fn quota_gateway(broker: &Mosquitto, upstream: &str, when_full: &str) -> Gateway {
+    quota_gateway_of(broker, upstream, when_full, "2MiB")
+}
+
+fn quota_gateway_of(
+    broker: &Mosquitto,
+    upstream: &str,
+    when_full: &str,
+    max_disk: &str,
+) -> Gateway {
     let gw = Gateway::with_config(
         &broker.url(),
         "",
@@ -51,7 +62,9 @@ linger = "200ms"
     assert!(text.contains(needle), "gateway_config changed: {text}");
     let text = text.replace(
         needle,
-        &format!("max_disk = \"1MiB\"\nwhen_full = \"{when_full}\"\nsegment_size = \"64KiB\""),
+        &format!(
+            "max_disk = \"{max_disk}\"\nwhen_full = \"{when_full}\"\nsegment_size = \"64KiB\""
+        ),
     );
     std::fs::write(&gw.config, text).unwrap();
     gw
@@ -104,10 +117,10 @@ fn dir_bytes(p: &Path) -> u64 {
         .sum()
 }
 
-/// What the quota covers: journal + outbox.
+/// What the quota covers: every file in the data directory (journal, outbox, the checkpoint
+/// and, while it is rewritten, its temporary successor; issue 14).
 fn store_bytes(gw: &Gateway) -> u64 {
-    let data = gw.dir.path().join("data");
-    dir_bytes(&data.join("journal")) + dir_bytes(&data.join("outbox"))
+    dir_bytes(&gw.dir.path().join("data"))
 }
 
 /// Publishes one reading per device per second (QoS 1, stamped now) until `stop` is set or
@@ -197,7 +210,7 @@ fn drop_oldest_at_the_disk_quota_drops_aggregates_counts_them_and_keeps_alerts()
     let stop = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicUsize::new(0));
     let load = publish_load(broker.port, stop.clone(), published.clone(), 18);
-    // Sample what journal + outbox occupy while the outbox overflows.
+    // Sample what the whole data directory occupies while the outbox overflows.
     let mut peak = 0;
     let mut samples = 0;
     while !load.is_finished() {
@@ -231,7 +244,7 @@ fn drop_oldest_at_the_disk_quota_drops_aggregates_counts_them_and_keeps_alerts()
     assert!(counter(&m, "edgeferry_outbox_dropped_batches_total") > 0.0);
     assert!(
         gw.current_log()
-            .contains("store.max_disk (1.0 MiB) reached")
+            .contains("store.max_disk (2.0 MiB) reached")
             || gw
                 .current_log()
                 .contains("reached: dropped the oldest unsent batches"),
@@ -384,5 +397,33 @@ fn block_at_the_disk_quota_stops_acknowledging_and_loses_nothing() {
     assert_eq!(s["process"]["dropped_items"].as_u64(), Some(0), "{problem}");
     assert_eq!(counts.get(&1).copied(), Some(n), "{counts:?} {problem}");
     assert_eq!(counts_after, counts, "{problem}");
+    assert!(gw.stop().success());
+}
+
+#[test]
+fn a_checkpoint_taking_over_a_third_of_max_disk_is_reported_with_what_to_change() {
+    let broker = Mosquitto::start();
+    let collector = Collector::new(&[]);
+    let mut gw = quota_gateway_of(&broker, &collector.url(), "drop_oldest", "1MiB");
+    gw.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = publish_load(broker.port, stop.clone(), Arc::new(AtomicUsize::new(0)), 4);
+    wait_for(
+        "the warning about the checkpoint's share",
+        Duration::from_secs(20),
+        || {
+            gw.current_log().contains(
+                "takes more than a third of store.max_disk (1.0 MiB): raise store.max_disk or \
+                 lower process.max_series",
+            )
+        },
+    );
+    stop.store(true, Ordering::SeqCst);
+    load.join().unwrap();
+    assert_eq!(
+        gw.current_log().matches("takes more than a third").count(),
+        1,
+        "said once"
+    );
     assert!(gw.stop().success());
 }

@@ -94,6 +94,11 @@ pub struct Processor {
     /// Batches forgotten at start (orphans of a crash) are not yet recorded as done on disk:
     /// the next checkpoint must write the acknowledgement state first.
     acks_owed: bool,
+    /// Bytes of the checkpoint on disk, and of the one being written next to it (0 when none):
+    /// both count against `store.max_disk` while they exist.
+    checkpoint_bytes: [u64; 2],
+    /// The checkpoint's share of `max_disk` was reported as too large (once per process).
+    checkpoint_share_warned: bool,
 }
 
 impl Processor {
@@ -113,6 +118,7 @@ impl Processor {
         })?;
         let path = state_dir.join("checkpoint.bin");
         checkpoint::remove_stale_temp(&path);
+        let checkpoint_on_disk = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let spec = WindowSpec {
             lengths_secs: cfg.windows.iter().map(|w| w.as_secs() as u32).collect(),
             allowed_lateness_ms: cfg.allowed_lateness.as_millis() as i64,
@@ -178,6 +184,8 @@ impl Processor {
             apply_histogram: metrics::histogram!("edgeferry_process_seconds"),
             key_buf: String::new(),
             acks_owed: false,
+            checkpoint_bytes: [checkpoint_on_disk, 0],
+            checkpoint_share_warned: false,
         };
         // Rule configuration may have changed: keep state of rules that still exist (alerts of
         // removed rules are cleared, and those clears forwarded like any alert).
@@ -543,6 +551,7 @@ impl Processor {
             self.state.outbox_next = [ob.next_lsn(Lane::Aggregates), ob.next_lsn(Lane::Alerts)];
         }
         let pending = self.state.stage(&self.path)?;
+        self.checkpoint_bytes[1] = pending.bytes;
         self.dirty = false;
         self.appended = false;
         Ok(pending)
@@ -563,6 +572,7 @@ impl Processor {
             tracing::info!("outbox and checkpoint written again");
         }
         metrics::gauge!("edgeferry_checkpoint_bytes").set(written.bytes as f64);
+        self.checkpoint_bytes = [written.bytes, 0];
         metrics::histogram!("edgeferry_checkpoint_seconds").record(written.seconds);
         self.shared
             .trim_to
@@ -578,16 +588,36 @@ impl Processor {
         self.shared.watermark.send_replace(self.state.outbox_next);
     }
 
-    /// Applies the disk quota to journal + outbox.    /// Applies the disk quota to journal + outbox.
+    /// Applies the disk quota to everything in the data directory: journal, outbox and the
+    /// checkpoint twice (while a new checkpoint replaces the old one both are on disk; a
+    /// stale temporary one is removed at open).
+    ///
+    /// The checkpoint's size follows the number of series and windows, not the data waiting,
+    /// so blocking or dropping cannot shrink it: it leaves less room for journal and outbox.
+    /// When it takes more than a third of `max_disk` (a rewrite then needs two thirds), that is
+    /// said once, with what to change.
     fn enforce_quota(&mut self) -> Result<(), ProcessError> {
-        // The checkpoint is not counted: its size follows the number of series and windows,
-        // not the data waiting, so neither blocking nor dropping could ever bring it down (a
-        // quota below it would block for good). A stale temporary copy is removed at open.
+        let [on_disk, being_written] = self.checkpoint_bytes;
+        let max = self.limits.store.max_disk.as_u64();
+        if on_disk.max(being_written) > max / 3 && !self.checkpoint_share_warned {
+            self.checkpoint_share_warned = true;
+            tracing::warn!(
+                "the checkpoint ({} B for {} series; twice that while it is rewritten) takes \
+                 more than a third of store.max_disk ({}): raise store.max_disk or lower \
+                 process.max_series, else little room is left for the journal and the outbox",
+                on_disk.max(being_written),
+                self.state.series.len(),
+                self.limits.store.max_disk
+            );
+        }
+        // Room for the next rewrite is kept free, not only counted while it happens: the
+        // successor appears between two quota ticks, all at once.
+        let checkpoint = on_disk + on_disk.max(being_written);
         let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
         quota::enforce(
             &self.limits.store,
             &mut ob,
-            self.shared.journal_bytes.load(Ordering::Relaxed),
+            self.shared.journal_bytes.load(Ordering::Relaxed) + checkpoint,
             &self.shared.status,
         )
     }
@@ -618,7 +648,9 @@ impl Processor {
                     match joined(done) {
                         Ok(w) => self.finish_checkpoint(w),
                         Err(e) => {
-                            // Not written: the state is still only in memory.
+                            // Not written: the state is still only in memory (and the
+                            // temporary file is gone with the staging).
+                            self.checkpoint_bytes[1] = 0;
                             self.dirty = true;
                             self.write_failed(e)?;
                         }

@@ -1,4 +1,4 @@
-//! The disk quota: journal and outbox together stay within `[store] max_disk`; at the limit
+//! The disk quota: journal, outbox and checkpoint together stay within `[store] max_disk`; at the limit
 //! either ingest is held back (`when_full = "block"`, the broker keeps the messages) or the
 //! oldest unsent batches are dropped and counted (`when_full = "drop_oldest"`).
 
@@ -9,9 +9,9 @@ use crate::store::{StoreConfig, WhenFull};
 use std::sync::atomic::Ordering;
 
 /// Applies the quota of `store` to `ob` (its lanes and acknowledgement state) plus
-/// `other_bytes` (the journal). Not counted: the checkpoint (its size follows the series and
-/// windows, not the data waiting, so nothing at the quota could shrink it), the tiny epoch and
-/// address files, and `quarantine/` (damage set aside for inspection).
+/// `other_bytes` (the journal and the checkpoint files). Not counted: the epoch, lock and
+/// address files (a few dozen bytes each) and `quarantine/` (damage that `store repair` set
+/// aside for inspection, which only an operator removes).
 pub(super) fn enforce(
     store: &StoreConfig,
     ob: &mut Outbox,

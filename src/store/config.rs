@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Upper bound of journal + outbox bytes on disk.
+    /// Upper bound of the data directory's bytes on disk: journal, outbox and checkpoint
+    /// (see `process::Processor::enforce_quota`).
     #[serde(default = "default_max_disk")]
     pub max_disk: ByteSize,
     /// What to do when `max_disk` is reached.
