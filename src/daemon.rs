@@ -105,6 +105,61 @@ pub async fn watch_signals(shutdown: CancellationToken) {
     }
 }
 
+/// How often a read-only data directory is looked at again.
+const READ_ONLY_RETRY: Duration = Duration::from_secs(5);
+
+/// Waits while `dir` is on a file system mounted read-only; `false` when shutdown came first.
+///
+/// The kernel remounts ext4 read-only after an I/O error, and an SD card's controller can lock
+/// itself read-only; until someone repairs or remounts it, no journal can be opened there. An
+/// exit would make systemd restart edgeferry over and over (and flood the log); instead it
+/// says once what is wrong and what to do, keeps the watchdog fed, looks again every few
+/// seconds and starts as soon as the directory takes writes. Nothing is taken from the broker
+/// meanwhile: it keeps the readings in edgeferry's session.
+///
+/// `access(2)` answers without writing anything (no flash wear for the check). A full or
+/// failing disk is not waited for here: the stores open on it, and their writes are retried.
+async fn wait_until_writable(dir: &std::path::Path, shutdown: &CancellationToken) -> bool {
+    let read_only = || {
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+            return false;
+        };
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        let r = unsafe { libc::access(c.as_ptr(), libc::W_OK) };
+        r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EROFS)
+    };
+    if !read_only() {
+        return true;
+    }
+    let since = std::time::Instant::now();
+    tracing::error!(
+        "the data directory {} is on a read-only file system (os error 30): waiting for it to \
+         take writes (retrying every {READ_ONLY_RETRY:?}); nothing is taken from the broker \
+         meanwhile. Check the disk (dmesg) and remount it read-write, or set gateway.data_dir \
+         to a writable directory",
+        dir.display()
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
+        "waiting: the data directory is read-only",
+    )]);
+    loop {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        tokio::select! {
+            _ = tokio::time::sleep(READ_ONLY_RETRY) => {}
+            _ = shutdown.cancelled() => return false,
+        }
+        if !read_only() {
+            tracing::info!(
+                "the data directory {} takes writes again after {:?}: starting",
+                dir.display(),
+                since.elapsed()
+            );
+            return true;
+        }
+    }
+}
+
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let prometheus = crate::admin::prometheus();
@@ -117,6 +172,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         path: data_dir.display().to_string(),
         source,
     })?;
+    if !wait_until_writable(&data_dir, &shutdown).await {
+        return Ok(());
+    }
     let (journal, rec) = Journal::open(&data_dir.join("journal"), cfg.store.segment_bytes())?;
     log_recovery("journal", &rec);
     tracing::info!(

@@ -70,8 +70,8 @@ class FaultFS(Operations):
         if not any(rel.startswith(p) for p in prefixes):
             return
         exempt = {
-            errno.ENOSPC: {"open", "fsync", "unlink", "rmdir", "shrink"},
-            errno.EIO: {"open", "unlink", "rmdir", "shrink"},
+            errno.ENOSPC: {"open", "fsync", "unlink", "rmdir", "shrink", "access"},
+            errno.EIO: {"open", "unlink", "rmdir", "shrink", "access"},
         }.get(code, set())
         if op in exempt:
             return
@@ -85,6 +85,9 @@ class FaultFS(Operations):
 
     # Reading: passed through.
     def access(self, path, mode):
+        # A read-only mount answers access(W_OK) with EROFS, without trying a write.
+        if mode & os.W_OK:
+            self._fail(path, "access")
         if not os.access(self._full(path), mode):
             raise FuseOSError(errno.EACCES)
 
