@@ -215,6 +215,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         journal_bytes: journal_bytes.clone(),
         status: pstatus.clone(),
         input_live: Some(ingest_live),
+        input_disk_full: Some({
+            let s = status.clone();
+            Arc::new(move || s.journal_full.load(Ordering::Relaxed))
+        }),
         live: Some(live.clone()),
         clock: clock.clone(),
     };

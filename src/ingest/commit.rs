@@ -310,6 +310,9 @@ impl Committer {
         loop {
             metrics::counter!("edgeferry_journal_write_errors_total").increment(1);
             self.status.set_journal_error(Some(error.to_string()));
+            self.status
+                .journal_full
+                .store(crate::store::is_disk_full(&error), Ordering::Relaxed);
             // Feed the watchdog every second while waiting.
             let pause = tokio::time::sleep(backoff.next_delay());
             tokio::pin!(pause);
@@ -335,6 +338,7 @@ impl Committer {
             match attempt {
                 Ok(()) => {
                     self.status.set_journal_error(None);
+                    self.status.journal_full.store(false, Ordering::Relaxed);
                     metrics::gauge!("edgeferry_journal_write_blocked").set(0.0);
                     tracing::info!(
                         "journal writes again after {:?}; acknowledging the broker again",

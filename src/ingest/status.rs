@@ -44,6 +44,9 @@ pub struct IngestStatus {
     /// Why the journal cannot write, while it cannot (a full disk): ingest is holding back
     /// and retrying.
     pub journal_error: Mutex<Option<String>>,
+    /// The journal's last write failed because the disk is full (ENOSPC): with
+    /// `store.when_full = "drop_oldest"` processing frees aggregate space for it.
+    pub journal_full: AtomicBool,
     /// Messages whose newest event time was more than `mqtt.future_skew` ahead of or behind
     /// this gateway's clock while it was not synchronised (accepted).
     pub clock_disagreements: AtomicU64,

@@ -685,6 +685,11 @@ impl Processor {
                     if let Err(e) = self.enforce_quota() {
                         self.write_failed(e)?;
                     }
+                    // The readings come first: a journal that cannot write for a full disk
+                    // gets the room of the oldest unsent aggregates (one segment a tick).
+                    if self.shared.input_disk_full.as_ref().is_some_and(|full| full()) {
+                        self.drop_oldest_for_room("disk full: the journal cannot write");
+                    }
                 }
             }
             if let Err(e) = self.flush_batches(false) {
@@ -742,9 +747,10 @@ impl Processor {
     /// read-only) is waited out: everything stays in memory and is written at the next
     /// attempt, while the forwarder keeps sending what earlier checkpoints cover and the
     /// journal (which is not trimmed past the last checkpoint) keeps every reading. It is
-    /// logged once per episode, counted and shown in `/status`. With `when_full =
-    /// "drop_oldest"` the oldest unsent aggregates are dropped to make room, as at the
-    /// quota. Any other error ends processing.
+    /// logged once per episode, counted and shown in `/status`. When the disk is full and
+    /// `when_full = "drop_oldest"`, the oldest unsent aggregates are dropped to make room, as
+    /// at the quota (a failing or read-only disk drops nothing: room would not cure it). Any
+    /// other error ends processing.
     fn write_failed(&mut self, e: ProcessError) -> Result<(), ProcessError> {
         if !e.is_disk() {
             return Err(e);
@@ -764,27 +770,25 @@ impl Processor {
         }
         *slot = Some(e.to_string());
         drop(slot);
+        if crate::store::is_disk_full(&e) {
+            self.drop_oldest_for_room("disk full: the outbox or checkpoint cannot write");
+        }
+        Ok(())
+    }
+
+    /// With `when_full = "drop_oldest"`, drops the oldest unsent aggregate segment to give
+    /// back room on a full disk (`why` names whose write failed), counted as at the quota.
+    fn drop_oldest_for_room(&mut self, why: &str) {
         if self.limits.store.when_full == WhenFull::DropOldest {
             let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
             if let Ok(Some(d)) = ob.drop_oldest(Lane::Aggregates) {
-                metrics::counter!("edgeferry_outbox_dropped_items_total").increment(d.items);
-                metrics::counter!("edgeferry_outbox_dropped_batches_total").increment(d.batches);
-                self.shared
-                    .status
-                    .dropped_items
-                    .fetch_add(d.items, Ordering::Relaxed);
-                self.shared
-                    .status
-                    .last_dropped_ms
-                    .store(crate::clock::now_ms(), Ordering::Relaxed);
-                tracing::warn!(
-                    batches = d.batches,
-                    items = d.items,
-                    "disk full: dropped the oldest unsent aggregate batches to make room"
+                quota::record_drop(
+                    &self.shared.status,
+                    &d,
+                    format_args!("{why} (store.when_full = \"drop_oldest\")"),
                 );
             }
         }
-        Ok(())
     }
 }
 impl Processor {

@@ -4,7 +4,7 @@
 
 use super::error::ProcessError;
 use super::shared::ProcessStatus;
-use crate::store::outbox::{Lane, Outbox};
+use crate::store::outbox::{Dropped, Lane, Outbox};
 use crate::store::{StoreConfig, WhenFull};
 use std::sync::atomic::Ordering;
 
@@ -49,22 +49,30 @@ pub(super) fn enforce(
                         None => break,
                     },
                 };
-                metrics::counter!("edgeferry_outbox_dropped_items_total").increment(d.items);
-                metrics::counter!("edgeferry_outbox_dropped_batches_total").increment(d.batches);
-                status.dropped_items.fetch_add(d.items, Ordering::Relaxed);
-                status
-                    .last_dropped_ms
-                    .store(crate::clock::now_ms(), Ordering::Relaxed);
-                tracing::warn!(
-                    batches = d.batches,
-                    items = d.items,
-                    "store.max_disk ({}) reached: dropped the oldest unsent batches",
-                    store.max_disk
+                record_drop(
+                    status,
+                    &d,
+                    format_args!("store.max_disk ({}) reached", store.max_disk),
                 );
             }
         }
     }
     Ok(())
+}
+
+/// Counts the batches `d` lost for good (metrics and `/status`) and logs why they were dropped.
+pub(super) fn record_drop(status: &ProcessStatus, d: &Dropped, why: std::fmt::Arguments<'_>) {
+    metrics::counter!("edgeferry_outbox_dropped_items_total").increment(d.items);
+    metrics::counter!("edgeferry_outbox_dropped_batches_total").increment(d.batches);
+    status.dropped_items.fetch_add(d.items, Ordering::Relaxed);
+    status
+        .last_dropped_ms
+        .store(crate::clock::now_ms(), Ordering::Relaxed);
+    tracing::warn!(
+        batches = d.batches,
+        items = d.items,
+        "{why}: dropped the oldest unsent batches"
+    );
 }
 
 #[cfg(test)]

@@ -57,6 +57,10 @@ pub struct ProcessShared {
     /// Whether ingest is taking input right now (connected, subscribed, able to write the
     /// journal); `None`: always. Only then may idle input move the watermark on.
     pub input_live: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    /// Whether ingest's journal cannot write because the disk is full; `None`: never. With
+    /// `store.when_full = "drop_oldest"` processing then drops the oldest aggregate batches
+    /// to give the readings room, as at the quota.
+    pub input_disk_full: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
     /// The live feed: emitted windows and alerts are sent to it (never blocks).
     pub live: Option<crate::live::LiveFeed>,
     /// The gateway's clock: "now" for silence rules and the idle watermark, and the wall

@@ -35,3 +35,40 @@ pub enum StoreError {
     #[error("cannot encode record: {0}")]
     Encode(postcard::Error),
 }
+
+/// Whether `e`, or what caused it, is the disk being full (ENOSPC, or EDQUOT for a disk
+/// quota): the one disk error that giving back space can cure, unlike a failing (EIO) or
+/// read-only (EROFS) disk, which `when_full = "drop_oldest"` must not answer by dropping data.
+pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT));
+        }
+        cause = c.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod disk_full_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_full_disk_counts_as_full() {
+        let log_err = |code| {
+            StoreError::Log(seglog::LogError::Io {
+                op: "write",
+                path: "/x".into(),
+                source: std::io::Error::from_raw_os_error(code),
+            })
+        };
+        assert!(is_disk_full(&log_err(libc::ENOSPC)));
+        assert!(is_disk_full(&log_err(libc::EDQUOT)));
+        assert!(!is_disk_full(&log_err(libc::EIO)));
+        assert!(!is_disk_full(&log_err(libc::EROFS)));
+        assert!(!is_disk_full(&StoreError::Encode(
+            postcard::Error::SerializeBufferFull
+        )));
+    }
+}
