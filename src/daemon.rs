@@ -160,6 +160,85 @@ async fn wait_until_writable(dir: &std::path::Path, shutdown: &CancellationToken
     }
 }
 
+/// What the daemon opens in its data directory before it takes any reading.
+struct Stores {
+    journal: Journal,
+    epoch: u64,
+    outbox: Outbox,
+}
+
+/// Opens the journal, the store epoch and the outbox.
+fn open_stores(cfg: &Config) -> Result<Stores, DaemonError> {
+    let data_dir = &cfg.gateway.data_dir;
+    let (journal, rec) = Journal::open(&data_dir.join("journal"), cfg.store.segment_bytes())?;
+    log_recovery("journal", &rec);
+    tracing::info!(
+        first_lsn = rec.first_lsn,
+        next_lsn = rec.next_lsn,
+        "journal open at {}",
+        data_dir.join("journal").display()
+    );
+    let epoch = crate::store::epoch::load_or_create(data_dir)?;
+    let (outbox, recs) = Outbox::open(&data_dir.join("outbox"), cfg.store.segment_bytes())
+        .map_err(crate::store::StoreError::from)?;
+    log_recovery("outbox aggregates lane", &recs[0]);
+    log_recovery("outbox alerts lane", &recs[1]);
+    Ok(Stores {
+        journal,
+        epoch,
+        outbox,
+    })
+}
+
+/// How often stores that could not be opened for a disk fault are tried again.
+const OPEN_RETRY: Duration = Duration::from_secs(5);
+
+/// [`open_stores`], waiting out a disk that refuses the writes opening needs (a new data
+/// directory's first segment or epoch on a full disk, a failing disk); `None` when shutdown
+/// came first. As with a read-only directory, an exit would only make systemd restart
+/// edgeferry over and over: it says once what is wrong, keeps the watchdog fed and tries
+/// again every few seconds. Any other error (a store locked by another process, ...) ends the
+/// daemon as before.
+async fn open_stores_patiently(
+    cfg: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<Stores>, DaemonError> {
+    let since = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        let e = match open_stores(cfg) {
+            Ok(stores) => {
+                if said {
+                    tracing::info!(
+                        "the data directory takes writes again after {:?}: starting",
+                        since.elapsed()
+                    );
+                }
+                return Ok(Some(stores));
+            }
+            Err(e) if crate::store::is_disk_fault(&e) => e,
+            Err(e) => return Err(e),
+        };
+        if !said {
+            said = true;
+            tracing::error!(
+                "cannot open the stores in {}: {e}; waiting for the disk (retrying every \
+                 {OPEN_RETRY:?}); nothing is taken from the broker meanwhile. Free space in \
+                 gateway.data_dir or check the disk (dmesg)",
+                cfg.gateway.data_dir.display()
+            );
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
+                "waiting: the data directory refuses writes",
+            )]);
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        tokio::select! {
+            _ = tokio::time::sleep(OPEN_RETRY) => {}
+            _ = shutdown.cancelled() => return Ok(None),
+        }
+    }
+}
+
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let prometheus = crate::admin::prometheus();
@@ -175,20 +254,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     if !wait_until_writable(&data_dir, &shutdown).await {
         return Ok(());
     }
-    let (journal, rec) = Journal::open(&data_dir.join("journal"), cfg.store.segment_bytes())?;
-    log_recovery("journal", &rec);
-    tracing::info!(
-        first_lsn = rec.first_lsn,
-        next_lsn = rec.next_lsn,
-        "journal open at {}",
-        data_dir.join("journal").display()
-    );
-
-    let epoch = crate::store::epoch::load_or_create(&data_dir)?;
-    let (outbox, recs) = Outbox::open(&data_dir.join("outbox"), cfg.store.segment_bytes())
-        .map_err(crate::store::StoreError::from)?;
-    log_recovery("outbox aggregates lane", &recs[0]);
-    log_recovery("outbox alerts lane", &recs[1]);
+    let Some(stores) = open_stores_patiently(&cfg, &shutdown).await? else {
+        return Ok(());
+    };
+    let Stores {
+        journal,
+        epoch,
+        outbox,
+    } = stores;
     let outbox = Arc::new(Mutex::new(outbox));
     let (watermark_tx, watermark_rx) = watch::channel([0u64, 0u64]);
     let pstatus = Arc::new(ProcessStatus::default());

@@ -1,7 +1,7 @@
 //! A disk that refuses writes — full (ENOSPC), failing (EIO), or remounted read-only by the
 //! kernel after an error (EROFS) — on each kind of file edgeferry writes: the journal, the
 //! outbox (its segments and the acknowledgement state), the checkpoint, and all at once, also
-//! across a restart. Each is waited out like the disk quota: nothing is acknowledged that is
+//! across a restart, and the store epoch a restored data directory must renew. Each is waited out like the disk quota: nothing is acknowledged that is
 //! not durable, the state is logged once per episode, counted and shown in `/status`, and
 //! everything resumes by itself when the disk takes writes again; at the end the central side
 //! holds every reading exactly once and `store verify` is clean.
@@ -311,4 +311,115 @@ fn a_failing_disk_eio_is_waited_out_with_nothing_lost_or_doubled() {
 #[test]
 fn a_disk_remounted_read_only_is_waited_out_with_nothing_lost_or_doubled() {
     faults_are_waited_out("EROFS");
+}
+
+/// A data directory restored from an older copy needs a new store epoch before it may send
+/// anything; when the disk refuses the epoch file, the gateway sends nothing under the old
+/// epoch (the central side would take new batches for duplicates), retries, and renews it
+/// once the disk takes writes again.
+#[test]
+fn a_new_epoch_the_disk_refuses_is_retried_and_nothing_goes_out_under_the_old_one() {
+    let broker = Mosquitto::start();
+    let mut collector = Collector::new(&[]);
+    let upstream = format!(
+        "[upstream]\nurl = \"{}\"\nbatch_max = 5\nlinger = \"200ms\"\n",
+        collector.url()
+    );
+    let mut gw = Gateway::with_config(&broker.url(), "", &format!("{PROCESS}{upstream}"));
+    let data = gw.dir.path().join("data");
+    let Some(fs) = FaultFs::mount(&gw.dir.path().join("backing"), &data) else {
+        return;
+    };
+    collector.start();
+    gw.start();
+    let p = Publisher::connect(broker.port, "pub-epoch-fault");
+    let mut i = 0;
+    let mut publish_for = |secs: u64| {
+        let until = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < until {
+            let topic = format!("sensors/site{}/dev{}/temperature", i % 2, i % 8);
+            p.publish(&topic, live_payload(i));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    publish_for(3);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(gw.stop().success(), "{}", gw.logs());
+    let backup = gw.dir.path().join("copy");
+    copy_dir(&data, &backup);
+    let old_epoch = std::fs::read_to_string(data.join("epoch")).unwrap();
+    // Life goes on: more batches reach the central side, then the older copy comes back.
+    gw.start();
+    publish_for(3);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(gw.stop().success(), "{}", gw.logs());
+    for entry in std::fs::read_dir(&data).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    copy_dir(&backup, &data);
+
+    // The disk is full for the epoch file (and its temporary) when the gateway finds out.
+    fs.fail("ENOSPC", &["epoch"]);
+    let lines_before = collector.lines().len();
+    gw.start();
+    publish_for(2);
+    wait_for(
+        "the refused epoch in the log",
+        Duration::from_secs(20),
+        || gw.current_log().contains("cannot write a new epoch"),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let refused = fs.refusals();
+    assert!(refused > 0);
+    assert_eq!(
+        collector.lines().len(),
+        lines_before,
+        "nothing is sent under the old epoch"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("epoch")).unwrap(),
+        old_epoch
+    );
+    assert!(!gw.current_log().contains("restored from an older copy"));
+
+    fs.heal();
+    wait_for(
+        "the restore handled once the disk takes writes",
+        Duration::from_secs(30),
+        || gw.current_log().contains("restored from an older copy"),
+    );
+    let new_epoch = std::fs::read_to_string(data.join("epoch")).unwrap();
+    assert_ne!(new_epoch, old_epoch);
+    let new_epoch = u64::from_str_radix(new_epoch.trim(), 16).unwrap();
+    wait_for(
+        "batches under the new epoch",
+        Duration::from_secs(30),
+        || {
+            collector.lines().iter().skip(lines_before).any(|l| {
+                l["epoch"].as_u64() == Some(new_epoch)
+                    || l["epoch"]
+                        .as_str()
+                        .and_then(|s| u64::from_str_radix(s, 16).ok())
+                        == Some(new_epoch)
+            })
+        },
+    );
+    let log = gw.logs();
+    assert_eq!(
+        log.matches("restored from an older copy").count(),
+        1,
+        "one renewal: {log}"
+    );
+    eprintln!(
+        "fault: ENOSPC on the epoch file of a restored copy ({refused} writes refused): nothing \
+         sent under the old epoch, renewed after healing; {} lines of the refusal in the log",
+        gw.current_log().matches("cannot write a new epoch").count()
+    );
+    assert!(gw.stop().success(), "{log}");
 }

@@ -303,3 +303,65 @@ url = "ws://127.0.0.1:{}/"
         "{log}"
     );
 }
+
+/// A gateway installed on a disk that is already full cannot even make its data directory's
+/// first files: it says so once and waits (under systemd an exit is a restart loop), then
+/// starts by itself when space comes back and takes every reading the broker kept.
+#[test]
+fn a_new_data_directory_on_a_full_disk_waits_and_starts_by_itself() {
+    let broker = Mosquitto::start();
+    let mut gw = Gateway::new(&broker.url());
+    let disk = gw.dir.path().join("disk");
+    let Some(_disk) = Tmpfs::mount(&disk, "1m") else {
+        return;
+    };
+    let filler = disk.join("filler");
+    fill(&filler);
+    // The data directory is a new one on that disk.
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    let data = gw.dir.path().join("data");
+    let new_data = disk.join("edgeferry");
+    std::fs::write(
+        &gw.config,
+        text.replace(&data.display().to_string(), &new_data.display().to_string()),
+    )
+    .unwrap();
+    // The broker keeps what is published meanwhile in edgeferry's session, once it has one:
+    // a first run elsewhere is not possible here, so the readings come after the start.
+    gw.spawn();
+    wait_for("the wait in the log", Duration::from_secs(20), || {
+        gw.current_log().contains("cannot open the stores")
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        gw.pid()
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists()),
+        "it waits, it does not exit:\n{}",
+        gw.current_log()
+    );
+    let log = gw.current_log();
+    assert_eq!(
+        log.matches("cannot open the stores").count(),
+        1,
+        "said once:\n{log}"
+    );
+    assert!(log.contains("No space left on device"), "{log}");
+
+    std::fs::remove_file(&filler).unwrap();
+    gw.wait_ready();
+    let p = Publisher::connect(broker.port, "pub-new-dir-full");
+    for i in 0..200 {
+        p.publish(&topic(i), reading_payload(i));
+    }
+    wait_for("every reading journaled", Duration::from_secs(20), || {
+        readings_total(&gw) == 200
+    });
+    p.wait_acked(200, Duration::from_secs(10));
+    assert!(gw.stop().success(), "{}", gw.logs());
+    let log = gw.logs();
+    assert!(log.contains("takes writes again"), "{log}");
+    let (st, out, _) = gw.command(&["store", "verify"]);
+    assert!(st.success(), "store verify:\n{out}");
+    assert_exactly_once(gw.journal().iter().map(|r| r.value), 200);
+    eprintln!("fault: ENOSPC on a new data directory; waited, started, 200 of 200 journaled once");
+}

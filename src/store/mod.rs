@@ -50,6 +50,22 @@ pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether `e`, or what caused it, is the disk refusing a write: full (ENOSPC, EDQUOT),
+/// failing (EIO) or read-only (EROFS). These are waited out; other errors are not.
+pub fn is_disk_fault(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.raw_os_error(),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS)
+            );
+        }
+        cause = c.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod disk_full_tests {
     use super::*;
