@@ -2,9 +2,10 @@
 //! kernel after an error (EROFS) — on each kind of file edgeferry writes: the journal, the
 //! outbox (its segments and the acknowledgement state), the checkpoint, and all at once, also
 //! across a restart, and the store epoch a restored data directory must renew. Each is waited
-//! out like the disk quota: nothing is acknowledged that is not durable, the state is logged once per episode, counted and shown in `/status`, and
-//! everything resumes by itself when the disk takes writes again; at the end the central side
-//! holds every reading exactly once and `store verify` is clean.
+//! out like the disk quota: nothing is acknowledged that is not durable, the state is logged
+//! once per episode, counted and shown in `/status`, and everything resumes by itself when the
+//! disk takes writes again; at the end the central side holds every reading exactly once and
+//! `store verify` is clean.
 //!
 //! The faults come from `tests/faultfs.py`, a pass-through FUSE file system the test mounts
 //! over the data directory (it runs as root) and switches at run time: a small tmpfs gives a
