@@ -514,6 +514,51 @@ async fn status(State(a): State<Admin>) -> Json<StatusReport> {
     Json(a.report())
 }
 
+/// Serves the admin endpoint while the daemon waits for its data directory before it can
+/// start (read-only, full or failing disk), until `stop`. A field engineer's first tool,
+/// `edgeferry status`, must say what is wrong then too: `/status` and `/readyz` answer
+/// HTTP 503 with what the daemon waits for (the CLI prints it and exits non-zero), `/healthz`
+/// says the process is alive, `/metrics` renders (`edgeferry_store_waiting` is 1).
+pub async fn serve_waiting(
+    listener: tokio::net::TcpListener,
+    waiting: watch::Receiver<Option<String>>,
+    prometheus: PrometheusHandle,
+    stop: CancellationToken,
+) {
+    let why = move || {
+        let w = waiting
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "starting".into());
+        (StatusCode::SERVICE_UNAVAILABLE, format!("waiting: {w}\n"))
+    };
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    prometheus.render(),
+                )
+            }),
+        )
+        .route(
+            "/status",
+            get({
+                let why = why.clone();
+                move || async move { why() }
+            }),
+        )
+        .route("/readyz", get(move || async move { why() }))
+        .route("/healthz", get(healthz));
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::error!("admin endpoint failed: {e}");
+    }
+}
+
 /// `/metrics` and `/healthz` alone, for processes without a gateway's status (`edgeferry
 /// collect --metrics-listen`).
 #[cfg(feature = "central")]

@@ -119,7 +119,11 @@ const READ_ONLY_RETRY: Duration = Duration::from_secs(5);
 ///
 /// `access(2)` answers without writing anything (no flash wear for the check). A full or
 /// failing disk is not waited for here: the stores open on it, and their writes are retried.
-async fn wait_until_writable(dir: &std::path::Path, shutdown: &CancellationToken) -> bool {
+async fn wait_until_writable(
+    dir: &std::path::Path,
+    waiting: &watch::Sender<Option<String>>,
+    shutdown: &CancellationToken,
+) -> bool {
     let read_only = || {
         use std::os::unix::ffi::OsStrExt;
         let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
@@ -143,6 +147,12 @@ async fn wait_until_writable(dir: &std::path::Path, shutdown: &CancellationToken
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
         "waiting: the data directory is read-only",
     )]);
+    metrics::gauge!("edgeferry_store_waiting").set(1.0);
+    waiting.send_replace(Some(format!(
+        "the data directory {} is on a read-only file system: remount it read-write or set \
+         gateway.data_dir to a writable directory",
+        dir.display()
+    )));
     loop {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         tokio::select! {
@@ -150,6 +160,8 @@ async fn wait_until_writable(dir: &std::path::Path, shutdown: &CancellationToken
             _ = shutdown.cancelled() => return false,
         }
         if !read_only() {
+            metrics::gauge!("edgeferry_store_waiting").set(0.0);
+            waiting.send_replace(None);
             tracing::info!(
                 "the data directory {} takes writes again after {:?}: starting",
                 dir.display(),
@@ -201,6 +213,7 @@ const OPEN_RETRY: Duration = Duration::from_secs(5);
 /// daemon as before.
 async fn open_stores_patiently(
     cfg: &Config,
+    waiting: &watch::Sender<Option<String>>,
     shutdown: &CancellationToken,
 ) -> Result<Option<Stores>, DaemonError> {
     let since = std::time::Instant::now();
@@ -209,6 +222,8 @@ async fn open_stores_patiently(
         let e = match open_stores(cfg) {
             Ok(stores) => {
                 if said {
+                    metrics::gauge!("edgeferry_store_waiting").set(0.0);
+                    waiting.send_replace(None);
                     tracing::info!(
                         "the data directory takes writes again after {:?}: starting",
                         since.elapsed()
@@ -230,6 +245,11 @@ async fn open_stores_patiently(
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
                 "waiting: the data directory refuses writes",
             )]);
+            metrics::gauge!("edgeferry_store_waiting").set(1.0);
+            waiting.send_replace(Some(format!(
+                "cannot open the stores in {}: {e}: free space there or check the disk (dmesg)",
+                cfg.gateway.data_dir.display()
+            )));
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         tokio::select! {
@@ -251,11 +271,49 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         path: data_dir.display().to_string(),
         source,
     })?;
-    if !wait_until_writable(&data_dir, &shutdown).await {
-        return Ok(());
+    // The admin endpoint listens first, so that `edgeferry status` can say why the daemon is
+    // waiting for its data directory, if it must (the full endpoint takes the socket over).
+    let admin_err = |source| DaemonError::Admin {
+        addr: cfg.admin.listen.clone(),
+        source,
+    };
+    let admin_listener = tokio::net::TcpListener::bind(&cfg.admin.listen)
+        .await
+        .map_err(admin_err)?;
+    let bound = admin_listener.local_addr().map_err(admin_err)?;
+    let admin_listener = admin_listener.into_std().map_err(admin_err)?;
+    tracing::info!(
+        "admin listening on {bound} (/ dashboard, /live, /metrics, /status, /healthz, /readyz)"
+    );
+    let addr_task = tokio::spawn(crate::admin::record_addr_until_done(
+        data_dir.clone(),
+        bound,
+        shutdown.clone(),
+    ));
+    let (waiting_tx, waiting_rx) = watch::channel(None);
+    let stop_waiting = shutdown.child_token();
+    let waiting_endpoint = tokio::spawn(crate::admin::serve_waiting(
+        tokio::net::TcpListener::from_std(admin_listener.try_clone().map_err(admin_err)?)
+            .map_err(admin_err)?,
+        waiting_rx,
+        prometheus.clone(),
+        stop_waiting.clone(),
+    ));
+    let opened = async {
+        if !wait_until_writable(&data_dir, &waiting_tx, &shutdown).await {
+            return Ok(None);
+        }
+        open_stores_patiently(&cfg, &waiting_tx, &shutdown).await
     }
-    let Some(stores) = open_stores_patiently(&cfg, &shutdown).await? else {
-        return Ok(());
+    .await;
+    stop_waiting.cancel();
+    let _ = waiting_endpoint.await;
+    let stores = match opened {
+        Ok(Some(stores)) => stores,
+        done => {
+            addr_task.abort();
+            return done.map(|_| ());
+        }
     };
     let Stores {
         journal,
@@ -365,24 +423,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         shutdown.clone(),
     ));
 
-    let admin_err = |source| DaemonError::Admin {
-        addr: cfg.admin.listen.clone(),
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(&cfg.admin.listen)
-        .await
-        .map_err(admin_err)?;
-    let bound = listener.local_addr().map_err(admin_err)?;
-    tasks.spawn(crate::admin::record_addr_until_done(
-        data_dir.clone(),
-        bound,
-        shutdown.clone(),
-    ));
-    tracing::info!(
-        "admin listening on {bound} (/ dashboard, /live, /metrics, /status, /healthz, /readyz)"
-    );
+    tasks.spawn(async move {
+        let _ = addr_task.await;
+    });
     tasks.spawn(crate::admin::serve(
-        listener,
+        tokio::net::TcpListener::from_std(admin_listener).map_err(admin_err)?,
         crate::admin::Admin {
             gateway: cfg.gateway.id.clone(),
             broker_url: cfg.mqtt.url.clone(),

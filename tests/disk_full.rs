@@ -321,9 +321,12 @@ fn a_new_data_directory_on_a_full_disk_waits_and_starts_by_itself() {
     let text = std::fs::read_to_string(&gw.config).unwrap();
     let data = gw.dir.path().join("data");
     let new_data = disk.join("edgeferry");
+    // A fixed admin port, as by default: `admin.addr` cannot be written on this disk.
+    let admin = format!("127.0.0.1:{}", free_port());
     std::fs::write(
         &gw.config,
-        text.replace(&data.display().to_string(), &new_data.display().to_string()),
+        text.replace(&data.display().to_string(), &new_data.display().to_string())
+            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{admin}\"")),
     )
     .unwrap();
     // The broker keeps what is published meanwhile in edgeferry's session, once it has one:
@@ -346,6 +349,18 @@ fn a_new_data_directory_on_a_full_disk_waits_and_starts_by_itself() {
         "said once:\n{log}"
     );
     assert!(log.contains("No space left on device"), "{log}");
+    // `edgeferry status` says why, and fails.
+    let (st, out, err) = gw.command(&["status"]);
+    assert!(!st.success(), "{out}");
+    assert!(
+        err.contains("waiting: cannot open the stores") && err.contains("No space left"),
+        "edgeferry status while waiting:\n{out}{err}"
+    );
+    let (code, _) = edgeferry::admin::http_get(&admin, "/readyz", Duration::from_secs(3)).unwrap();
+    assert_eq!(code, 503);
+    let (_, metrics) =
+        edgeferry::admin::http_get(&admin, "/metrics", Duration::from_secs(3)).unwrap();
+    assert!(metrics.contains("edgeferry_store_waiting 1"), "{metrics}");
 
     std::fs::remove_file(&filler).unwrap();
     gw.wait_ready();
@@ -357,6 +372,15 @@ fn a_new_data_directory_on_a_full_disk_waits_and_starts_by_itself() {
         readings_total(&gw) == 200
     });
     p.wait_acked(200, Duration::from_secs(10));
+    let (_, metrics) =
+        edgeferry::admin::http_get(&admin, "/metrics", Duration::from_secs(3)).unwrap();
+    assert!(metrics.contains("edgeferry_store_waiting 0"), "{metrics}");
+    let (st, out, err) = gw.command(&["status"]);
+    assert!(
+        out.contains("gw-test"),
+        "edgeferry status once started:\n{out}{err}"
+    );
+    let _ = st; // not healthy yet perhaps (the upstream-less gateway is; the clock may not be)
     assert!(gw.stop().success(), "{}", gw.logs());
     let log = gw.logs();
     assert!(log.contains("takes writes again"), "{log}");
