@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzzes everything edgeferry parses from outside: payload decoders, topic templates, the
-# configuration loader, upstream frames (both sides), journal recovery and the checkpoint.
+# configuration loader, upstream frames (both sides), journal and outbox recovery and the checkpoint.
 #
 #   scripts/fuzz.sh            # every target for 60 s
 #   scripts/fuzz.sh 600        # every target for 10 min
