@@ -99,6 +99,10 @@ pub struct Admin {
     pub live: LiveFeed,
     /// The gateway's clock: trusted or not, steps seen.
     pub clock: Arc<crate::clock::GatewayClock>,
+    /// What this process made the disk write, sampled by [`crate::store::wear::run_sampler`].
+    pub disk_writes: Arc<crate::store::wear::WriteRate>,
+    /// `[store] endurance` in bytes, when configured.
+    pub endurance: Option<u64>,
 }
 
 /// How long a loss of readings keeps the status DEGRADED after the last one.
@@ -292,11 +296,27 @@ impl Admin {
             },
             rejected_recent: i.recent_rejects(),
             clock: self.clock_status(),
+            disk: self.disk_writes(),
         }
     }
 }
 
 impl Admin {
+    /// The disk-write figures: total, rate per day, and the years the card's rated
+    /// endurance lasts at that rate.
+    fn disk_writes(&self) -> crate::model::status::DiskWrites {
+        let per_day = self.disk_writes.per_day();
+        crate::model::status::DiskWrites {
+            written_bytes: self.disk_writes.total(),
+            per_day_bytes: per_day,
+            endurance_bytes: self.endurance,
+            years_to_endurance: self
+                .endurance
+                .zip(per_day)
+                .and_then(|(e, d)| crate::store::wear::years_to_endurance(e, d)),
+        }
+    }
+
     /// Backlog over both outbox lanes (reads the outbox; called on demand only).
     pub fn backlog(&self) -> Backlog {
         let ob = self.outbox.lock().unwrap_or_else(|e| e.into_inner());

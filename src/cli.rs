@@ -410,6 +410,7 @@ pub fn render_status(r: &StatusReport) -> String {
             String::new()
         }
     );
+    let _ = writeln!(s, "disk     {}", render_disk_writes(&r.disk));
     for p in &r.problems {
         let _ = writeln!(s, "PROBLEM  {p}");
     }
@@ -425,6 +426,31 @@ pub fn render_status(r: &StatusReport) -> String {
                 m.time, m.topic, m.reason, m.detail, m.payload
             );
         }
+    }
+    s
+}
+
+/// "disk writes: 1.2 MB/day" (decimal units, as cards are rated), with the years a rated
+/// endurance lasts at that rate when `[store] endurance` is set.
+fn render_disk_writes(d: &crate::model::status::DiskWrites) -> String {
+    let mb = |b: u64| b as f64 / 1e6;
+    let mut s = match (d.per_day_bytes, d.written_bytes) {
+        (Some(per_day), Some(total)) => format!(
+            "writes: {:.1} MB/day (last 10 min), {:.1} MB since start",
+            mb(per_day),
+            mb(total)
+        ),
+        (None, Some(total)) => format!(
+            "writes: {:.1} MB since start (a rate after the first minute)",
+            mb(total)
+        ),
+        _ => "writes: not measured (no /proc/self/io)".to_string(),
+    };
+    if let (Some(e), Some(years)) = (d.endurance_bytes, d.years_to_endurance) {
+        s.push_str(&format!(
+            "; the card's rated {} lasts {years:.1} years at this rate",
+            bytesize::ByteSize::b(e).display().si()
+        ));
     }
     s
 }
@@ -445,6 +471,8 @@ mod tests {
                          "batches_acked": 4, "reconnects": 1, "last_error": "refused"},
             "problems": ["upstream unreachable for 40 s"],
             "rejected_recent": [],
+            "disk": {"written_bytes": 12_500_000, "per_day_bytes": 1_234_000_000,
+                     "endurance_bytes": 40_000_000_000_000_u64, "years_to_endurance": 88.8},
         }))
         .expect("a StatusReport in its JSON form")
     }
@@ -464,6 +492,7 @@ mod tests {
             "upstream wss://central:9443 — DOWN, 6 batches sent, 4 acknowledged, 1 reconnects",
             "PROBLEM  upstream unreachable for 40 s",
             "clock    NOT synchronised (sensor timestamps are accepted, not judged)",
+            "disk     writes: 1234.0 MB/day (last 10 min), 12.5 MB since start; the card's rated 40.0 TB lasts 88.8 years at this rate",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

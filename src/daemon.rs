@@ -426,6 +426,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     tasks.spawn(async move {
         let _ = addr_task.await;
     });
+    let disk_writes = Arc::new(crate::store::wear::WriteRate::default());
+    tasks.spawn(crate::store::wear::run_sampler(
+        disk_writes.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(crate::admin::serve(
         tokio::net::TcpListener::from_std(admin_listener).map_err(admin_err)?,
         crate::admin::Admin {
@@ -443,6 +448,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 .map(|u| (u.url.clone(), forward_status.clone())),
             live: live.clone(),
             clock: clock.clone(),
+            disk_writes: disk_writes.clone(),
+            endurance: cfg.store.endurance.map(|e| e.as_u64()),
         },
         shutdown.clone(),
     ));

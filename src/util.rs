@@ -64,6 +64,21 @@ pub fn staged_bytes(path: &std::path::Path) -> u64 {
     size(path) + size(&path.with_extension("tmp"))
 }
 
+/// `fdatasync` of `file`, counted in `edgeferry_disk_syncs_total{kind="data"}`: every sync
+/// rewrites at least the file's last, partly filled page, so syncs per second times 4 KiB is a
+/// floor on what the flash is made to write.
+pub fn sync_data(file: &std::fs::File) -> std::io::Result<()> {
+    metrics::counter!("edgeferry_disk_syncs_total", "kind" => "data").increment(1);
+    file.sync_data()
+}
+
+/// `fsync` of the directory `dir` (making created, renamed or deleted entries durable),
+/// counted in `edgeferry_disk_syncs_total{kind="dir"}`.
+pub fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    metrics::counter!("edgeferry_disk_syncs_total", "kind" => "dir").increment(1);
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Replaces `path` atomically with `bytes`: temp file, `fdatasync`, rename, directory `fsync`.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -93,11 +108,11 @@ impl StagingFile {
     /// `fdatasync`, rename over the target, `fsync` of the directory: afterwards a reader sees
     /// the new file, and after a crash before it the old one. Blocking (the slow part).
     pub fn commit(self) -> std::io::Result<()> {
-        self.file.sync_data()?;
+        sync_data(&self.file)?;
         drop(self.file);
         std::fs::rename(&self.tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
+            sync_dir(dir)?;
         }
         Ok(())
     }

@@ -54,6 +54,24 @@ pub struct StatusReport {
     /// The gateway's wall clock: trusted or not, steps, disagreement with the sensors.
     #[serde(default)]
     pub clock: ClockStatus,
+    /// What edgeferry makes the disk write (flash wear).
+    #[serde(default)]
+    pub disk: DiskWrites,
+}
+
+/// What edgeferry makes the disk write: SD cards and eMMC wear out by the bytes written to
+/// them (see `crate::store::wear`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiskWrites {
+    /// Bytes this process caused to be written since it started (`/proc/self/io`); `None`
+    /// where the kernel does not say.
+    pub written_bytes: Option<u64>,
+    /// The write rate of the last ten minutes, as bytes per day; `None` in the first minute.
+    pub per_day_bytes: Option<u64>,
+    /// `[store] endurance`: the card's rated write endurance, when configured.
+    pub endurance_bytes: Option<u64>,
+    /// Years until edgeferry alone has written `endurance_bytes` at `per_day_bytes`.
+    pub years_to_endurance: Option<f64>,
 }
 
 /// What edgeferry knows about the gateway's wall clock (see `crate::clock`).

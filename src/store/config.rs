@@ -20,6 +20,10 @@ pub struct StoreConfig {
     /// sixteenth of `max_disk`, between 64 KiB and 8 MiB (see [`StoreConfig::segment_bytes`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub segment_size: Option<ByteSize>,
+    /// The card's rated write endurance (its TBW, e.g. "40TB"): when set, the status shows
+    /// how many years edgeferry's write rate takes to reach it. Informational only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endurance: Option<ByteSize>,
 }
 
 impl Default for StoreConfig {
@@ -28,6 +32,7 @@ impl Default for StoreConfig {
             max_disk: default_max_disk(),
             when_full: WhenFull::default(),
             segment_size: None,
+            endurance: None,
         }
     }
 }

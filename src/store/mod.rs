@@ -14,6 +14,7 @@ pub mod epoch;
 pub mod journal;
 pub mod outbox;
 pub mod seglog;
+pub mod wear;
 
 pub use config::{StoreConfig, WhenFull};
 

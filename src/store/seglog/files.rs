@@ -32,9 +32,7 @@ pub(super) fn list_segments(dir: &Path) -> Result<(SegmentNames, Vec<PathBuf>), 
 }
 
 pub(super) fn sync_dir(dir: &Path) -> Result<(), LogError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
+    crate::util::sync_dir(dir).map_err(io_err("fsync directory", dir))
 }
 
 pub(super) fn acquire_lock(dir: &Path) -> Result<File, LogError> {
@@ -78,6 +76,6 @@ pub(super) fn create_segment(path: &Path, first_lsn: Lsn) -> Result<File, LogErr
         .map_err(io_err("create segment", path))?;
     file.write_all(&encode_header(first_lsn))
         .map_err(io_err("write header of", path))?;
-    file.sync_data().map_err(io_err("fdatasync", path))?;
+    crate::util::sync_data(&file).map_err(io_err("fdatasync", path))?;
     Ok(file)
 }

@@ -126,9 +126,7 @@ impl SegmentLog {
         self.writer
             .flush()
             .map_err(io_err("write", &self.active.path))?;
-        self.writer
-            .get_ref()
-            .sync_data()
+        crate::util::sync_data(self.writer.get_ref())
             .map_err(io_err("fdatasync", &self.active.path))?;
         if self.dir_dirty {
             sync_dir(&self.dir)?;
