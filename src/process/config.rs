@@ -88,10 +88,12 @@ fn default_budget() -> Duration {
     Duration::from_secs(2)
 }
 fn default_checkpoint_interval() -> Duration {
-    // Each checkpoint rewrites the whole window state: on SD cards this interval is a
-    // flash-wear knob. Batches reach the forwarder at the next checkpoint (or within 1 s
-    // when batches are waiting), so it does not delay alerts much.
-    Duration::from_secs(5)
+    // Each checkpoint rewrites the whole window state (1.1 MB with 1,000 series in the
+    // example config's windows, 11 MB with 10,000): on SD cards this interval is the main
+    // flash-wear knob. Aggregate batches reach the forwarder at the next checkpoint, alert
+    // batches within `ALERTS_CHECKPOINT_WITHIN` (5 s); the journal keeps every reading since
+    // the last one for replay after a crash.
+    Duration::from_secs(30)
 }
 fn default_publish() -> String {
     "edgeferry/alerts/{rule}".to_string()

@@ -57,6 +57,12 @@ use window::{WindowAggregate, WindowSpec, Windows};
 /// Closing windows at most this often (processing time) coalesces corrections.
 const CLOSE_EVERY_MS: i64 = 250;
 
+/// Alert batches reach the forwarder at most this long after they were appended: a checkpoint
+/// (which rewrites the whole state, 1.1 MB with 1,000 series in the example config's windows)
+/// is taken for them this soon, and alerts raised meanwhile share it. Aggregates wait for
+/// `checkpoint_interval`.
+pub const ALERTS_CHECKPOINT_WITHIN: Duration = Duration::from_secs(5);
+
 /// The processing stage: folds committed journal records into windows and alert rules,
 /// appends the results to the outbox and checkpoints its state with the journal position.
 pub struct Processor {
@@ -67,7 +73,13 @@ pub struct Processor {
     shared: ProcessShared,
     rule_cfgs: Vec<RuleConfig>,
     dirty: bool,
+    /// Batches were appended to the outbox since the last checkpoint (the forwarder sends
+    /// them only once a checkpoint covers them).
     appended: bool,
+    /// Of them, alert batches: these are checkpointed within [`ALERTS_CHECKPOINT_WITHIN`], so
+    /// alerts reach the central side promptly; aggregates wait for `checkpoint_interval` (the
+    /// flash-wear knob: each checkpoint rewrites the whole state).
+    alerts_appended: bool,
     emitted: Vec<WindowAggregate>,
     alerts: Vec<Alert>,
     publications: Option<mpsc::Sender<Publication>>,
@@ -171,6 +183,7 @@ impl Processor {
             rule_cfgs: rule_cfgs.to_vec(),
             dirty: false,
             appended: false,
+            alerts_appended: false,
             emitted: Vec::new(),
             alerts: Vec::new(),
             publications: None,
@@ -500,6 +513,7 @@ impl Processor {
     /// are pending or the oldest waited `linger` (on the processing clock), or when `force`.
     fn flush_batches(&mut self, force: bool) -> Result<(), ProcessError> {
         let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        let alerts_before = ob.next_lsn(Lane::Alerts);
         let pending = batching::Pending {
             items: &mut self.state.pending,
             since_ms: &mut self.state.pending_since_ms,
@@ -514,6 +528,7 @@ impl Processor {
         ) {
             Ok(appended) => {
                 self.appended |= appended;
+                self.alerts_appended |= ob.next_lsn(Lane::Alerts) != alerts_before;
                 Ok(())
             }
             Err(e) => {
@@ -554,6 +569,7 @@ impl Processor {
         self.checkpoint_bytes[1] = pending.bytes;
         self.dirty = false;
         self.appended = false;
+        self.alerts_appended = false;
         Ok(pending)
     }
 
@@ -572,6 +588,7 @@ impl Processor {
             tracing::info!("outbox and checkpoint written again");
         }
         metrics::gauge!("edgeferry_checkpoint_bytes").set(written.bytes as f64);
+        metrics::counter!("edgeferry_checkpoint_written_bytes_total").increment(written.bytes);
         self.checkpoint_bytes = [written.bytes, 0];
         metrics::histogram!("edgeferry_checkpoint_seconds").record(written.seconds);
         self.shared
@@ -623,9 +640,9 @@ impl Processor {
     }
 
     /// Runs until the channel closes (ingest drained and stopped: the one shutdown order),
-    /// checkpointing every
-    /// `checkpoint_interval` while something changed (within a second when batches wait for
-    /// the forwarder), and once more at the end.
+    /// checkpointing every `checkpoint_interval` while something changed (within
+    /// [`ALERTS_CHECKPOINT_WITHIN`] when alert batches wait for the forwarder),
+    /// and once more at the end.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<Committed>>) -> Result<(), ProcessError> {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -697,9 +714,9 @@ impl Processor {
             }
             let since = last_checkpoint.elapsed();
             if writing.is_none()
-                && ((self.dirty && since >= self.cfg.checkpoint_interval)
-                    || (self.appended
-                        && since >= Duration::from_secs(1).min(self.cfg.checkpoint_interval)))
+                && (((self.dirty || self.appended) && since >= self.cfg.checkpoint_interval)
+                    || (self.alerts_appended
+                        && since >= ALERTS_CHECKPOINT_WITHIN.min(self.cfg.checkpoint_interval)))
             {
                 last_checkpoint = Instant::now();
                 match tokio::task::block_in_place(|| self.begin_checkpoint()) {
