@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod flash;
 
 use std::collections::BTreeMap;
 use std::io::Read;
