@@ -10,7 +10,8 @@
 //! second, the projected GB per day, and publish → local alert p99 (one sensor's readings
 //! cross the rule every 10 s). `EDGEFERRY_FLASH_MQTT` adds keys to `[mqtt]` (e.g.
 //! `commit_interval = "5ms"` for the old default) and `EDGEFERRY_FLASH_PROCESS` to
-//! `[process]`. Without `--bench` (as `cargo test --all-targets` runs it) it is a smoke run of
+//! `[process]`; `EDGEFERRY_FLASH_FLEETS=10000,100` picks the fleets, `EDGEFERRY_FLASH_HOT=0`
+//! turns the hot sensor off, `EDGEFERRY_FLASH_VERBOSE=1` prints processing p99s. Without `--bench` (as `cargo test --all-targets` runs it) it is a smoke run of
 //! 3 s that checks every reading arrived, never how fast.
 
 #[path = "../tests/common/mod.rs"]
@@ -121,8 +122,9 @@ fn run(sensors: usize, secs: u64) -> Outcome {
     let t0 = Instant::now();
     // Sensor 0 runs hot for 10 s and cool for 10 s by turns: its first reading of each turn
     // raises or clears `overheat` (an alert every 10 s, each one upstream within 5 s).
+    let hot = std::env::var("EDGEFERRY_FLASH_HOT").map_or(true, |v| v != "0");
     let (readings, payload) = publish_evenly(&publisher, sensors, 1, secs, |n| {
-        (n % sensors as u64 == 0).then(|| {
+        (hot && n % sensors as u64 == 0).then(|| {
             if (n / sensors as u64 / 10) % 2 == 0 {
                 90.0
             } else {
@@ -147,11 +149,23 @@ fn run(sensors: usize, secs: u64) -> Outcome {
         .metric("edgeferry_checkpoint_seconds_count")
         .unwrap_or(0.0)
         - ckpts0;
-    let commit_p99 = gw.admin_get("/metrics").and_then(|t| {
-        t.lines()
-            .find(|l| l.starts_with("edgeferry_ingest_commit_seconds{quantile=\"0.99\"}"))
+    let text = gw.admin_get("/metrics").unwrap_or_default();
+    let quantile = |name: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{quantile=\"0.99\"}}")))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    });
+    };
+    let commit_p99 = quantile("edgeferry_ingest_commit_seconds");
+    if std::env::var("EDGEFERRY_FLASH_VERBOSE").is_ok() {
+        for name in [
+            "edgeferry_process_lag_seconds",
+            "edgeferry_process_seconds",
+            "edgeferry_checkpoint_seconds",
+            "edgeferry_alert_latency_seconds",
+        ] {
+            eprintln!("{sensors} sensors: {name} p99 {:?}", quantile(name));
+        }
+    }
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = watcher.join();
@@ -187,12 +201,19 @@ fn main() {
     } else {
         3
     };
-    let fleets: &[usize] = if full { &[1_000, 10_000, 100] } else { &[100] };
+    let fleets: Vec<usize> = match std::env::var("EDGEFERRY_FLASH_FLEETS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| n.trim().parse().expect("EDGEFERRY_FLASH_FLEETS: sensor counts, e.g. 1000,100"))
+            .collect(),
+        Err(_) if full => vec![1_000, 10_000, 100],
+        Err(_) => vec![100],
+    };
     println!(
         "| sensors × 1 Hz | readings | bytes written / reading | / payload byte | GB/day | syncs/s | checkpoints (size) | checkpoint bytes/s | commit p99 | alert p99 (alerts) | VmHWM |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for &sensors in fleets {
+    for sensors in fleets {
         let o = run(sensors, secs);
         let per_reading = o.written as f64 / o.readings as f64;
         let per_payload = o.written as f64 / o.payload as f64;
