@@ -125,7 +125,7 @@ fn run(sensors: usize, secs: u64) -> Outcome {
     let hot = std::env::var("EDGEFERRY_FLASH_HOT").map_or(true, |v| v != "0");
     let (readings, payload) = publish_evenly(&publisher, sensors, 1, secs, |n| {
         (hot && n % sensors as u64 == 0).then(|| {
-            if (n / sensors as u64 / 10) % 2 == 0 {
+            if (n / sensors as u64 / 10).is_multiple_of(2) {
                 90.0
             } else {
                 70.0
@@ -204,7 +204,11 @@ fn main() {
     let fleets: Vec<usize> = match std::env::var("EDGEFERRY_FLASH_FLEETS") {
         Ok(list) => list
             .split(',')
-            .map(|n| n.trim().parse().expect("EDGEFERRY_FLASH_FLEETS: sensor counts, e.g. 1000,100"))
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("EDGEFERRY_FLASH_FLEETS: sensor counts, e.g. 1000,100")
+            })
             .collect(),
         Err(_) if full => vec![1_000, 10_000, 100],
         Err(_) => vec![100],

@@ -153,3 +153,53 @@ fn alerts_reach_the_central_side_ahead_of_the_aggregate_backlog() {
     assert_eq!(a["gateway"], "gw-test");
     assert!(gw.stop().success());
 }
+
+/// `/status` counts the alerts that are raised right now: one after it was raised, still one
+/// while ordinary readings of other series arrive, still one after a restart (the alert state
+/// is in the checkpoint), none once it cleared.
+#[test]
+fn the_active_alert_count_follows_raises_and_clears_and_survives_a_restart() {
+    let broker = Mosquitto::start();
+    let mut gw = Gateway::with_config(
+        &broker.url(),
+        "",
+        &format!("{RULES}\n[process]\ncheckpoint_interval = \"500ms\"\n"),
+    );
+    gw.start();
+    let active = |gw: &Gateway| -> Option<u64> {
+        let s: serde_json::Value = serde_json::from_str(&gw.admin_get("/status")?).ok()?;
+        s["process"]["alerts_active"].as_u64()
+    };
+    let p = Publisher::connect(broker.port, "pub-alert-count");
+    let hot = |v: u32| format!(r#"{{"value":{v},"ts":{}}}"#, now_ms());
+    p.publish("sensors/plant/boiler/temperature", hot(95));
+    wait_for("one active alert", Duration::from_secs(10), || {
+        active(&gw) == Some(1)
+    });
+    for i in 0..50 {
+        p.publish(&format!("sensors/s/dev{i}/temperature"), live_payload(20));
+    }
+    p.wait_acked(51, Duration::from_secs(10));
+    wait_for("every reading processed", Duration::from_secs(10), || {
+        gw.metric("edgeferry_ingest_readings_total") == Some(51.0)
+    });
+    assert_eq!(active(&gw), Some(1), "ordinary readings leave it raised");
+    std::thread::sleep(Duration::from_secs(1)); // a checkpoint holds the alert state
+    assert!(gw.stop().success());
+    gw.start();
+    wait_for("the count after a restart", Duration::from_secs(10), || {
+        active(&gw).is_some()
+    });
+    assert_eq!(
+        active(&gw),
+        Some(1),
+        "the raised alert survives the restart"
+    );
+    p.publish("sensors/plant/boiler/temperature", hot(70));
+    wait_for(
+        "no active alert once it cleared",
+        Duration::from_secs(10),
+        || active(&gw) == Some(0),
+    );
+    assert!(gw.stop().success());
+}

@@ -106,6 +106,10 @@ pub const INGEST_REASONS: &[&str] = &[
 /// group fills in about 10 ms, so the interval is the bound only at lower rates.
 pub const GROUP_BYTES: usize = 8 << 10;
 
+/// Messages already queued when a group starts that make it a backlog drain (see
+/// [`GROUP_BYTES`]): more than a group of two pages holds.
+const BACKLOG_MESSAGES: usize = 128;
+
 /// What the journal record of a message will take, estimated before decoding it: its series
 /// key comes from the topic and its value and time from the payload, and a record of a
 /// 52-byte JSON reading on a 30-byte topic measured 88 bytes.
@@ -156,11 +160,18 @@ impl Committer {
             // the whole group rather than one per message. It closes when `commit_interval`
             // has passed since its first message (the latency bound at low rates), or when
             // it holds `GROUP_BYTES` of records (at high rates: the wear bound), or
-            // `commit_max` messages (the memory bound).
+            // `commit_max` messages (the memory bound). Draining a backlog (messages already
+            // queued when the group starts) it fills to `commit_max`: they have waited anyway,
+            // and fewer, larger syncs drain faster.
             let deadline = tokio::time::sleep(cfg.commit_interval);
             tokio::pin!(deadline);
+            let group_bytes = if rx.len() >= BACKLOG_MESSAGES {
+                usize::MAX
+            } else {
+                GROUP_BYTES
+            };
             let mut pending = estimated_record_bytes(&group[0]);
-            while group.len() < cfg.commit_max && pending < GROUP_BYTES {
+            while group.len() < cfg.commit_max && pending < group_bytes {
                 let room = cfg.commit_max - group.len();
                 let had = group.len();
                 tokio::select! {

@@ -206,6 +206,10 @@ impl Processor {
         p.state
             .rules
             .reconfigure(&p.rule_cfgs, clock, &mut p.alerts);
+        p.shared
+            .status
+            .alerts_active
+            .store(p.state.rules.active() as u64, Ordering::Relaxed);
         if found {
             let mut ob = p.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
             for lane in Lane::PRIORITY {
@@ -418,6 +422,12 @@ impl Processor {
     }
 
     fn emit_alerts(&mut self, received_at: Option<Instant>) {
+        // Called for every record: the count of active alerts (a walk over every series'
+        // rule states) changes only when an alert is raised or cleared. Recounting per record
+        // cost O(series) each and made 10,000 series at 10,000 readings/s fall seconds behind.
+        if self.alerts.is_empty() {
+            return;
+        }
         for a in self.alerts.drain(..) {
             self.shared.status.alerts.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("edgeferry_alerts_total", "rule" => a.rule.clone(),
