@@ -204,6 +204,13 @@ pub fn repair(data_dir: &Path, segment_bytes: u64) -> Result<RepairReport, Check
             LogConfig {
                 segment_bytes,
                 max_record: 64 * 1024 * 1024,
+                // The tag its owner writes, so that repairing does not start a segment of
+                // another encoding.
+                payload_tag: if *part == "journal" {
+                    crate::store::journal::PAYLOAD_TAG
+                } else {
+                    0
+                },
             },
         );
         let (log, rec) = match opened {

@@ -32,6 +32,14 @@ pub enum StoreError {
         /// postcard's reason the bytes are not a record of the expected type.
         source: postcard::Error,
     },
+    /// A compact journal record could not be decoded.
+    #[error("journal record at lsn {lsn} cannot be decoded: {source}")]
+    DecodeCompact {
+        /// Journal position (lsn) of the record that would not decode.
+        lsn: u64,
+        /// What in its bytes is inconsistent with its segment's series dictionary.
+        source: crate::store::journal::compact::CompactError,
+    },
     /// A record could not be encoded.
     #[error("cannot encode record: {0}")]
     Encode(postcard::Error),

@@ -194,6 +194,7 @@ impl Outbox {
         let cfg = LogConfig {
             segment_bytes,
             max_record: 64 * 1024 * 1024,
+            payload_tag: 0,
         };
         let (agg, r0) = SegmentLog::open(&dir.join(Lane::Aggregates.as_str()), cfg.clone())?;
         let (alr, r1) = SegmentLog::open(&dir.join(Lane::Alerts.as_str()), cfg)?;

@@ -68,13 +68,17 @@ pub(super) fn acquire_lock(dir: &Path) -> Result<File, LogError> {
 
 /// Creates a new segment file holding only its header, durably (the directory entry is the
 /// caller's to sync).
-pub(super) fn create_segment(path: &Path, first_lsn: Lsn) -> Result<File, LogError> {
+pub(super) fn create_segment(
+    path: &Path,
+    first_lsn: Lsn,
+    payload_tag: u8,
+) -> Result<File, LogError> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .map_err(io_err("create segment", path))?;
-    file.write_all(&encode_header(first_lsn))
+    file.write_all(&encode_header(first_lsn, payload_tag))
         .map_err(io_err("write header of", path))?;
     crate::util::sync_data(&file).map_err(io_err("fdatasync", path))?;
     Ok(file)

@@ -20,7 +20,10 @@ pub const HEADER_LEN: u64 = 20;
 pub const FRAME_OVERHEAD: u64 = 16;
 
 pub(super) const MAGIC: [u8; 6] = *b"EFLOG\0";
-pub(super) const FORMAT_VERSION: u16 = 1;
+/// The frame format (the low byte of the header's version field).
+pub(super) const FORMAT_VERSION: u8 = 1;
+/// The highest payload tag this build knows (the journal's compact records: 1).
+pub(super) const MAX_PAYLOAD_TAG: u8 = 1;
 pub(super) const WRITE_BUFFER: usize = 64 * 1024;
 pub(super) const READ_BUFFER: usize = 64 * 1024;
 
@@ -93,17 +96,26 @@ pub(super) fn parse_segment_name(name: &str) -> Option<Lsn> {
     stem.parse().ok()
 }
 
-pub(super) fn encode_header(first_lsn: Lsn) -> [u8; HEADER_LEN as usize] {
+/// A segment's header: `payload_tag` is the log user's name for how the segment's payloads
+/// are encoded (see [`super::LogConfig::payload_tag`]), stored as the version field's high
+/// byte so that a build that does not know the tag refuses the segment loudly
+/// ([`Damage::UnsupportedVersion`]) instead of misreading its records.
+pub(super) fn encode_header(first_lsn: Lsn, payload_tag: u8) -> [u8; HEADER_LEN as usize] {
     let mut h = [0u8; HEADER_LEN as usize];
     h[0..6].copy_from_slice(&MAGIC);
-    h[6..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[6] = FORMAT_VERSION;
+    h[7] = payload_tag;
     h[8..16].copy_from_slice(&first_lsn.to_le_bytes());
     let crc = crc32fast::hash(&h[0..16]);
     h[16..20].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
-pub(super) fn decode_header(h: &[u8; HEADER_LEN as usize], name_lsn: Lsn) -> Result<Lsn, Damage> {
+/// Checks a header and returns its first lsn and payload tag.
+pub(super) fn decode_header(
+    h: &[u8; HEADER_LEN as usize],
+    name_lsn: Lsn,
+) -> Result<(Lsn, u8), Damage> {
     if h[0..6] != MAGIC {
         return Err(Damage::BadMagic);
     }
@@ -111,9 +123,8 @@ pub(super) fn decode_header(h: &[u8; HEADER_LEN as usize], name_lsn: Lsn) -> Res
     if crc32fast::hash(&h[0..16]) != crc {
         return Err(Damage::HeaderChecksum);
     }
-    let version = u16::from_le_bytes([h[6], h[7]]);
-    if version != FORMAT_VERSION {
-        return Err(Damage::UnsupportedVersion(version));
+    if h[6] != FORMAT_VERSION || h[7] > MAX_PAYLOAD_TAG {
+        return Err(Damage::UnsupportedVersion(u16::from_le_bytes([h[6], h[7]])));
     }
     let mut lsn = [0u8; 8];
     lsn.copy_from_slice(&h[8..16]);
@@ -124,7 +135,7 @@ pub(super) fn decode_header(h: &[u8; HEADER_LEN as usize], name_lsn: Lsn) -> Res
             header,
         });
     }
-    Ok(header)
+    Ok((header, h[7]))
 }
 
 pub(super) fn frame_crc(lsn: Lsn, payload: &[u8]) -> u32 {

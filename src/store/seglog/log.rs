@@ -19,6 +19,9 @@ pub struct LogConfig {
     /// Appends with a larger payload are rejected with [`LogError::RecordTooLarge`]
     /// (capped at `u32::MAX`, the largest length a frame can express).
     pub max_record: usize,
+    /// How the user encodes payloads, written into every new segment's header and reported
+    /// per segment by [`SegmentLog::segments`] (0: the default; see the module docs).
+    pub payload_tag: u8,
 }
 
 impl Default for LogConfig {
@@ -26,6 +29,7 @@ impl Default for LogConfig {
         LogConfig {
             segment_bytes: 8 * 1024 * 1024,
             max_record: 1024 * 1024,
+            payload_tag: 0,
         }
     }
 }
@@ -38,6 +42,19 @@ pub(super) struct SegMeta {
     pub(super) end_lsn: Lsn,
     /// File size, including bytes still in the write buffer for the active segment.
     pub(super) bytes: u64,
+    /// The header's payload tag.
+    pub(super) tag: u8,
+}
+
+/// One segment as [`SegmentLog::segments`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Lsn of its first record (also of a gap's end: lsns below it are in earlier segments).
+    pub first_lsn: Lsn,
+    /// One past its last record.
+    pub end_lsn: Lsn,
+    /// Its header's payload tag.
+    pub payload_tag: u8,
 }
 
 /// An open, exclusively locked segment log. See the module docs for format and rules.
@@ -84,11 +101,17 @@ impl SegmentLog {
         self.poison_on_err(r)
     }
 
+    /// Whether appending a payload of `len` bytes now would start a new segment: for users
+    /// whose payloads depend on what the segment already holds (the journal's series
+    /// dictionary), asked before encoding.
+    pub fn would_roll(&self, len: usize) -> bool {
+        self.active.bytes + FRAME_OVERHEAD + len as u64 > self.cfg.segment_bytes
+            && self.active.end_lsn > self.active.first_lsn
+    }
+
     pub(super) fn append_inner(&mut self, payload: &[u8]) -> Result<Lsn, LogError> {
         let frame = FRAME_OVERHEAD + payload.len() as u64;
-        if self.active.bytes + frame > self.cfg.segment_bytes
-            && self.active.end_lsn > self.active.first_lsn
-        {
+        if self.would_roll(payload.len()) {
             self.roll()?;
         }
         let lsn = self.next_lsn;
@@ -142,7 +165,7 @@ impl SegmentLog {
         self.sync_inner()?;
         let first = self.next_lsn;
         let path = self.dir.join(segment_file_name(first));
-        let file = create_segment(&path, first)?;
+        let file = create_segment(&path, first, self.cfg.payload_tag)?;
         sync_dir(&self.dir)?;
         self.dir_dirty = false;
         let old_writer = std::mem::replace(
@@ -157,6 +180,7 @@ impl SegmentLog {
                 first_lsn: first,
                 end_lsn: first,
                 bytes: HEADER_LEN,
+                tag: self.cfg.payload_tag,
             },
         );
         self.closed.push_back(old);
@@ -246,6 +270,20 @@ impl SegmentLog {
     /// Directory the log lives in.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The segments in lsn order, the active one last, as far as records are synced or
+    /// appended.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        self.closed
+            .iter()
+            .chain(std::iter::once(&self.active))
+            .map(|s| SegmentInfo {
+                first_lsn: s.first_lsn,
+                end_lsn: s.end_lsn,
+                payload_tag: s.tag,
+            })
+            .collect()
     }
 
     /// Number of segment files, including the active one.

@@ -14,8 +14,15 @@
 //! Each segment starts with a 20-byte header:
 //!
 //! ```text
-//! magic b"EFLOG\0" (6) | format version u16 LE (2) | first_lsn u64 LE (8) | crc32 of the previous 16 bytes, u32 LE (4)
+//! magic b"EFLOG\0" (6) | frame format u8 = 1 | payload tag u8 | first_lsn u64 LE (8) | crc32 of the previous 16 bytes, u32 LE (4)
 //! ```
+//!
+//! The payload tag says how the log's user encoded the segment's payloads
+//! ([`LogConfig::payload_tag`]; 0 in segments written before it existed, whose two version
+//! bytes read as the u16 1). The log itself never looks inside a payload. A log opened with
+//! another tag than its active segment's starts a new segment, so one segment never mixes
+//! encodings; a build that does not know a tag treats the segment as unsupported (moved to
+//! quarantine, loudly) rather than misreading it.
 //!
 //! followed by records ("frames"), all little-endian:
 //!
@@ -76,7 +83,7 @@ mod verify;
 
 pub use error::LogError;
 pub use format::{Damage, FRAME_OVERHEAD, HEADER_LEN, LOCK_FILE, Lsn, QUARANTINE_DIR, SEGMENT_EXT};
-pub use log::{LogConfig, SegmentLog};
+pub use log::{LogConfig, SegmentInfo, SegmentLog};
 pub use reader::LogReader;
 pub use recovery::Recovery;
 pub use verify::{DamageReport, SegmentReport, VerifyReport, verify};

@@ -41,6 +41,8 @@ impl Recovery {
 pub(super) struct Scan {
     /// Header is valid (if not, `damage` is at offset 0 and nothing else is valid).
     pub(super) header_ok: bool,
+    /// The header's payload tag (0 when the header is bad).
+    pub(super) tag: u8,
     pub(super) records: u64,
     /// Offset just past the last valid frame (or the header).
     pub(super) valid_end: u64,
@@ -50,6 +52,7 @@ pub(super) struct Scan {
 pub(super) fn scan_segment(file: &File, file_len: u64, name_lsn: Lsn) -> Scan {
     let bad_header = |d| Scan {
         header_ok: false,
+        tag: 0,
         records: 0,
         valid_end: 0,
         damage: Some((0, d)),
@@ -66,8 +69,8 @@ pub(super) fn scan_segment(file: &File, file_len: u64, name_lsn: Lsn) -> Scan {
     if let Err(e) = r.read_exact(&mut h) {
         return bad_header(read_damage(e));
     }
-    let first = match decode_header(&h, name_lsn) {
-        Ok(first) => first,
+    let (first, tag) = match decode_header(&h, name_lsn) {
+        Ok(header) => header,
         Err(d) => return bad_header(d),
     };
     let mut pos = HEADER_LEN;
@@ -89,6 +92,7 @@ pub(super) fn scan_segment(file: &File, file_len: u64, name_lsn: Lsn) -> Scan {
     }
     Scan {
         header_ok: true,
+        tag,
         records: expected - first,
         valid_end: pos,
         damage,
@@ -256,6 +260,7 @@ impl SegmentLog {
                     first_lsn: name_lsn,
                     end_lsn: name_lsn,
                     bytes: HEADER_LEN,
+                    tag: cfg.payload_tag,
                 });
                 continue;
             }
@@ -344,23 +349,33 @@ impl SegmentLog {
                 first_lsn: name_lsn,
                 end_lsn: name_lsn + scan.records,
                 bytes: scan.valid_end,
+                tag: scan.tag,
             });
         }
 
         let last_end = kept.back().map(|s| s.end_lsn).unwrap_or(0);
         let next_lsn = last_end.max(floor);
         let (active, file) = match kept.pop_back() {
-            Some(last) if last.end_lsn == next_lsn => {
+            // The last segment goes on being appended to, unless its payloads are encoded
+            // otherwise than this log's user now writes them (an upgrade): then it is closed
+            // as it is and a new segment starts, so no segment mixes two encodings.
+            Some(last)
+                if last.end_lsn == next_lsn
+                    && (last.tag == cfg.payload_tag || last.end_lsn == last.first_lsn) =>
+            {
+                let mut last = last;
                 let mut file = OpenOptions::new()
                     .write(true)
                     .open(&last.path)
                     .map_err(io_err("open segment", &last.path))?;
-                if rewrite_header == Some(last.first_lsn) {
+                if rewrite_header == Some(last.first_lsn) || last.tag != cfg.payload_tag {
                     file.set_len(0)
                         .map_err(io_err("truncate torn segment", &last.path))?;
-                    file.write_all(&encode_header(last.first_lsn))
+                    file.write_all(&encode_header(last.first_lsn, cfg.payload_tag))
                         .map_err(io_err("write header of", &last.path))?;
                     file.sync_data().map_err(io_err("fdatasync", &last.path))?;
+                    last.tag = cfg.payload_tag;
+                    last.bytes = HEADER_LEN;
                 }
                 file.seek(SeekFrom::Start(last.bytes))
                     .map_err(io_err("seek in", &last.path))?;
@@ -377,7 +392,7 @@ impl SegmentLog {
                     }
                 }
                 let path = dir.join(segment_file_name(next_lsn));
-                let file = create_segment(&path, next_lsn)?;
+                let file = create_segment(&path, next_lsn, cfg.payload_tag)?;
                 dir_changed = true;
                 (
                     SegMeta {
@@ -385,6 +400,7 @@ impl SegmentLog {
                         first_lsn: next_lsn,
                         end_lsn: next_lsn,
                         bytes: HEADER_LEN,
+                        tag: cfg.payload_tag,
                     },
                     file,
                 )
@@ -423,6 +439,77 @@ impl SegmentLog {
 mod tests {
     use super::*;
     use crate::store::seglog::testkit::*;
+
+    #[test]
+    fn a_log_opened_with_another_payload_tag_starts_a_segment_of_its_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = cfg(1 << 20);
+        let new = LogConfig {
+            payload_tag: 1,
+            ..old.clone()
+        };
+        {
+            let (mut log, _) = SegmentLog::open(tmp.path(), old.clone()).unwrap();
+            log.append(b"old").unwrap();
+            log.sync().unwrap();
+        }
+        let (mut log, rec) = SegmentLog::open(tmp.path(), new.clone()).unwrap();
+        assert!(!rec.repaired());
+        assert_eq!(
+            log.segments()
+                .iter()
+                .map(|s| (s.first_lsn, s.end_lsn, s.payload_tag))
+                .collect::<Vec<_>>(),
+            [(0, 1, 0), (1, 1, 1)],
+            "the old segment is closed as it is, new records go to a segment with the new tag"
+        );
+        log.append(b"new").unwrap();
+        log.sync().unwrap();
+        drop(log);
+        // Reopened with the same tag: appends continue in the tagged segment.
+        let (log, _) = SegmentLog::open(tmp.path(), new).unwrap();
+        assert_eq!(log.segments().len(), 2);
+        assert_eq!(read_all(&log, 0).len(), 2);
+        drop(log);
+        // An empty active segment is simply re-tagged (no segment per restart).
+        let tmp2 = tempfile::tempdir().unwrap();
+        drop(SegmentLog::open(tmp2.path(), old.clone()).unwrap());
+        let (log, _) = SegmentLog::open(
+            tmp2.path(),
+            LogConfig {
+                payload_tag: 1,
+                ..old
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            log.segments()
+                .iter()
+                .map(|s| s.payload_tag)
+                .collect::<Vec<_>>(),
+            [1]
+        );
+    }
+
+    #[test]
+    fn a_segment_with_a_payload_tag_this_build_does_not_know_is_quarantined_not_misread() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (mut log, _) = SegmentLog::open(tmp.path(), cfg(1 << 20)).unwrap();
+            log.append(b"x").unwrap();
+            log.sync().unwrap();
+        }
+        let seg = segment_files(tmp.path()).remove(0);
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[7] = MAX_PAYLOAD_TAG + 1;
+        let crc = crc32fast::hash(&bytes[0..16]);
+        bytes[16..20].copy_from_slice(&crc.to_le_bytes());
+        fs::write(&seg, &bytes).unwrap();
+        let (log, rec) = SegmentLog::open(tmp.path(), cfg(1 << 20)).unwrap();
+        assert_eq!(rec.quarantined.len(), 1);
+        assert!(read_all(&log, 0).is_empty());
+        assert!(log.next_lsn() >= 1, "its lsns are never issued again");
+    }
 
     #[test]
     fn torn_tail_is_truncated_and_appends_continue() {
@@ -627,7 +714,7 @@ mod tests {
         // A header torn half way is rewritten too.
         fs::write(
             tmp.path().join(segment_file_name(11)),
-            &encode_header(11)[..7],
+            &encode_header(11, 0)[..7],
         )
         .unwrap();
         let (log, rec) = SegmentLog::open(tmp.path(), cfg(1 << 20)).unwrap();

@@ -11,6 +11,7 @@ pub(crate) fn cfg(segment_bytes: u64) -> LogConfig {
     LogConfig {
         segment_bytes,
         max_record: 4096,
+        payload_tag: 0,
     }
 }
 

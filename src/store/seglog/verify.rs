@@ -119,6 +119,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, LogError> {
         if scan.header_ok && name_lsn < prev_end {
             scan = Scan {
                 header_ok: false,
+                tag: 0,
                 records: 0,
                 valid_end: 0,
                 damage: Some((
