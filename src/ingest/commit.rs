@@ -171,7 +171,12 @@ impl Committer {
                 GROUP_BYTES
             };
             let mut pending = estimated_record_bytes(&group[0]);
-            while group.len() < cfg.commit_max && pending < group_bytes {
+            // A quota block closes the group too: what it holds is committed, nothing more
+            // is taken until the block lifts.
+            while group.len() < cfg.commit_max
+                && pending < group_bytes
+                && !self.blocked.load(Ordering::Relaxed)
+            {
                 let room = cfg.commit_max - group.len();
                 let had = group.len();
                 tokio::select! {
