@@ -283,17 +283,22 @@ pub(super) fn verify_checkpoint(path: &Path) -> PartReport {
         }
         Err(r) => return *r,
     };
-    match crate::process::inspect_checkpoint(&bytes) {
+    let state_dir = path.parent().unwrap_or(Path::new("."));
+    match crate::process::inspect_checkpoint_chain(state_dir, &bytes) {
         Ok(c) => {
             let summary = format!(
                 "reflects journal records below lsn {}, clock {}, {} series, {} pending item(s), \
-                 outbox next lsn aggregates {} alerts {}",
+                 outbox next lsn aggregates {} alerts {}{}",
                 c.applied_lsn,
                 crate::util::rfc3339_ms(c.clock_ms),
                 c.series,
                 c.pending_items,
                 c.outbox_next[0],
-                c.outbox_next[1]
+                c.outbox_next[1],
+                match c.deltas {
+                    0 => String::new(),
+                    n => format!(" (a whole checkpoint and {n} delta(s) after it)"),
+                }
             );
             PartReport {
                 checkpoint: Some(c),

@@ -35,7 +35,9 @@ pub mod rules;
 mod shared;
 pub mod window;
 
-pub use checkpoint::{CheckpointError, CheckpointSummary, inspect_checkpoint};
+pub use checkpoint::{
+    CheckpointError, CheckpointSummary, inspect_checkpoint, inspect_checkpoint_chain,
+};
 pub use config::{ProcessConfig, RuleConfig};
 pub use error::ProcessError;
 pub use shared::{ProcessLimits, ProcessShared, ProcessStatus};
@@ -46,13 +48,46 @@ use crate::model::{Committed, Publication};
 use crate::store::WhenFull;
 use crate::store::journal::Journal;
 use crate::store::outbox::Lane;
-use checkpoint::{Checkpoint, PendingCheckpoint, WrittenCheckpoint, decode_checkpoint, joined};
+use checkpoint::{Checkpoint, Kind, PendingCheckpoint, WrittenCheckpoint, joined};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use window::{WindowAggregate, WindowSpec, Windows};
+
+/// The chain of checkpoints on disk: a whole one and the deltas after it.
+#[derive(Debug, Clone, Copy)]
+struct Chain {
+    /// The whole checkpoint's id (0: none the next delta could follow).
+    id: u64,
+    /// Its size.
+    whole_bytes: u64,
+    /// Deltas written after it, and their bytes.
+    deltas: u32,
+    delta_bytes: u64,
+    /// The next checkpoint must be whole: the first of the process (loading may have cut
+    /// the chain short), or the last write failed (its delta is not on disk).
+    whole_next: bool,
+}
+
+impl Chain {
+    fn next_kind(&self) -> Kind {
+        if self.whole_next
+            || self.id == 0
+            || self.delta_bytes >= self.whole_bytes.saturating_mul(checkpoint::DELTA_SHARE)
+        {
+            Kind::Whole {
+                id: checkpoint::new_id(),
+            }
+        } else {
+            Kind::Delta {
+                base_id: self.id,
+                seq: self.deltas + 1,
+            }
+        }
+    }
+}
 
 /// Closing windows at most this often (processing time) coalesces corrections.
 const CLOSE_EVERY_MS: i64 = 250;
@@ -109,6 +144,8 @@ pub struct Processor {
     /// Bytes of the checkpoint on disk, and of the one being written next to it (0 when none):
     /// both count against `store.max_disk` while they exist.
     checkpoint_bytes: [u64; 2],
+    /// Where the chain of checkpoints stands (see [`checkpoint`]).
+    chain: Chain,
     /// The checkpoint's share of `max_disk` was reported as too large (once per process).
     checkpoint_share_warned: bool,
 }
@@ -130,7 +167,8 @@ impl Processor {
         })?;
         let path = state_dir.join("checkpoint.bin");
         checkpoint::remove_stale_temp(&path);
-        let checkpoint_on_disk = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let whole_on_disk = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let checkpoint_on_disk = checkpoint::files_bytes(state_dir, &path);
         let spec = WindowSpec {
             lengths_secs: cfg.windows.iter().map(|w| w.as_secs() as u32).collect(),
             allowed_lateness_ms: cfg.allowed_lateness.as_millis() as i64,
@@ -148,9 +186,18 @@ impl Processor {
             watermark_ms: 0,
         };
         let (state, found) = match std::fs::read(&path) {
-            Ok(bytes) => match decode_checkpoint(&bytes) {
-                Ok(c) if c.windows.spec() == &spec => (c, true),
-                Ok(mut c) => {
+            Ok(bytes) => match checkpoint::load_chain(state_dir, &bytes) {
+                Ok(loaded) if loaded.state.windows.spec() == &spec => {
+                    if loaded.deltas > 0 {
+                        tracing::debug!(
+                            deltas = loaded.deltas,
+                            "checkpoint loaded with its deltas"
+                        );
+                    }
+                    (loaded.state, true)
+                }
+                Ok(loaded) => {
+                    let mut c = loaded.state;
                     tracing::warn!(
                         "window configuration changed since the last checkpoint; \
                          windows start afresh from the current position"
@@ -199,6 +246,13 @@ impl Processor {
             acks_owed: false,
             checkpoint_bytes: [checkpoint_on_disk, 0],
             checkpoint_share_warned: false,
+            chain: Chain {
+                id: 0,
+                whole_bytes: whole_on_disk,
+                deltas: 0,
+                delta_bytes: 0,
+                whole_next: true,
+            },
         };
         // Rule configuration may have changed: keep state of rules that still exist (alerts of
         // removed rules are cleared, and those clears forwarded like any alert).
@@ -553,7 +607,9 @@ impl Processor {
     /// it and the journal be trimmed below it.
     pub fn checkpoint(&mut self) -> Result<(), ProcessError> {
         let pending = self.begin_checkpoint()?;
-        let written = pending.write()?;
+        let written = pending
+            .write()
+            .inspect_err(|_| self.chain.whole_next = true)?;
         self.finish_checkpoint(written);
         Ok(())
     }
@@ -575,7 +631,15 @@ impl Processor {
             }
             self.state.outbox_next = [ob.next_lsn(Lane::Aggregates), ob.next_lsn(Lane::Alerts)];
         }
-        let pending = self.state.stage(&self.path)?;
+        let kind = self.chain.next_kind();
+        let pending = match self.state.stage(&self.path, kind) {
+            Ok(p) => p,
+            Err(e) => {
+                // What changed since the last checkpoint was taken into this one.
+                self.chain.whole_next = true;
+                return Err(e);
+            }
+        };
         self.checkpoint_bytes[1] = pending.bytes;
         self.dirty = false;
         self.appended = false;
@@ -597,9 +661,32 @@ impl Processor {
         if was.is_some() {
             tracing::info!("outbox and checkpoint written again");
         }
-        metrics::gauge!("edgeferry_checkpoint_bytes").set(written.bytes as f64);
+        match written.kind {
+            Kind::Whole { id } => {
+                // Durable: the deltas of the chain before it are no longer needed.
+                checkpoint::remove_deltas(self.path.parent().unwrap_or(Path::new(".")));
+                self.chain = Chain {
+                    id,
+                    whole_bytes: written.bytes,
+                    deltas: 0,
+                    delta_bytes: 0,
+                    whole_next: false,
+                };
+            }
+            Kind::Delta { seq, .. } => {
+                self.chain.deltas = seq;
+                self.chain.delta_bytes += written.bytes;
+            }
+        }
+        let kind = match written.kind {
+            Kind::Whole { .. } => "whole",
+            Kind::Delta { .. } => "delta",
+        };
+        metrics::counter!("edgeferry_checkpoints_total", "kind" => kind).increment(1);
+        let on_disk = self.chain.whole_bytes + self.chain.delta_bytes;
+        metrics::gauge!("edgeferry_checkpoint_bytes").set(on_disk as f64);
         metrics::counter!("edgeferry_checkpoint_written_bytes_total").increment(written.bytes);
-        self.checkpoint_bytes = [written.bytes, 0];
+        self.checkpoint_bytes = [on_disk, 0];
         metrics::histogram!("edgeferry_checkpoint_seconds").record(written.seconds);
         self.shared
             .trim_to
@@ -615,8 +702,10 @@ impl Processor {
         self.shared.watermark.send_replace(self.state.outbox_next);
     }
 
-    /// Applies the disk quota to everything in the data directory: journal, outbox and the
-    /// checkpoint twice (while a new checkpoint replaces the old one both are on disk; a
+    /// Applies the disk quota to everything in the data directory: journal, outbox, the
+    /// checkpoint files (the whole checkpoint and its deltas, which add up to at most
+    /// [`checkpoint::DELTA_SHARE`] times it before a new whole one is written) and room for a
+    /// whole rewrite (while a new whole checkpoint replaces the old one both are on disk; a
     /// stale temporary one is removed at open).
     ///
     /// The checkpoint's size follows the number of series and windows, not the data waiting,
@@ -639,7 +728,7 @@ impl Processor {
         }
         // Room for the next rewrite is kept free, not only counted while it happens: the
         // successor appears between two quota ticks, all at once.
-        let checkpoint = on_disk + on_disk.max(being_written);
+        let checkpoint = on_disk + self.chain.whole_bytes.max(being_written);
         let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
         quota::enforce(
             &self.limits.store,
@@ -676,8 +765,10 @@ impl Processor {
                         Ok(w) => self.finish_checkpoint(w),
                         Err(e) => {
                             // Not written: the state is still only in memory (and the
-                            // temporary file is gone with the staging).
+                            // temporary file is gone with the staging); what changed since
+                            // the checkpoint before is only in a whole one now.
                             self.checkpoint_bytes[1] = 0;
+                            self.chain.whole_next = true;
                             self.dirty = true;
                             self.write_failed(e)?;
                         }

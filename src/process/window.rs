@@ -274,6 +274,45 @@ pub struct Windows {
     /// Number of windows per series (derived; rebuilt on deserialization).
     #[serde(skip_serializing)]
     series: BTreeMap<String, usize>,
+    /// Slots changed since the last checkpoint took them (see [`Windows::delta`]).
+    #[serde(skip_serializing)]
+    changed: ChangedSlots,
+}
+
+/// The slots a checkpoint delta must carry: bookkeeping about what was written, not window
+/// state, so two `Windows` with the same windows are equal whatever it holds.
+#[derive(Debug, Clone, Default)]
+struct ChangedSlots(BTreeSet<SlotKey>);
+
+impl PartialEq for ChangedSlots {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// What changed in [`Windows`] since the previous checkpoint, borrowed for writing: every
+/// scalar, the keys of every slot still held, and the slots that changed in full. Closed
+/// windows kept for corrections are most of the state and rarely change, so this is a fraction
+/// of the whole (issue 11). Encoded like [`WindowsDelta`].
+#[derive(Serialize)]
+pub struct WindowsDeltaRef<'a> {
+    spec: &'a WindowSpec,
+    now_ms: i64,
+    closed_through_ms: i64,
+    present: Vec<SlotKey>,
+    changed: Vec<(&'a SlotKey, &'a BTreeMap<String, WindowState>)>,
+    pending: &'a BTreeSet<WindowKey>,
+}
+
+/// A [`WindowsDeltaRef`] read back; [`Windows::apply_delta`] makes it state again.
+#[derive(Deserialize)]
+pub struct WindowsDelta {
+    spec: WindowSpec,
+    now_ms: i64,
+    closed_through_ms: i64,
+    present: Vec<SlotKey>,
+    changed: Vec<(SlotKey, BTreeMap<String, WindowState>)>,
+    pending: BTreeSet<WindowKey>,
 }
 
 impl TryFrom<WindowsRepr> for Windows {
@@ -335,6 +374,7 @@ impl TryFrom<WindowsRepr> for Windows {
             slots,
             pending: repr.pending,
             series,
+            changed: ChangedSlots::default(),
         })
     }
 }
@@ -363,6 +403,56 @@ impl Windows {
             slots: Slots::new(),
             pending: BTreeSet::new(),
             series: BTreeMap::new(),
+            changed: ChangedSlots::default(),
+        })
+    }
+
+    /// What changed since the last call (or since this state was created or loaded), for a
+    /// checkpoint delta; forgets it. A delta is only meaningful on top of the checkpoint
+    /// written just before it: when a checkpoint was not written, the next one must be whole.
+    pub fn delta(&mut self) -> WindowsDeltaRef<'_> {
+        let changed = std::mem::take(&mut self.changed.0);
+        WindowsDeltaRef {
+            spec: &self.spec,
+            now_ms: self.now_ms,
+            closed_through_ms: self.closed_through_ms,
+            present: self.slots.keys().copied().collect(),
+            changed: self
+                .slots
+                .iter()
+                .filter(|(k, _)| changed.contains(k))
+                .collect(),
+            pending: &self.pending,
+        }
+    }
+
+    /// Forgets what changed: a whole checkpoint was just taken.
+    pub fn mark_written(&mut self) {
+        self.changed.0.clear();
+    }
+
+    /// The state `delta` describes on top of `self` (the state of the previous checkpoint),
+    /// validated as a checkpoint is.
+    pub fn apply_delta(mut self, delta: WindowsDelta) -> Result<Windows, WindowError> {
+        let mut changed: BTreeMap<SlotKey, BTreeMap<String, WindowState>> =
+            delta.changed.into_iter().collect();
+        let mut slots = Vec::with_capacity(delta.present.len());
+        for key in delta.present {
+            let windows = match changed.remove(&key) {
+                Some(w) => w,
+                None => self.slots.remove(&key).ok_or(WindowError::InvalidWindow {
+                    end_ms: key.end_ms,
+                    window_secs: key.window_secs,
+                })?,
+            };
+            slots.push((key, windows));
+        }
+        Windows::try_from(WindowsRepr {
+            spec: delta.spec,
+            now_ms: delta.now_ms,
+            closed_through_ms: delta.closed_through_ms,
+            slots,
+            pending: delta.pending,
         })
     }
 
@@ -424,13 +514,12 @@ impl Windows {
             if now >= close_at && outcome == Applied::Open {
                 outcome = Applied::Correction;
             }
-            let windows = self
-                .slots
-                .entry(SlotKey {
-                    end_ms: end,
-                    window_secs: secs,
-                })
-                .or_default();
+            let slot = SlotKey {
+                end_ms: end,
+                window_secs: secs,
+            };
+            self.changed.0.insert(slot);
+            let windows = self.slots.entry(slot).or_default();
             let state = match windows.get_mut(series) {
                 Some(state) => state,
                 None => {
@@ -481,6 +570,7 @@ impl Windows {
                 .get_mut(&slot)
                 .and_then(|w| w.get_mut(&key.series))
             {
+                self.changed.0.insert(slot);
                 state.version += 1;
                 out.push(WindowAggregate {
                     window_start_ms: key.end_ms - len_ms(key.window_secs),
@@ -504,6 +594,7 @@ impl Windows {
                 }),
             );
             for (slot, windows) in self.slots.range_mut(range) {
+                self.changed.0.insert(*slot);
                 for (series, state) in windows.iter_mut() {
                     state.version += 1;
                     out.push(WindowAggregate {
@@ -1108,5 +1199,61 @@ mod tests {
             let restored = run(&spec, &ops, &checkpoints);
             prop_assert_eq!(&restored, &uninterrupted);
         }
+
+        /// A whole checkpoint followed by deltas taken at any points, each encoded and
+        /// decoded, rebuilds exactly the live state at every delta (and the live state goes
+        /// on as if nothing had been taken).
+        #[test]
+        fn a_whole_checkpoint_and_its_deltas_rebuild_the_state_exactly(
+            spec in spec_strategy(),
+            ops in prop::collection::vec(op(), 0..150),
+            base_at in 0usize..150,
+            deltas in prop::collection::btree_set(0usize..151, 0..8),
+        ) {
+            let mut w = Windows::new(spec.clone());
+            let mut rebuilt: Option<Windows> = None;
+            let mut now = START_MS;
+            let mut out = Vec::new();
+            for i in 0..=ops.len() {
+                if i == base_at.min(ops.len()) && rebuilt.is_none() {
+                    let bytes = postcard::to_stdvec(&w).unwrap();
+                    w.mark_written();
+                    rebuilt = Some(postcard::from_bytes(&bytes).unwrap());
+                } else if deltas.contains(&i) && let Some(base) = rebuilt.take() {
+                    let bytes = postcard::to_stdvec(&w.delta()).unwrap();
+                    let d: WindowsDelta = postcard::from_bytes(&bytes).unwrap();
+                    let next = base.apply_delta(d).unwrap();
+                    prop_assert_eq!(&next, &w, "after op {}", i);
+                    rebuilt = Some(next);
+                }
+                let Some(op) = ops.get(i) else { break };
+                match *op {
+                    Op::Apply { series, value, offset_ms, clock_lag_ms } => {
+                        w.apply(SERIES[series as usize], value, now + offset_ms, now - clock_lag_ms);
+                    }
+                    Op::Close { advance_ms } => {
+                        now += advance_ms;
+                        w.close_due(now, &mut out);
+                    }
+                }
+            }
+            // A final delta always matches too.
+            if let Some(base) = rebuilt {
+                let bytes = postcard::to_stdvec(&w.delta()).unwrap();
+                let d: WindowsDelta = postcard::from_bytes(&bytes).unwrap();
+                prop_assert_eq!(&base.apply_delta(d).unwrap(), &w);
+            }
+        }
+    }
+
+    #[test]
+    fn a_delta_on_a_base_that_lacks_one_of_its_slots_is_refused() {
+        let mut w = Windows::new(spec(&[10], 0, 60_000));
+        w.apply("a", 1.0, 5_000, 5_000);
+        let base = Windows::new(spec(&[10], 0, 60_000)); // not the state the delta follows
+        w.mark_written();
+        let bytes = postcard::to_stdvec(&w.delta()).unwrap();
+        let d: WindowsDelta = postcard::from_bytes(&bytes).unwrap();
+        assert!(base.apply_delta(d).is_err());
     }
 }
