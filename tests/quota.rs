@@ -336,7 +336,8 @@ fn block_at_the_disk_quota_stops_acknowledging_and_loses_nothing() {
     assert_eq!(s["process"]["blocked"].as_bool(), Some(true), "{s:#}");
     assert!(
         s["ingest"]["readings"].as_u64().unwrap() <= readings_blocked + 1000,
-        "ingest kept going while blocked: {s:#}"
+        "ingest kept going while blocked (from {readings_blocked} readings): {s:#}\n{}",
+        gw.logs()
     );
     assert!(published.load(Ordering::SeqCst) >= published_blocked + 1000);
     // The journal is trimmed while blocked, and its gauge (which the quota reads) follows.

@@ -395,14 +395,40 @@ pub(super) struct WrittenCheckpoint {
     pub(super) kind: Kind,
 }
 
+/// Test failpoint: `EDGEFERRY_FAILPOINT_CRASH_IN_DELTA=N` aborts the process while it writes
+/// its N-th checkpoint delta: for odd N when the delta's temporary file is complete but not in
+/// place, for even N right after it is durable and in place, before processing learns so (the
+/// journal is not trimmed, the forwarder not told). `tests/checkpoint_crash.rs` uses it to
+/// crash inside the chain's narrowest windows on purpose.
+pub const DELTA_FAILPOINT_ENV: &str = "EDGEFERRY_FAILPOINT_CRASH_IN_DELTA";
+
+/// Whether this write is the one the failpoint names, and in which half.
+fn delta_failpoint(kind: Kind) -> Option<bool> {
+    static AT: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    static WRITTEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let at = (*AT.get_or_init(|| std::env::var(DELTA_FAILPOINT_ENV).ok()?.parse().ok()))?;
+    if !matches!(kind, Kind::Delta { .. }) {
+        return None;
+    }
+    let n = WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    (n == at).then_some(n % 2 == 1)
+}
+
 impl PendingCheckpoint {
     /// Makes it durable and puts it in place (fdatasync, rename, directory fsync). Blocking.
     pub(super) fn write(self) -> Result<WrittenCheckpoint, ProcessError> {
         let started = Instant::now();
+        let failpoint = delta_failpoint(self.kind);
+        if failpoint == Some(true) {
+            std::process::abort();
+        }
         self.staged.commit().map_err(|source| ProcessError::Io {
             path: self.path.clone(),
             source,
         })?;
+        if failpoint == Some(false) {
+            std::process::abort();
+        }
         Ok(WrittenCheckpoint {
             bytes: self.bytes,
             applied_lsn: self.applied_lsn,

@@ -36,7 +36,8 @@ mod shared;
 pub mod window;
 
 pub use checkpoint::{
-    CheckpointError, CheckpointSummary, inspect_checkpoint, inspect_checkpoint_chain,
+    CheckpointError, CheckpointSummary, DELTA_FAILPOINT_ENV, inspect_checkpoint,
+    inspect_checkpoint_chain,
 };
 pub use config::{ProcessConfig, RuleConfig};
 pub use error::ProcessError;
@@ -189,10 +190,7 @@ impl Processor {
             Ok(bytes) => match checkpoint::load_chain(state_dir, &bytes) {
                 Ok(loaded) if loaded.state.windows.spec() == &spec => {
                     if loaded.deltas > 0 {
-                        tracing::debug!(
-                            deltas = loaded.deltas,
-                            "checkpoint loaded with its deltas"
-                        );
+                        tracing::info!("checkpoint loaded with {} delta(s)", loaded.deltas);
                     }
                     (loaded.state, true)
                 }
@@ -706,7 +704,7 @@ impl Processor {
     /// checkpoint files (the whole checkpoint and its deltas, which add up to at most
     /// [`checkpoint::DELTA_SHARE`] times it before a new whole one is written) and room for a
     /// whole rewrite (while a new whole checkpoint replaces the old one both are on disk; a
-    /// stale temporary one is removed at open).
+    /// stale temporary one is removed at open): `2 + DELTA_SHARE` times the whole checkpoint.
     ///
     /// The checkpoint's size follows the number of series and windows, not the data waiting,
     /// so blocking or dropping cannot shrink it: it leaves less room for journal and outbox.
@@ -718,7 +716,7 @@ impl Processor {
         if on_disk.max(being_written) > max / 3 && !self.checkpoint_share_warned {
             self.checkpoint_share_warned = true;
             tracing::warn!(
-                "the checkpoint ({} B for {} series; twice that while it is rewritten) takes \
+                "the checkpoint ({} B for {} series with its deltas; room for a rewrite is kept besides) takes \
                  more than a third of store.max_disk ({}): raise store.max_disk or lower \
                  process.max_series, else little room is left for the journal and the outbox",
                 on_disk.max(being_written),
@@ -728,7 +726,11 @@ impl Processor {
         }
         // Room for the next rewrite is kept free, not only counted while it happens: the
         // successor appears between two quota ticks, all at once.
-        let checkpoint = on_disk + self.chain.whole_bytes.max(being_written);
+        // The whole chain's room is kept too, not what its deltas take at the moment: else
+        // every new whole checkpoint (which removes the deltas) would free room that the next
+        // deltas take back, and a quota block would lift and fall with it.
+        let whole = self.chain.whole_bytes.max(being_written);
+        let checkpoint = (on_disk + whole).max(whole * (2 + checkpoint::DELTA_SHARE));
         let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
         quota::enforce(
             &self.limits.store,
