@@ -15,7 +15,7 @@
 //! Each file is written atomically and a delta only after the checkpoint before it is
 //! durable (one checkpoint is in flight at a time), so a crash at any point leaves a chain
 //! whose last member is the newest checkpoint that counts. A new whole checkpoint is written
-//! once the deltas of the chain add up to the whole one's size ([`DELTA_SHARE`]), after a
+//! once the deltas of the chain add up to a few times the whole one's size ([`delta_share`]), after a
 //! checkpoint could not be written, and as the first of every process (so that no delta ever
 //! follows a chain that loading cut short); after it, the old deltas are removed (any left by
 //! a crash belong to another id and are ignored).
@@ -96,11 +96,25 @@ const DELTA_VERSION: u16 = 1;
 
 /// A chain of deltas is ended by a new whole checkpoint once the deltas written since the
 /// last whole one add up to this many times its size. Each delta costs its changed slots plus
-/// the whole of the small maps (series, rules, pending items); at 1,000 series with the
-/// example config's windows a delta taken 10 s after the previous checkpoint is about a
-/// quarter of the whole. The price is disk: up to `1 + DELTA_SHARE` whole checkpoints' worth
-/// of files, plus the room a new whole one needs (counted against `max_disk`).
-pub(super) const DELTA_SHARE: u64 = 1;
+/// the whole of the small maps (series, rules, pending items); with the example config's
+/// windows a delta taken 10 s after the previous checkpoint is about a quarter of the whole
+/// (unit test `in_the_example_shape_a_delta_of_ten_seconds_is_a_fraction_of_the_whole`), so a
+/// chain of three wholes' worth holds about a dozen deltas. While the state grows (the first
+/// correction horizon after a start) the deltas are larger, which a longer chain absorbs.
+pub(super) const MAX_DELTA_SHARE: u64 = 3;
+
+/// The share of deltas a chain may take before a new whole checkpoint, for a whole
+/// checkpoint of `whole` bytes and a quota of `max_disk`: the chain and the room for a whole
+/// rewrite (`(2 + share) × whole`) stay within a third of `max_disk`, so a small quota keeps
+/// its room for the journal and the outbox and simply gets whole checkpoints, as before
+/// deltas existed.
+pub(super) fn delta_share(whole: u64, max_disk: u64) -> u64 {
+    (max_disk / 3)
+        .checked_div(whole)
+        .unwrap_or(MAX_DELTA_SHARE + 2)
+        .saturating_sub(2)
+        .min(MAX_DELTA_SHARE)
+}
 
 /// Why a checkpoint file is unusable.
 pub type CheckpointError = crate::util::StateFileError;
@@ -701,6 +715,46 @@ mod tests {
         assert_eq!((loaded.deltas, loaded.state.applied_lsn), (0, 130));
         remove_deltas(dir.path());
         assert!(delta_files(dir.path()).is_empty());
+    }
+
+    /// The example config's windows (10 s and 1 min, lateness 5 s, correction horizon 2 min)
+    /// with 1,000 series at 1 Hz: what a delta 10 s after a whole checkpoint takes.
+    #[test]
+    fn in_the_example_shape_a_delta_of_ten_seconds_is_a_fraction_of_the_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        let mut c = state(0);
+        let feed = |c: &mut Checkpoint, from: i64, to: i64| {
+            for t in from..to {
+                for s in 0..1000 {
+                    let v = 20.0 + ((t * 7 + s * 13) % 150) as f64 / 10.0;
+                    c.windows.apply(
+                        &format!("temperature{{sensor=s{s}}}"),
+                        v,
+                        t * 1000,
+                        t * 1000,
+                    );
+                }
+                let mut out = Vec::new();
+                c.windows.close_due(t * 1000, &mut out);
+            }
+        };
+        feed(&mut c, 0, 300);
+        let whole = c
+            .stage(&path, Kind::Whole { id: 1 })
+            .unwrap()
+            .write()
+            .unwrap()
+            .bytes;
+        feed(&mut c, 300, 310);
+        let delta = c
+            .stage(&path, Kind::Delta { base_id: 1, seq: 1 })
+            .unwrap()
+            .write()
+            .unwrap()
+            .bytes;
+        println!("1,000 series: whole {whole} bytes, delta after 10 s {delta} bytes");
+        assert!(delta * 3 < whole, "{delta} vs {whole}");
     }
 
     #[test]

@@ -73,10 +73,11 @@ struct Chain {
 }
 
 impl Chain {
-    fn next_kind(&self) -> Kind {
+    fn next_kind(&self, max_disk: u64) -> Kind {
+        let share = checkpoint::delta_share(self.whole_bytes, max_disk);
         if self.whole_next
             || self.id == 0
-            || self.delta_bytes >= self.whole_bytes.saturating_mul(checkpoint::DELTA_SHARE)
+            || self.delta_bytes >= self.whole_bytes.saturating_mul(share)
         {
             Kind::Whole {
                 id: checkpoint::new_id(),
@@ -147,6 +148,8 @@ pub struct Processor {
     checkpoint_bytes: [u64; 2],
     /// Where the chain of checkpoints stands (see [`checkpoint`]).
     chain: Chain,
+    /// The outbox's size when a quota block began (see [`quota::enforce`]).
+    quota_held: Option<u64>,
     /// The checkpoint's share of `max_disk` was reported as too large (once per process).
     checkpoint_share_warned: bool,
 }
@@ -244,6 +247,7 @@ impl Processor {
             acks_owed: false,
             checkpoint_bytes: [checkpoint_on_disk, 0],
             checkpoint_share_warned: false,
+            quota_held: None,
             chain: Chain {
                 id: 0,
                 whole_bytes: whole_on_disk,
@@ -629,7 +633,7 @@ impl Processor {
             }
             self.state.outbox_next = [ob.next_lsn(Lane::Aggregates), ob.next_lsn(Lane::Alerts)];
         }
-        let kind = self.chain.next_kind();
+        let kind = self.chain.next_kind(self.limits.store.max_disk.as_u64());
         let pending = match self.state.stage(&self.path, kind) {
             Ok(p) => p,
             Err(e) => {
@@ -702,9 +706,9 @@ impl Processor {
 
     /// Applies the disk quota to everything in the data directory: journal, outbox, the
     /// checkpoint files (the whole checkpoint and its deltas, which add up to at most
-    /// [`checkpoint::DELTA_SHARE`] times it before a new whole one is written) and room for a
+    /// [`checkpoint::delta_share`] times it before a new whole one is written) and room for a
     /// whole rewrite (while a new whole checkpoint replaces the old one both are on disk; a
-    /// stale temporary one is removed at open): `2 + DELTA_SHARE` times the whole checkpoint.
+    /// stale temporary one is removed at open): `2 + delta_share` times the whole checkpoint.
     ///
     /// The checkpoint's size follows the number of series and windows, not the data waiting,
     /// so blocking or dropping cannot shrink it: it leaves less room for journal and outbox.
@@ -730,13 +734,15 @@ impl Processor {
         // every new whole checkpoint (which removes the deltas) would free room that the next
         // deltas take back, and a quota block would lift and fall with it.
         let whole = self.chain.whole_bytes.max(being_written);
-        let checkpoint = (on_disk + whole).max(whole * (2 + checkpoint::DELTA_SHARE));
+        let share = checkpoint::delta_share(self.chain.whole_bytes, max);
+        let checkpoint = (on_disk + whole).max(whole * (2 + share));
         let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
         quota::enforce(
             &self.limits.store,
             &mut ob,
             self.shared.journal_bytes.load(Ordering::Relaxed) + checkpoint,
             &self.shared.status,
+            &mut self.quota_held,
         )
     }
 

@@ -12,18 +12,40 @@ use std::sync::atomic::Ordering;
 /// `other_bytes` (the journal and the checkpoint files). Not counted: the epoch, lock and
 /// address files (a few dozen bytes each) and `quarantine/` (damage that `store repair` set
 /// aside for inspection, which only an operator removes).
+///
+/// `held` is the outbox's size when ingest was blocked (`None` while it is not): a block lifts
+/// once the store is below `max_disk` *and* the upstream has taken some of the outbox (or it
+/// is down to its active segments, or an eighth of `max_disk` is free). Without that, every journal trim after a
+/// checkpoint, and the checkpoint shrinking as windows age out, freed a little room that the
+/// next readings took back at once: the block fell and rose every few hundred milliseconds,
+/// each time with a log line, while the outbox — what filled the disk — stayed as it was.
 pub(super) fn enforce(
     store: &StoreConfig,
     ob: &mut Outbox,
     other_bytes: u64,
     status: &ProcessStatus,
+    held: &mut Option<u64>,
 ) -> Result<(), ProcessError> {
     let max = store.max_disk.as_u64();
     let used = |ob: &Outbox| ob.disk_bytes() + other_bytes;
-    let full = used(ob) > max;
+    let over = used(ob) > max;
     metrics::gauge!("edgeferry_store_bytes").set(used(ob) as f64);
     match store.when_full {
         WhenFull::Block => {
+            let outbox = ob.disk_bytes();
+            let full = match *held {
+                None => over,
+                Some(at_block) => {
+                    over || !(outbox < at_block
+                        || ob.at_its_smallest()
+                        || used(ob).saturating_add(max / 8) <= max)
+                }
+            };
+            *held = match (full, *held) {
+                (true, None) => Some(outbox),
+                (true, Some(at)) => Some(at),
+                (false, _) => None,
+            };
             let was = status.blocked.swap(full, Ordering::Relaxed);
             if full || was {
                 status
@@ -98,10 +120,51 @@ mod tests {
         let (mut ob, _) = Outbox::open(dir.path(), 4096).unwrap();
         let s = status();
         let base = ob.disk_bytes();
-        enforce(&store(base + 1000, WhenFull::Block), &mut ob, 2000, &s).unwrap();
+        let mut held = None;
+        enforce(
+            &store(base + 1000, WhenFull::Block),
+            &mut ob,
+            2000,
+            &s,
+            &mut held,
+        )
+        .unwrap();
         assert!(s.blocked.load(Ordering::Relaxed), "journal bytes count too");
-        enforce(&store(base + 1000, WhenFull::Block), &mut ob, 500, &s).unwrap();
+        enforce(
+            &store(base + 1000, WhenFull::Block),
+            &mut ob,
+            500,
+            &s,
+            &mut held,
+        )
+        .unwrap();
         assert!(!s.blocked.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_block_lifts_when_the_upstream_takes_from_the_outbox_not_when_a_trim_frees_a_little() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ob, _) = Outbox::open(dir.path(), 1024).unwrap();
+        for i in 0..40 {
+            ob.append(Lane::Aggregates, 1, i, &[7; 200]).unwrap();
+        }
+        ob.sync().unwrap();
+        let s = status();
+        let max = ob.disk_bytes() + 1000;
+        let mut held = None;
+        enforce(&store(max, WhenFull::Block), &mut ob, 1100, &s, &mut held).unwrap();
+        assert!(s.blocked.load(Ordering::Relaxed));
+        // The journal was trimmed by a little: below the quota, but the outbox is as it was.
+        enforce(&store(max, WhenFull::Block), &mut ob, 900, &s, &mut held).unwrap();
+        assert!(s.blocked.load(Ordering::Relaxed), "still held");
+        // The upstream acknowledged the oldest batches and their segment went.
+        for lsn in 0..10 {
+            ob.ack(crate::store::outbox::seq_of(Lane::Aggregates, lsn))
+                .unwrap();
+        }
+        enforce(&store(max, WhenFull::Block), &mut ob, 900, &s, &mut held).unwrap();
+        assert!(!s.blocked.load(Ordering::Relaxed), "released");
+        assert_eq!(held, None);
     }
 
     #[test]
@@ -115,7 +178,14 @@ mod tests {
         ob.sync().unwrap();
         let before = ob.disk_bytes();
         let s = status();
-        enforce(&store(before / 2, WhenFull::DropOldest), &mut ob, 0, &s).unwrap();
+        enforce(
+            &store(before / 2, WhenFull::DropOldest),
+            &mut ob,
+            0,
+            &s,
+            &mut None,
+        )
+        .unwrap();
         assert!(
             ob.disk_bytes() <= before / 2,
             "{} > {}",

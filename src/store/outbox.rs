@@ -324,6 +324,11 @@ impl Outbox {
         self.advance(lane)
     }
 
+    /// Whether nothing more can be freed: every lane holds only its active segment.
+    pub fn at_its_smallest(&self) -> bool {
+        self.lanes.iter().all(|l| l.segment_count() == 1)
+    }
+
     /// Records the central side's acknowledgement of `seq`.
     pub fn ack(&mut self, seq: u64) -> Result<(), LogError> {
         let (lane, lsn) = lane_lsn(seq);
