@@ -10,7 +10,8 @@
 //! second, the projected GB per day, and publish → local alert p99 (one sensor's readings
 //! cross the rule every 10 s). `EDGEFERRY_FLASH_MQTT` adds keys to `[mqtt]` (e.g.
 //! `commit_interval = "5ms"` for the old default) and `EDGEFERRY_FLASH_PROCESS` to
-//! `[process]`; `EDGEFERRY_FLASH_FLEETS=10000,100` picks the fleets, `EDGEFERRY_FLASH_HOT=0`
+//! `[process]` and `EDGEFERRY_FLASH_STORE` to a `[store]` table (e.g. `max_disk = "12MiB"`,
+//! which leaves no room for checkpoint deltas); `EDGEFERRY_FLASH_FLEETS=10000,100` picks the fleets, `EDGEFERRY_FLASH_HOT=0`
 //! turns the hot sensor off, `EDGEFERRY_FLASH_VERBOSE=1` prints processing p99s. Without `--bench` (as `cargo test --all-targets` runs it) it is a smoke run of
 //! 3 s that checks every reading arrived, never how fast.
 
@@ -35,6 +36,10 @@ struct Outcome {
     checkpoint_size: f64,
     checkpoints: f64,
     commit_p99: Option<f64>,
+    /// After a SIGKILL at the end of the run: seconds from restart to ready, and the journal
+    /// records replayed.
+    restart_secs: f64,
+    replayed: u64,
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
@@ -96,6 +101,9 @@ fn run(sensors: usize, secs: u64) -> Outcome {
     }
     if let Ok(extra) = std::env::var("EDGEFERRY_FLASH_PROCESS") {
         cfg = cfg.replacen("[process]\n", &format!("[process]\n{extra}\n"), 1);
+    }
+    if let Ok(extra) = std::env::var("EDGEFERRY_FLASH_STORE") {
+        cfg.push_str(&format!("\n[store]\n{extra}\n"));
     }
     std::fs::write(&gw.config, cfg).unwrap();
     gw.start();
@@ -165,10 +173,36 @@ fn run(sensors: usize, secs: u64) -> Outcome {
         ] {
             eprintln!("{sensors} sensors: {name} p99 {:?}", quantile(name));
         }
+        for l in text
+            .lines()
+            .filter(|l| l.starts_with("edgeferry_checkpoints_total"))
+        {
+            eprintln!("{sensors} sensors: {l}");
+        }
+        let state = gw.dir.path().join("data").join("state");
+        for e in std::fs::read_dir(state).into_iter().flatten().flatten() {
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            eprintln!(
+                "{sensors} sensors: {} {len} B",
+                e.file_name().to_string_lossy()
+            );
+        }
     }
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = watcher.join();
+    // A crash now (the journal since the newest checkpoint to replay), then the time until
+    // the daemon is ready again.
+    gw.kill9();
+    let restarted = Instant::now();
+    gw.start();
+    let restart_secs = restarted.elapsed().as_secs_f64();
+    let replayed = gw
+        .current_log()
+        .split("replayed=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
     let _ = gw.stop();
     let mut alerts = alerts.lock().unwrap().clone();
     alerts.sort_unstable();
@@ -184,6 +218,8 @@ fn run(sensors: usize, secs: u64) -> Outcome {
         checkpoint_size,
         checkpoints,
         commit_p99,
+        restart_secs,
+        replayed,
     }
 }
 
@@ -214,15 +250,15 @@ fn main() {
         Err(_) => vec![100],
     };
     println!(
-        "| sensors × 1 Hz | readings | bytes written / reading | / payload byte | GB/day | syncs/s | checkpoints (size) | checkpoint bytes/s | commit p99 | alert p99 (alerts) | VmHWM |"
+        "| sensors × 1 Hz | readings | bytes written / reading | / payload byte | GB/day | syncs/s | checkpoints (size) | checkpoint bytes/s | commit p99 | alert p99 (alerts) | VmHWM | kill → ready (replayed) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for sensors in fleets {
         let o = run(sensors, secs);
         let per_reading = o.written as f64 / o.readings as f64;
         let per_payload = o.written as f64 / o.payload as f64;
         println!(
-            "| {sensors} | {} | {per_reading:.0} | **{per_payload:.2}** | {:.2} | {:.0} | {} ({:.2} MB) | {:.0} | {} | {} ({}) | {:.1} MiB |",
+            "| {sensors} | {} | {per_reading:.0} | **{per_payload:.2}** | {:.2} | {:.0} | {} ({:.2} MB) | {:.0} | {} | {} ({}) | {:.1} MiB | {:.2} s ({}) |",
             o.readings,
             o.written as f64 / o.secs * 86_400.0 / 1e9,
             o.syncs / o.secs,
@@ -234,6 +270,8 @@ fn main() {
             p99(&o.alerts).map_or("-".into(), |v| format!("{v} ms")),
             o.alerts.len(),
             o.hwm_kib as f64 / 1024.0,
+            o.restart_secs,
+            o.replayed,
         );
         if !full {
             assert!(
