@@ -64,6 +64,17 @@ pub fn staged_bytes(path: &std::path::Path) -> u64 {
     size(path) + size(&path.with_extension("tmp"))
 }
 
+/// The size of the filesystem holding `path` (`statvfs`), if it can be asked: a quota
+/// larger than the disk it lives on is bounded by the disk.
+pub fn filesystem_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (r == 0).then(|| (st.f_blocks as u64).saturating_mul(st.f_frsize as u64))
+}
+
 /// `fdatasync` of `file`, counted in `edgeferry_disk_syncs_total{kind="data"}`: every sync
 /// rewrites at least the file's last, partly filled page, so syncs per second times 4 KiB is a
 /// floor on what the flash is made to write.

@@ -227,7 +227,8 @@ impl Checkpoint {
     /// into its file's temporary copy (page cache, not yet durable): the state can be
     /// megabytes, and a copy in memory would double the process's peak. The caller makes it
     /// durable with [`PendingCheckpoint::write`]. Either way the windows' record of what
-    /// changed is reset: the next delta follows this checkpoint.
+    /// changed is reset: the next delta follows this checkpoint (a delta's slots travel in
+    /// [`PendingCheckpoint::taken`], to be put back if it is not written).
     pub(super) fn stage(
         &mut self,
         whole_path: &Path,
@@ -248,6 +249,7 @@ impl Checkpoint {
             Kind::Delta { .. } => (DELTA_MAGIC, DELTA_VERSION),
         };
         let mut out = crate::util::FramedWriter::create(&path, magic, version).map_err(io)?;
+        let mut taken = None;
         let encoded = match kind {
             Kind::Whole { id } => {
                 let r = postcard::to_io(&WholeRef { id, state: self }, &mut out).map(|_| ());
@@ -255,6 +257,7 @@ impl Checkpoint {
                 r
             }
             Kind::Delta { base_id, seq } => {
+                let t = self.windows.take_changed();
                 let d = DeltaRef {
                     base_id,
                     seq,
@@ -266,19 +269,32 @@ impl Checkpoint {
                     pending_since_ms: self.pending_since_ms,
                     outbox_next: self.outbox_next,
                     watermark_ms: self.watermark_ms,
-                    windows: self.windows.delta(),
+                    windows: self.windows.delta(&t),
                 };
-                postcard::to_io(&d, &mut out).map(|_| ())
+                let r = postcard::to_io(&d, &mut out).map(|_| ());
+                taken = Some(t);
+                r
             }
         };
-        encoded.map_err(|e| io(std::io::Error::other(e)))?;
-        let (staged, bytes) = out.finish().map_err(io)?;
+        let staged = encoded
+            .map_err(|e| io(std::io::Error::other(e)))
+            .and_then(|()| out.finish().map_err(io));
+        let (staged, bytes) = match staged {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(t) = taken {
+                    self.windows.restore_changed(t);
+                }
+                return Err(e);
+            }
+        };
         Ok(PendingCheckpoint {
             staged,
             path,
             bytes,
             applied_lsn: self.applied_lsn,
             kind,
+            taken,
         })
     }
 
@@ -399,6 +415,8 @@ pub(super) struct PendingCheckpoint {
     pub(super) bytes: u64,
     pub(super) applied_lsn: u64,
     pub(super) kind: Kind,
+    /// For a delta: the slots it covers, to be put back if it is not written after all.
+    pub(super) taken: Option<super::window::TakenSlots>,
 }
 
 /// A checkpoint that is durable.

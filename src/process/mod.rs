@@ -68,7 +68,7 @@ struct Chain {
     deltas: u32,
     delta_bytes: u64,
     /// The next checkpoint must be whole: the first of the process (loading may have cut
-    /// the chain short), or the last write failed (its delta is not on disk).
+    /// the chain short), or a whole one failed to be written.
     whole_next: bool,
 }
 
@@ -150,6 +150,12 @@ pub struct Processor {
     chain: Chain,
     /// The outbox's size when a quota block began (see [`quota::enforce`]).
     quota_held: Option<u64>,
+    /// The checkpoint being written and, for a delta, the slots it covers.
+    in_flight: Option<(Kind, Option<window::TakenSlots>)>,
+    /// `max_disk`, or the filesystem's size where that is smaller: what the checkpoint
+    /// chain's room is measured against (a chain sized for a 1 GiB quota on an 8 MiB disk
+    /// would fill the disk with deltas).
+    disk_bound: u64,
     /// The checkpoint's share of `max_disk` was reported as too large (once per process).
     checkpoint_share_warned: bool,
 }
@@ -222,6 +228,9 @@ impl Processor {
             Err(source) => return Err(ProcessError::Io { path, source }),
         };
         let state_watermark = state.watermark_ms;
+        let max_disk = limits.store.max_disk.as_u64();
+        let disk_bound =
+            crate::util::filesystem_bytes(state_dir).map_or(max_disk, |fs| fs.min(max_disk));
         let mut p = Processor {
             cfg: cfg.clone(),
             limits,
@@ -248,6 +257,8 @@ impl Processor {
             checkpoint_bytes: [checkpoint_on_disk, 0],
             checkpoint_share_warned: false,
             quota_held: None,
+            in_flight: None,
+            disk_bound,
             chain: Chain {
                 id: 0,
                 whole_bytes: whole_on_disk,
@@ -611,7 +622,7 @@ impl Processor {
         let pending = self.begin_checkpoint()?;
         let written = pending
             .write()
-            .inspect_err(|_| self.chain.whole_next = true)?;
+            .inspect_err(|_| self.checkpoint_not_written())?;
         self.finish_checkpoint(written);
         Ok(())
     }
@@ -633,15 +644,31 @@ impl Processor {
             }
             self.state.outbox_next = [ob.next_lsn(Lane::Aggregates), ob.next_lsn(Lane::Alerts)];
         }
-        let kind = self.chain.next_kind(self.limits.store.max_disk.as_u64());
-        let pending = match self.state.stage(&self.path, kind) {
-            Ok(p) => p,
-            Err(e) => {
-                // What changed since the last checkpoint was taken into this one.
-                self.chain.whole_next = true;
-                return Err(e);
-            }
+        // While the disk refuses writes (the journal's or ours), no deltas: a delta that fits
+        // takes the room the oldest aggregates gave for the readings, and the chain then only
+        // grows. A whole checkpoint is tried instead; once one fits it frees the deltas.
+        let disk_trouble = self
+            .shared
+            .input_disk_full
+            .as_ref()
+            .is_some_and(|full| full())
+            || self
+                .shared
+                .status
+                .write_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
+        let kind = match self.chain.next_kind(self.disk_bound) {
+            Kind::Delta { .. } if disk_trouble => Kind::Whole {
+                id: checkpoint::new_id(),
+            },
+            kind => kind,
         };
+        // A delta that cannot be staged has put its slots back itself; a whole one is tried
+        // again as a whole one.
+        let mut pending = self.state.stage(&self.path, kind)?;
+        self.in_flight = Some((kind, pending.taken.take()));
         self.checkpoint_bytes[1] = pending.bytes;
         self.dirty = false;
         self.appended = false;
@@ -649,10 +676,22 @@ impl Processor {
         Ok(pending)
     }
 
+    /// The checkpoint in flight was not written (a full or failing disk): a delta's slots go
+    /// back into the next delta, which takes its place in the chain (same number); after a
+    /// whole one, the next is whole again. Deltas keep a full disk's writes small: the chain
+    /// goes on with a few hundred kilobytes where a whole rewrite needs megabytes free.
+    fn checkpoint_not_written(&mut self) {
+        match self.in_flight.take() {
+            Some((Kind::Delta { .. }, Some(taken))) => self.state.windows.restore_changed(taken),
+            _ => self.chain.whole_next = true,
+        }
+    }
+
     /// Second half, once the checkpoint is durable: only now may the journal be trimmed below
     /// it and the forwarder see the outbox batches it covers. (`state.outbox_next` is not
     /// changed in between: one checkpoint is in flight at a time.)
     fn finish_checkpoint(&mut self, written: WrittenCheckpoint) {
+        self.in_flight = None;
         let was = self
             .shared
             .status
@@ -734,7 +773,7 @@ impl Processor {
         // every new whole checkpoint (which removes the deltas) would free room that the next
         // deltas take back, and a quota block would lift and fall with it.
         let whole = self.chain.whole_bytes.max(being_written);
-        let share = checkpoint::delta_share(self.chain.whole_bytes, max);
+        let share = checkpoint::delta_share(self.chain.whole_bytes, self.disk_bound);
         let checkpoint = (on_disk + whole).max(whole * (2 + share));
         let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
         quota::enforce(
@@ -776,7 +815,7 @@ impl Processor {
                             // temporary file is gone with the staging); what changed since
                             // the checkpoint before is only in a whole one now.
                             self.checkpoint_bytes[1] = 0;
-                            self.chain.whole_next = true;
+                            self.checkpoint_not_written();
                             self.dirty = true;
                             self.write_failed(e)?;
                         }
@@ -822,7 +861,16 @@ impl Processor {
                 self.write_failed(e)?;
             }
             let since = last_checkpoint.elapsed();
+            // While the journal cannot write for a full disk, no checkpoint is started: the
+            // room the oldest aggregates give up is the readings' (a checkpoint's temporary
+            // file would take it and fail anyway); checkpoints resume with the journal.
+            let journal_starved = self
+                .shared
+                .input_disk_full
+                .as_ref()
+                .is_some_and(|full| full());
             if writing.is_none()
+                && !journal_starved
                 && (((self.dirty || self.appended) && since >= self.cfg.checkpoint_interval)
                     || (self.alerts_appended
                         && since >= ALERTS_CHECKPOINT_WITHIN.min(self.cfg.checkpoint_interval)))

@@ -290,6 +290,10 @@ impl PartialEq for ChangedSlots {
     }
 }
 
+/// Slots taken for a delta by [`Windows::take_changed`].
+#[derive(Debug, Default)]
+pub struct TakenSlots(BTreeSet<SlotKey>);
+
 /// What changed in [`Windows`] since the previous checkpoint, borrowed for writing: every
 /// scalar, the keys of every slot still held, and the slots that changed in full. Closed
 /// windows kept for corrections are most of the state and rarely change, so this is a fraction
@@ -407,11 +411,21 @@ impl Windows {
         })
     }
 
-    /// What changed since the last call (or since this state was created or loaded), for a
-    /// checkpoint delta; forgets it. A delta is only meaningful on top of the checkpoint
-    /// written just before it: when a checkpoint was not written, the next one must be whole.
-    pub fn delta(&mut self) -> WindowsDeltaRef<'_> {
-        let changed = std::mem::take(&mut self.changed.0);
+    /// Takes the record of the slots changed since the last checkpoint (or since this state
+    /// was created or loaded), for a delta: the next delta starts from here. If the delta is
+    /// not written after all, [`Windows::restore_changed`] puts them back.
+    pub fn take_changed(&mut self) -> TakenSlots {
+        TakenSlots(std::mem::take(&mut self.changed.0))
+    }
+
+    /// Puts back slots a delta that was not written had taken (the next delta covers them).
+    pub fn restore_changed(&mut self, taken: TakenSlots) {
+        self.changed.0.extend(taken.0);
+    }
+
+    /// The delta of `taken` (from [`Windows::take_changed`]): every scalar, the keys of the
+    /// slots held and those of `taken` still held in full.
+    pub fn delta<'a>(&'a self, taken: &TakenSlots) -> WindowsDeltaRef<'a> {
         WindowsDeltaRef {
             spec: &self.spec,
             now_ms: self.now_ms,
@@ -420,7 +434,7 @@ impl Windows {
             changed: self
                 .slots
                 .iter()
-                .filter(|(k, _)| changed.contains(k))
+                .filter(|(k, _)| taken.0.contains(k))
                 .collect(),
             pending: &self.pending,
         }
@@ -1220,7 +1234,8 @@ mod tests {
                     w.mark_written();
                     rebuilt = Some(postcard::from_bytes(&bytes).unwrap());
                 } else if deltas.contains(&i) && let Some(base) = rebuilt.take() {
-                    let bytes = postcard::to_stdvec(&w.delta()).unwrap();
+                    let taken = w.take_changed();
+                    let bytes = postcard::to_stdvec(&w.delta(&taken)).unwrap();
                     let d: WindowsDelta = postcard::from_bytes(&bytes).unwrap();
                     let next = base.apply_delta(d).unwrap();
                     prop_assert_eq!(&next, &w, "after op {}", i);
@@ -1239,7 +1254,8 @@ mod tests {
             }
             // A final delta always matches too.
             if let Some(base) = rebuilt {
-                let bytes = postcard::to_stdvec(&w.delta()).unwrap();
+                let taken = w.take_changed();
+                let bytes = postcard::to_stdvec(&w.delta(&taken)).unwrap();
                 let d: WindowsDelta = postcard::from_bytes(&bytes).unwrap();
                 prop_assert_eq!(&base.apply_delta(d).unwrap(), &w);
             }
@@ -1252,7 +1268,8 @@ mod tests {
         w.apply("a", 1.0, 5_000, 5_000);
         let base = Windows::new(spec(&[10], 0, 60_000)); // not the state the delta follows
         w.mark_written();
-        let bytes = postcard::to_stdvec(&w.delta()).unwrap();
+        let taken = w.take_changed();
+        let bytes = postcard::to_stdvec(&w.delta(&taken)).unwrap();
         let d: WindowsDelta = postcard::from_bytes(&bytes).unwrap();
         assert!(base.apply_delta(d).is_err());
     }
