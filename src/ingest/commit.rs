@@ -295,10 +295,9 @@ impl Committer {
         if committed.is_empty() {
             return Ok(());
         }
-        for c in committed {
-            let lsn = self.journal.append(&c.entry)?;
-            debug_assert_eq!(lsn, c.lsn, "journal lsns are contiguous");
-        }
+        // Retried after a rollback, the journal may hold the first of them already.
+        self.journal
+            .append_group(committed.iter().map(|c| (c.lsn, &c.entry)))?;
         self.journal.sync()?;
         for c in committed {
             self.recent.insert(c.entry.dedup);

@@ -182,7 +182,7 @@ pub struct Outbox {
     /// that fails (a full disk) rolls the lane back to its last sync and appends these again
     /// (same lsns), so a batch the processor handed over is never lost to a disk error and
     /// its seq never changes. Bounded by what one checkpoint interval appends.
-    unsynced: [Vec<Vec<u8>>; 2],
+    unsynced: [Vec<(Lsn, Vec<u8>)>; 2],
     /// The lane's log was rolled back but not yet refilled from `unsynced`.
     needs_refill: [bool; 2],
 }
@@ -243,7 +243,7 @@ impl Outbox {
         self.refill(lane)?;
         match self.log(lane).append(&rec) {
             Ok(lsn) => {
-                self.unsynced[lane.index()].push(rec);
+                self.unsynced[lane.index()].push((lsn, rec));
                 Ok(seq_of(lane, lsn))
             }
             Err(e) => {
@@ -286,8 +286,14 @@ impl Outbox {
             return Ok(());
         }
         self.lanes[i].rollback_unsynced()?;
-        for rec in &self.unsynced[i] {
-            if let Err(e) = self.lanes[i].append(rec) {
+        // A roll to a new segment syncs the one it closes: what went there is durable and
+        // stays, and appending it again would store it twice.
+        let durable = self.lanes[i].next_lsn();
+        self.unsynced[i].retain(|(lsn, _)| *lsn >= durable);
+        for (lsn, rec) in &self.unsynced[i] {
+            let again = self.lanes[i].append(rec);
+            debug_assert!(again.as_ref().map_or(true, |l| l == lsn), "same lsns");
+            if let Err(e) = again {
                 let _ = self.lanes[i].rollback_unsynced();
                 return Err(e);
             }
@@ -516,6 +522,31 @@ mod tests {
         assert!(o.disk_bytes() < before, "acknowledged segments are deleted");
         assert!(o.unacked(Lane::Aggregates, 0, 100, 100).unwrap().is_empty());
         assert_eq!(o.backlog(Lane::Aggregates).unwrap().0, 0);
+    }
+
+    #[test]
+    fn a_failed_write_after_a_segment_roll_stores_each_batch_once_at_its_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut o, _) = Outbox::open(dir.path(), 4096).unwrap();
+        // Unsynced batches spanning a roll: the roll synced the closed segment's batches.
+        let seqs: Vec<u64> = (0..6)
+            .map(|i| o.append(Lane::Aggregates, 1, i, &[i as u8; 1000]).unwrap())
+            .collect();
+        assert!(o.lanes[Lane::Aggregates.index()].segment_count() > 1);
+        // The disk then refuses a write: the lane goes back to its last sync.
+        o.roll_back(Lane::Aggregates);
+        o.sync().unwrap();
+        drop(o);
+        let (o, _) = Outbox::open(dir.path(), 4096).unwrap();
+        let stored = o.unacked(Lane::Aggregates, 0, 100, 100).unwrap();
+        let got: Vec<(u64, i64)> = stored.iter().map(|b| (b.seq, b.created_ms)).collect();
+        let want: Vec<(u64, i64)> = seqs.iter().copied().zip(0..).collect();
+        assert_eq!(got, want, "every batch once, at the seq append gave it");
+        assert!(
+            stored
+                .iter()
+                .all(|b| b.payload == [b.created_ms as u8; 1000])
+        );
     }
 
     #[test]
