@@ -51,21 +51,29 @@
 //! # Memory and cost
 //!
 //! State is proportional to the number of open + retained windows. Windows are
-//! kept in a `BTreeMap` keyed by `(end, window_secs)` holding a per-series
-//! map, so `close_due` only touches windows that are due (range scan from the
-//! last closing point), pending corrections (a separate ordered set) and the
-//! windows being dropped (a prefix of the map); it never scans all series.
-//! Applying a reading to an existing window allocates nothing. A series with
-//! no readings within the retention horizon holds no state at all, so no
-//! explicit idle-series removal is needed.
+//! kept in a `BTreeMap` keyed by `(end, window_secs)` holding a [`Slot`]: the
+//! windows still open in full, by series, and the closed ones packed in
+//! columns (most of the state is closed windows kept for corrections: see
+//! [`Slot`] for the figures). `close_due` only touches windows that are due
+//! (range scan from the last closing point), pending corrections (a separate
+//! ordered set) and the windows being dropped (a prefix of the map); it never
+//! scans all series. Applying a reading to an existing open window allocates
+//! nothing; a correction unpacks the one group of at most [`PACK_ROWS`]
+//! windows that holds its series. A series with no readings within the
+//! retention horizon holds no state at all, so no explicit idle-series removal
+//! is needed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
-use serde::{Deserialize, Serialize, Serializer};
+use std::sync::Arc;
+
+use serde::de::{Error as _, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
 use crate::model::aggregate::Aggregate;
+use crate::protocol::packed;
 
 /// Which windows to compute and how long to accept late readings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,12 +247,218 @@ struct WindowState {
     version: u32,
 }
 
-type Slots = BTreeMap<SlotKey, BTreeMap<String, WindowState>>;
+type Slots = BTreeMap<SlotKey, Slot>;
 
 fn serialize_slots<S: Serializer>(slots: &Slots, s: S) -> Result<S::Ok, S::Error> {
     // A sequence of (key, per-series map) pairs: works with formats whose
     // map keys must be strings, and costs nothing extra in postcard.
     s.collect_seq(slots.iter())
+}
+
+/// Windows per packed group of a closed slot: small enough that a correction unpacks little,
+/// large enough that the group's column headers cost well under a byte per window.
+const PACK_ROWS: usize = 128;
+
+/// The windows of one slot (one length, one end), of every series that has one.
+///
+/// # Why closed slots are packed
+///
+/// Most of the state is closed windows kept only in case a correction arrives (with the
+/// example config's 2-minute horizon, 14 of every 16 windows), and corrections are rare.
+/// In full, a window costs ~500 bytes of heap (the aggregate, its series name, its sketch's
+/// bins and the map's nodes: 77 MiB for 10,000 series); packed in columns as the upstream
+/// protocol carries them ([`packed`]), tens of bytes plus a shared pointer to the name
+/// (issue 11: the whole window state with 10,000 series measured 76.6 MiB in full, 18.5 MiB
+/// packed, most of it the two open windows per series). A correction unpacks the one group
+/// holding its series; the next `close_due` emits it and packs it again. Packing is exact (bit for bit), so
+/// nothing about the output depends on whether a window was packed.
+///
+/// Invariant: a slot not yet passed by `close_due` has nothing packed (readings go to open
+/// slots all the time), and no series is both in `open` and in a group.
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    /// Windows in full, by series.
+    open: BTreeMap<Arc<str>, WindowState>,
+    /// The other windows, packed in groups of at most [`PACK_ROWS`].
+    packed: Vec<PackedGroup>,
+}
+
+/// Windows of one slot packed by [`Slot::pack`]: `names[i]` is the series of row `i`.
+#[derive(Debug, Clone)]
+struct PackedGroup {
+    names: Box<[Arc<str>]>,
+    bytes: Box<[u8]>,
+}
+
+impl PackedGroup {
+    fn new(entries: &[(Arc<str>, WindowState)]) -> PackedGroup {
+        let rows: Vec<packed::Row> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (_, state))| packed::Row {
+                series: i as u32,
+                // Not stored: the slot's key says it, and the columns pack only differences.
+                window_start_ms: 0,
+                window_secs: 0,
+                version: state.version,
+                agg: state.agg.to_parts(),
+            })
+            .collect();
+        PackedGroup {
+            names: entries.iter().map(|(n, _)| n.clone()).collect(),
+            bytes: packed::encode(&rows, 0).into_boxed_slice(),
+        }
+    }
+
+    fn contains(&self, series: &str) -> bool {
+        self.names.binary_search_by(|n| (**n).cmp(series)).is_ok()
+    }
+
+    fn unpack(&self) -> impl Iterator<Item = (Arc<str>, WindowState)> + '_ {
+        // These bytes were made by `new` in this process: they decode, or memory is corrupt.
+        let rows = packed::decode(&self.bytes, 0).expect("a group packed in memory decodes");
+        rows.into_iter().map(|row| {
+            (
+                self.names[row.series as usize].clone(),
+                WindowState {
+                    agg: Aggregate::from_parts(row.agg),
+                    version: row.version,
+                },
+            )
+        })
+    }
+}
+
+impl Slot {
+    fn len(&self) -> usize {
+        self.open.len() + self.packed.iter().map(|g| g.names.len()).sum::<usize>()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The window of `series`, unpacking its group if it is packed.
+    fn get_mut(&mut self, series: &str) -> Option<&mut WindowState> {
+        if !self.open.contains_key(series) {
+            let i = self.packed.iter().position(|g| g.contains(series))?;
+            let group = self.packed.swap_remove(i);
+            self.open.extend(group.unpack());
+        }
+        self.open.get_mut(series)
+    }
+
+    /// Packs every window held in full.
+    fn pack(&mut self) {
+        let open: Vec<(Arc<str>, WindowState)> =
+            std::mem::take(&mut self.open).into_iter().collect();
+        self.packed
+            .extend(open.chunks(PACK_ROWS).map(PackedGroup::new));
+    }
+
+    /// Unpacks every window.
+    fn unpack_all(&mut self) {
+        for group in std::mem::take(&mut self.packed) {
+            self.open.extend(group.unpack());
+        }
+    }
+
+    /// Every series with a window here, in no particular order.
+    fn names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.open
+            .keys()
+            .chain(self.packed.iter().flat_map(|g| g.names.iter()))
+    }
+
+    /// Every window in full, by series.
+    fn entries(&self) -> Vec<(Arc<str>, WindowState)> {
+        let mut all: Vec<(Arc<str>, WindowState)> = self
+            .open
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(self.packed.iter().flat_map(PackedGroup::unpack))
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Makes every name the one `series` holds (deserialization allocates each anew) and
+    /// counts the windows per series.
+    fn intern(&mut self, series: &mut BTreeMap<Arc<str>, usize>) {
+        let mut canonical = |name: &Arc<str>| -> Arc<str> {
+            match series.get_key_value(&**name) {
+                Some((k, _)) => {
+                    let k = k.clone();
+                    *series.get_mut(&*k).expect("just found") += 1;
+                    k
+                }
+                None => {
+                    series.insert(name.clone(), 1);
+                    name.clone()
+                }
+            }
+        };
+        for group in &mut self.packed {
+            for name in group.names.iter_mut() {
+                *name = canonical(name);
+            }
+        }
+        self.open = std::mem::take(&mut self.open)
+            .into_iter()
+            .map(|(k, v)| (canonical(&k), v))
+            .collect();
+    }
+}
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Slot) -> bool {
+        self.entries() == other.entries()
+    }
+}
+
+/// A map from series to window, sorted: the format of the checkpoints before packing.
+impl Serialize for Slot {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.packed.is_empty() {
+            return s.collect_map(self.open.iter().map(|(k, v)| (&**k, v)));
+        }
+        s.collect_map(self.entries().iter().map(|(k, v)| (&**k, v)))
+    }
+}
+
+/// Read as written by [`Serialize`], packing as it goes so that loading a checkpoint never
+/// holds more than one group in full beside the packed state (the caller unpacks the open
+/// slots).
+impl<'de> Deserialize<'de> for Slot {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Slot, D::Error> {
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = Slot;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map from series to window, sorted by series")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Slot, A::Error> {
+                let mut slot = Slot::default();
+                let mut last: Option<Arc<str>> = None;
+                while let Some((name, state)) = map.next_entry::<String, WindowState>()? {
+                    if last.as_deref().is_some_and(|l| l >= name.as_str()) {
+                        return Err(A::Error::custom(format!(
+                            "series {name:?} out of order or twice in one window slot"
+                        )));
+                    }
+                    let name: Arc<str> = name.into();
+                    last = Some(name.clone());
+                    slot.open.insert(name, state);
+                    if slot.open.len() == PACK_ROWS {
+                        slot.pack();
+                    }
+                }
+                slot.pack();
+                Ok(slot)
+            }
+        }
+        d.deserialize_map(Entries)
+    }
 }
 
 /// Serialized form of [`Windows`]; validated before becoming `Windows`.
@@ -253,7 +467,7 @@ struct WindowsRepr {
     spec: WindowSpec,
     now_ms: i64,
     closed_through_ms: i64,
-    slots: Vec<(SlotKey, BTreeMap<String, WindowState>)>,
+    slots: Vec<(SlotKey, Slot)>,
     pending: BTreeSet<WindowKey>,
 }
 
@@ -273,7 +487,7 @@ pub struct Windows {
     pending: BTreeSet<WindowKey>,
     /// Number of windows per series (derived; rebuilt on deserialization).
     #[serde(skip_serializing)]
-    series: BTreeMap<String, usize>,
+    series: BTreeMap<Arc<str>, usize>,
     /// Slots changed since the last checkpoint took them (see [`Windows::delta`]).
     #[serde(skip_serializing)]
     changed: ChangedSlots,
@@ -304,7 +518,7 @@ pub struct WindowsDeltaRef<'a> {
     now_ms: i64,
     closed_through_ms: i64,
     present: Vec<SlotKey>,
-    changed: Vec<(&'a SlotKey, &'a BTreeMap<String, WindowState>)>,
+    changed: Vec<(&'a SlotKey, &'a Slot)>,
     pending: &'a BTreeSet<WindowKey>,
 }
 
@@ -315,7 +529,7 @@ pub struct WindowsDelta {
     now_ms: i64,
     closed_through_ms: i64,
     present: Vec<SlotKey>,
-    changed: Vec<(SlotKey, BTreeMap<String, WindowState>)>,
+    changed: Vec<(SlotKey, Slot)>,
     pending: BTreeSet<WindowKey>,
 }
 
@@ -326,8 +540,8 @@ impl TryFrom<WindowsRepr> for Windows {
         repr.spec.validate()?;
         let horizon = repr.spec.allowed_lateness_ms + repr.spec.retention_ms;
         let mut slots = Slots::new();
-        let mut series: BTreeMap<String, usize> = BTreeMap::new();
-        for (key, windows) in repr.slots {
+        let mut series: BTreeMap<Arc<str>, usize> = BTreeMap::new();
+        for (key, mut windows) in repr.slots {
             if !repr.spec.lengths_secs.contains(&key.window_secs) {
                 return Err(WindowError::UnknownLength(key.window_secs));
             }
@@ -342,16 +556,28 @@ impl TryFrom<WindowsRepr> for Windows {
             {
                 return Err(invalid);
             }
-            for (name, state) in &windows {
-                let closed = key.end_ms <= repr.closed_through_ms;
-                if state.agg.is_empty() || (!closed && state.version != 0) {
-                    return Err(WindowError::InconsistentWindow {
-                        series: name.clone(),
-                        end_ms: key.end_ms,
-                    });
-                }
-                *series.entry(name.clone()).or_insert(0) += 1;
+            let closed = key.end_ms <= repr.closed_through_ms;
+            if !closed {
+                // Readings go here: held in full (see `Slot`).
+                windows.unpack_all();
             }
+            let inconsistent = |(name, state): (&Arc<str>, &WindowState)| {
+                (state.agg.is_empty() || (!closed && state.version != 0)).then(|| {
+                    WindowError::InconsistentWindow {
+                        series: name.to_string(),
+                        end_ms: key.end_ms,
+                    }
+                })
+            };
+            if let Some(e) = windows.open.iter().find_map(inconsistent) {
+                return Err(e);
+            }
+            for group in &windows.packed {
+                if let Some(e) = group.unpack().find_map(|(n, s)| inconsistent((&n, &s))) {
+                    return Err(e);
+                }
+            }
+            windows.intern(&mut series);
             if slots.insert(key, windows).is_some() {
                 return Err(WindowError::DuplicateWindow {
                     end_ms: key.end_ms,
@@ -364,7 +590,10 @@ impl TryFrom<WindowsRepr> for Windows {
                 end_ms: p.end_ms,
                 window_secs: p.window_secs,
             };
-            let exists = slots.get(&slot).is_some_and(|w| w.contains_key(&p.series));
+            let exists = slots.get(&slot).is_some_and(|w| {
+                w.open.contains_key(p.series.as_str())
+                    || w.packed.iter().any(|g| g.contains(&p.series))
+            });
             if !exists || p.end_ms > repr.closed_through_ms {
                 return Err(WindowError::DanglingCorrection {
                     series: p.series.clone(),
@@ -448,8 +677,7 @@ impl Windows {
     /// The state `delta` describes on top of `self` (the state of the previous checkpoint),
     /// validated as a checkpoint is.
     pub fn apply_delta(mut self, delta: WindowsDelta) -> Result<Windows, WindowError> {
-        let mut changed: BTreeMap<SlotKey, BTreeMap<String, WindowState>> =
-            delta.changed.into_iter().collect();
+        let mut changed: BTreeMap<SlotKey, Slot> = delta.changed.into_iter().collect();
         let mut slots = Vec::with_capacity(delta.present.len());
         for key in delta.present {
             let windows = match changed.remove(&key) {
@@ -534,21 +762,24 @@ impl Windows {
             };
             self.changed.0.insert(slot);
             let windows = self.slots.entry(slot).or_default();
-            let state = match windows.get_mut(series) {
-                Some(state) => state,
-                None => {
-                    match self.series.get_mut(series) {
-                        Some(n) => *n += 1,
-                        None => {
-                            self.series.insert(series.to_owned(), 1);
-                        }
-                    }
-                    windows.entry(series.to_owned()).or_insert(WindowState {
+            if windows.get_mut(series).is_none() {
+                let name = match self.series.get_key_value(series) {
+                    Some((name, _)) => name.clone(),
+                    None => Arc::from(series),
+                };
+                *self.series.entry(name.clone()).or_insert(0) += 1;
+                windows.open.insert(
+                    name,
+                    WindowState {
                         agg: Aggregate::new(),
                         version: 0,
-                    })
-                }
-            };
+                    },
+                );
+            }
+            let state = windows
+                .open
+                .get_mut(series)
+                .expect("just inserted or unpacked");
             state.agg.add(value, time_ms);
             if end <= self.closed_through_ms {
                 // Already passed by close_due: needs a (re-)emission.
@@ -572,6 +803,8 @@ impl Windows {
         let now = self.advance(now_ms);
         let cutoff = now.saturating_sub(self.spec.allowed_lateness_ms);
 
+        // Slots emitted from, packed again at the end.
+        let mut emitted = BTreeSet::new();
         // Corrections first: they all end at or before closed_through_ms,
         // while newly closed windows end after it, so this keeps the order.
         for key in std::mem::take(&mut self.pending) {
@@ -579,6 +812,7 @@ impl Windows {
                 end_ms: key.end_ms,
                 window_secs: key.window_secs,
             };
+            emitted.insert(slot);
             if let Some(state) = self
                 .slots
                 .get_mut(&slot)
@@ -609,10 +843,12 @@ impl Windows {
             );
             for (slot, windows) in self.slots.range_mut(range) {
                 self.changed.0.insert(*slot);
-                for (series, state) in windows.iter_mut() {
+                emitted.insert(*slot);
+                debug_assert!(windows.packed.is_empty(), "an open slot is never packed");
+                for (series, state) in windows.open.iter_mut() {
                     state.version += 1;
                     out.push(WindowAggregate {
-                        series: series.clone(),
+                        series: series.to_string(),
                         window_start_ms: slot.end_ms - len_ms(slot.window_secs),
                         window_secs: slot.window_secs,
                         version: state.version,
@@ -628,13 +864,18 @@ impl Windows {
             if entry.key().end_ms > drop_through {
                 break;
             }
-            for series in entry.remove().into_keys() {
-                if let Some(n) = self.series.get_mut(&series) {
+            for series in entry.remove().names() {
+                if let Some(n) = self.series.get_mut(&**series) {
                     *n -= 1;
                     if *n == 0 {
-                        self.series.remove(&series);
+                        self.series.remove(&**series);
                     }
                 }
+            }
+        }
+        for slot in emitted {
+            if let Some(windows) = self.slots.get_mut(&slot) {
+                windows.pack();
             }
         }
     }
@@ -651,9 +892,10 @@ impl Windows {
             Bound::Unbounded,
         );
         for (slot, windows) in self.slots.range(range) {
-            for (series, state) in windows {
+            debug_assert!(windows.packed.is_empty(), "an open slot is never packed");
+            for (series, state) in &windows.open {
                 out.push(WindowAggregate {
-                    series: series.clone(),
+                    series: series.to_string(),
                     window_start_ms: slot.end_ms - len_ms(slot.window_secs),
                     window_secs: slot.window_secs,
                     version: 0,
@@ -1272,5 +1514,72 @@ mod tests {
         let bytes = postcard::to_stdvec(&w.delta(&taken)).unwrap();
         let d: WindowsDelta = postcard::from_bytes(&bytes).unwrap();
         assert!(base.apply_delta(d).is_err());
+    }
+
+    #[test]
+    fn closed_windows_are_packed_and_a_correction_unpacks_only_its_group() {
+        let mut w = Windows::new(spec(&[10], 0, 60_000));
+        let names: Vec<String> = (0..3 * PACK_ROWS + 5).map(|i| format!("s{i:04}")).collect();
+        for (i, n) in names.iter().enumerate() {
+            w.apply(n, i as f64 / 10.0, 1_000 + i as i64, 1_000);
+        }
+        let first = close(&mut w, 10_000);
+        assert_eq!(first.len(), names.len());
+        let slot = &w.slots[&SlotKey {
+            end_ms: 10_000,
+            window_secs: 10,
+        }];
+        assert!(slot.open.is_empty(), "a closed slot is held packed");
+        assert_eq!(slot.packed.len(), 4);
+        assert_eq!(w.retained_windows(), names.len());
+
+        // A late reading for one series: only its group is unpacked, then packed again.
+        let late = &names[PACK_ROWS + 7];
+        assert_eq!(w.apply(late, 99.5, 9_999, 10_000), Applied::Correction);
+        let slot = &w.slots[&SlotKey {
+            end_ms: 10_000,
+            window_secs: 10,
+        }];
+        assert_eq!(slot.open.len(), PACK_ROWS);
+        assert_eq!(slot.packed.len(), 3);
+        // A checkpoint taken now (partly packed) continues exactly like the original.
+        let mut restored: Windows =
+            postcard::from_bytes(&postcard::to_stdvec(&w).unwrap()).unwrap();
+        assert_eq!(restored, w);
+        let correction = close(&mut w, 11_000);
+        assert_eq!(close(&mut restored, 11_000), correction);
+        assert_eq!(correction.len(), 1);
+        let c = &correction[0];
+        assert_eq!((c.series.as_str(), c.version), (late.as_str(), 2));
+        let mut expected = first
+            .iter()
+            .find(|a| &a.series == late)
+            .unwrap()
+            .agg
+            .clone();
+        expected.add(99.5, 9_999);
+        assert_eq!(c.agg, expected);
+        assert!(
+            w.slots.values().all(|s| s.open.is_empty()),
+            "packed again after emission"
+        );
+
+        // Every packed window comes back bit for bit: a checkpoint of the packed state holds
+        // exactly the aggregates that were emitted.
+        let mut emitted: BTreeMap<&str, &Aggregate> =
+            first.iter().map(|a| (a.series.as_str(), &a.agg)).collect();
+        emitted.insert(late, &c.agg);
+        let slot = &w.slots[&SlotKey {
+            end_ms: 10_000,
+            window_secs: 10,
+        }];
+        let held = slot.entries();
+        assert_eq!(held.len(), names.len());
+        for (name, state) in &held {
+            assert_eq!(&state.agg, emitted[&**name], "{name}");
+        }
+        // Names are shared with the series index, not copied per window.
+        let (name, _) = w.series.get_key_value("s0001").unwrap();
+        assert!(Arc::strong_count(name) >= 2);
     }
 }
