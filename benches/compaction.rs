@@ -146,7 +146,7 @@ fn run(windows_secs: &[u32], seconds: i64, sensors: usize, free_running: bool) -
         for a in emitted.drain(..) {
             out.items += 1;
             pending.push(OutboxItem::Aggregate {
-                series: by_key[&a.series].clone(),
+                series: std::sync::Arc::new(by_key[&a.series].clone()),
                 window_start_ms: a.window_start_ms,
                 window_secs: a.window_secs,
                 version: a.version,

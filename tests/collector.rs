@@ -247,7 +247,7 @@ fn aggregate_batch(seq: u64, items: usize) -> OutboxBatch {
                 agg.add(20.0 + k as f64 / 10.0 + i as f64, T0 + k * 1000 + 5);
             }
             OutboxItem::Aggregate {
-                series: series(i),
+                series: series(i).into(),
                 window_start_ms: T0 + seq as i64 * 10_000,
                 window_secs: 10,
                 version: 1,

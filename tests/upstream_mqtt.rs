@@ -204,7 +204,7 @@ impl Consumed {
                 self.versions.insert(vk, count);
                 let e = self
                     .windows
-                    .entry((series.key, window_start_ms, window_secs))
+                    .entry((series.key.clone(), window_start_ms, window_secs))
                     .or_insert((0, 0));
                 if version >= e.0 {
                     *e = (version, count);

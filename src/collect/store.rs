@@ -478,11 +478,11 @@ mod tests {
         agg.add(1.5, 1_764_000_000_500);
         agg.add(2.5, 1_764_000_009_000);
         OutboxItem::Aggregate {
-            series: SeriesInfo {
+            series: std::sync::Arc::new(SeriesInfo {
                 key: "t{d=1}".into(),
                 metric: "t".into(),
                 tags: [("d".to_string(), "1".to_string())].into(),
-            },
+            }),
             window_start_ms: 1_764_000_000_000,
             window_secs: 10,
             version: v,

@@ -28,6 +28,7 @@ use crate::model::batch::OutboxItem;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What is checkpointed: all processing state and the positions it reflects.
@@ -43,7 +44,7 @@ pub(super) struct Checkpoint {
     /// restart.
     pub(super) rules: rules::Rules,
     /// Metric and tags of every series with state (bounded by `max_series`).
-    pub(super) series: BTreeMap<String, SeriesInfo>,
+    pub(super) series: BTreeMap<String, Arc<SeriesInfo>>,
     /// Closed windows not yet in an outbox batch.
     pub(super) pending: Vec<OutboxItem>,
     /// Processing time of the oldest pending item (for `linger`).
@@ -66,7 +67,7 @@ struct CheckpointV3 {
     clock_ms: i64,
     windows: Windows,
     rules: rules::Rules,
-    series: BTreeMap<String, SeriesInfo>,
+    series: BTreeMap<String, Arc<SeriesInfo>>,
     pending: Vec<OutboxItem>,
     pending_since_ms: Option<i64>,
     outbox_next: [u64; 2],
@@ -141,7 +142,7 @@ struct DeltaRef<'a> {
     applied_lsn: u64,
     clock_ms: i64,
     rules: &'a rules::Rules,
-    series: &'a BTreeMap<String, SeriesInfo>,
+    series: &'a BTreeMap<String, Arc<SeriesInfo>>,
     pending: &'a Vec<OutboxItem>,
     pending_since_ms: Option<i64>,
     outbox_next: [u64; 2],
@@ -157,7 +158,7 @@ struct Delta {
     applied_lsn: u64,
     clock_ms: i64,
     rules: rules::Rules,
-    series: BTreeMap<String, SeriesInfo>,
+    series: BTreeMap<String, Arc<SeriesInfo>>,
     pending: Vec<OutboxItem>,
     pending_since_ms: Option<i64>,
     outbox_next: [u64; 2],

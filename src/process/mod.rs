@@ -52,6 +52,7 @@ use crate::store::outbox::Lane;
 use checkpoint::{Checkpoint, Kind, PendingCheckpoint, WrittenCheckpoint, joined};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -94,6 +95,9 @@ impl Chain {
 /// Closing windows at most this often (processing time) coalesces corrections.
 const CLOSE_EVERY_MS: i64 = 250;
 
+/// Closed windows [`Processor::close_due`] keeps room for between closes.
+const EMITTED_KEEP_CAPACITY: usize = 256;
+
 /// Alert batches reach the forwarder at most this long after they were appended: a checkpoint
 /// (most often a delta of the windows changed since the last one, 0.5 MB with 1,000 series in
 /// the example config's windows) is taken for them this soon, and alerts raised meanwhile share it. Aggregates wait for
@@ -117,6 +121,8 @@ pub struct Processor {
     /// alerts reach the central side promptly; aggregates wait for `checkpoint_interval` (the
     /// flash-wear knob: each checkpoint rewrites the whole state).
     alerts_appended: bool,
+    /// Windows closed by the current close (reused between closes, up to
+    /// [`EMITTED_KEEP_CAPACITY`] entries of room).
     emitted: Vec<WindowAggregate>,
     alerts: Vec<Alert>,
     publications: Option<mpsc::Sender<Publication>>,
@@ -435,11 +441,11 @@ impl Processor {
                     .store(self.state.series.len() as u64 + 1, Ordering::Relaxed);
                 self.state.series.insert(
                     key.to_owned(),
-                    SeriesInfo {
+                    Arc::new(SeriesInfo {
                         key: key.to_owned(),
                         metric: r.metric.clone(),
                         tags: r.tags.clone(),
-                    },
+                    }),
                 );
             }
             let info = &self.state.series[key];
@@ -582,6 +588,8 @@ impl Processor {
                 agg: w.agg,
             });
         }
+        // A close over 10,000 series needed ~8 MiB here; kept, that room stays taken for good.
+        self.emitted.shrink_to(EMITTED_KEEP_CAPACITY);
         self.state.pending_since_ms.get_or_insert(now);
         self.dirty = true;
     }
