@@ -233,6 +233,8 @@ impl Processor {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (fresh(), false),
             Err(source) => return Err(ProcessError::Io { path, source }),
         };
+        let mut state = state;
+        state.rules.share_series(&state.series);
         let state_watermark = state.watermark_ms;
         let max_disk = limits.store.max_disk.as_u64();
         let disk_bound =
