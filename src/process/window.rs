@@ -799,7 +799,10 @@ impl Windows {
     /// complete aggregate). Then drops windows with `end + lateness +
     /// retention <= now_ms`. Output order: by `(window_end, window_secs,
     /// series)`. `now_ms` is clamped to be non-decreasing.
-    pub fn close_due(&mut self, now_ms: i64, out: &mut Vec<WindowAggregate>) {
+    ///
+    /// `out` takes them one at a time, so a caller can pass them on without holding all of a
+    /// close at once (a `Vec` collects them).
+    pub fn close_due(&mut self, now_ms: i64, out: &mut impl Extend<WindowAggregate>) {
         let now = self.advance(now_ms);
         let cutoff = now.saturating_sub(self.spec.allowed_lateness_ms);
 
@@ -820,13 +823,13 @@ impl Windows {
             {
                 self.changed.0.insert(slot);
                 state.version += 1;
-                out.push(WindowAggregate {
+                out.extend(Some(WindowAggregate {
                     window_start_ms: key.end_ms - len_ms(key.window_secs),
                     window_secs: key.window_secs,
                     version: state.version,
                     agg: state.agg.clone(),
                     series: key.series,
-                });
+                }));
             }
         }
 
@@ -847,13 +850,13 @@ impl Windows {
                 debug_assert!(windows.packed.is_empty(), "an open slot is never packed");
                 for (series, state) in windows.open.iter_mut() {
                     state.version += 1;
-                    out.push(WindowAggregate {
+                    out.extend(Some(WindowAggregate {
                         series: series.to_string(),
                         window_start_ms: slot.end_ms - len_ms(slot.window_secs),
                         window_secs: slot.window_secs,
                         version: state.version,
                         agg: state.agg.clone(),
-                    });
+                    }));
                 }
             }
             self.closed_through_ms = cutoff;
