@@ -73,19 +73,14 @@ pub(super) fn flush(
     pending.items.drain(..sent);
     // What is left waits in emission order, alerts first (they jump the queue).
     pending.items.splice(0..0, alerts);
-    // The room a window close needed is given back: kept, it would stay the size of the
-    // largest close for good.
-    pending
-        .items
-        .shrink_to(pending.items.len().max(KEEP_CAPACITY));
+    // Room beyond a batch is given back: kept, it would stay the size of the largest
+    // backlog (a window close while the disk refused writes) for good.
+    pending.items.shrink_to(pending.items.len().max(batch_max));
     if pending.items.is_empty() {
         *pending.since_ms = None;
     }
     result.map(|()| appended)
 }
-
-/// Pending items kept room for between flushes.
-const KEEP_CAPACITY: usize = 256;
 
 fn append(
     ob: &mut Outbox,

@@ -549,13 +549,25 @@ impl Processor {
     fn close_due(&mut self, now: i64) {
         self.last_close_ms = now;
         let watermark = self.state.watermark_ms;
-        // Each closed window goes straight into `pending` as it is emitted: gathering a whole
-        // close first (10,000 series) held ~8 MiB more at the peak.
+        // Each closed window goes straight into `pending` as it is emitted, and full batches
+        // leave for the outbox as they fill: gathering a whole close first (10,000 series)
+        // held ~15 MiB more at the peak. A failed append leaves the items pending; the run
+        // loop's next flush meets the error again and handles it.
         let mut sink = Emitted {
             series: &self.state.series,
-            pending: &mut self.state.pending,
+            flush: Flush {
+                outbox: &self.shared.outbox,
+                pending: &mut self.state.pending,
+                since_ms: &mut self.state.pending_since_ms,
+                now: self.state.clock_ms,
+                limits: &self.limits,
+                appended: &mut self.appended,
+                alerts_appended: &mut self.alerts_appended,
+            },
+            emitted_at: now,
             live: self.shared.live.as_ref().filter(|l| l.has_receivers()),
             n: 0,
+            failed: false,
         };
         self.state.windows.close_due(watermark, &mut sink);
         let n = sink.n;
@@ -567,38 +579,22 @@ impl Processor {
             .status
             .windows_emitted
             .fetch_add(n, Ordering::Relaxed);
-        self.state.pending_since_ms.get_or_insert(now);
         self.dirty = true;
     }
 
     /// Moves pending items into outbox batches: alerts at once, aggregates when `batch_max`
     /// are pending or the oldest waited `linger` (on the processing clock), or when `force`.
     fn flush_batches(&mut self, force: bool) -> Result<(), ProcessError> {
-        let mut ob = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
-        let alerts_before = ob.next_lsn(Lane::Alerts);
-        let pending = batching::Pending {
-            items: &mut self.state.pending,
+        Flush {
+            outbox: &self.shared.outbox,
+            pending: &mut self.state.pending,
             since_ms: &mut self.state.pending_since_ms,
-        };
-        match batching::flush(
-            pending,
-            &mut ob,
-            self.state.clock_ms,
-            self.limits.batch_max,
-            self.limits.linger,
-            force,
-        ) {
-            Ok(appended) => {
-                self.appended |= appended;
-                self.alerts_appended |= ob.next_lsn(Lane::Alerts) != alerts_before;
-                Ok(())
-            }
-            Err(e) => {
-                // Some batches may be in the outbox already: checkpoint soon.
-                self.appended = true;
-                Err(e)
-            }
+            now: self.state.clock_ms,
+            limits: &self.limits,
+            appended: &mut self.appended,
+            alerts_appended: &mut self.alerts_appended,
         }
+        .run(force)
     }
 
     /// Syncs the outbox, writes the checkpoint atomically, then lets the forwarder send up to
@@ -997,14 +993,64 @@ impl Processor {
     }
 }
 
+/// What a flush of the pending items needs: the processor's fields, borrowed apart so that a
+/// close can flush while the windows are borrowed too.
+struct Flush<'a> {
+    outbox: &'a std::sync::Mutex<crate::store::outbox::Outbox>,
+    pending: &'a mut Vec<OutboxItem>,
+    since_ms: &'a mut Option<i64>,
+    /// Processing clock.
+    now: i64,
+    limits: &'a ProcessLimits,
+    /// Set when batches were appended (a checkpoint makes them visible upstream).
+    appended: &'a mut bool,
+    /// Set when alert batches were appended (checkpointed promptly).
+    alerts_appended: &'a mut bool,
+}
+
+impl Flush<'_> {
+    fn run(&mut self, force: bool) -> Result<(), ProcessError> {
+        let mut ob = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        let alerts_before = ob.next_lsn(Lane::Alerts);
+        let pending = batching::Pending {
+            items: self.pending,
+            since_ms: self.since_ms,
+        };
+        match batching::flush(
+            pending,
+            &mut ob,
+            self.now,
+            self.limits.batch_max,
+            self.limits.linger,
+            force,
+        ) {
+            Ok(appended) => {
+                *self.appended |= appended;
+                *self.alerts_appended |= ob.next_lsn(Lane::Alerts) != alerts_before;
+                Ok(())
+            }
+            Err(e) => {
+                // Some batches may be in the outbox already: checkpoint soon.
+                *self.appended = true;
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Where [`Windows::close_due`] puts closed windows: each becomes a pending outbox item
-/// (and a live event when someone watches) as it is emitted.
+/// (and a live event when someone watches) as it is emitted, and full batches are appended
+/// to the outbox as soon as they fill.
 struct Emitted<'a> {
     series: &'a BTreeMap<String, Arc<SeriesInfo>>,
-    pending: &'a mut Vec<OutboxItem>,
+    flush: Flush<'a>,
+    /// Processing time of the close (the pending items' "since").
+    emitted_at: i64,
     live: Option<&'a crate::live::LiveFeed>,
     /// Windows emitted.
     n: u64,
+    /// An append failed during this close: the rest stays pending for the run loop.
+    failed: bool,
 }
 
 impl Extend<WindowAggregate> for Emitted<'_> {
@@ -1026,13 +1072,17 @@ impl Extend<WindowAggregate> for Emitted<'_> {
                     max: w.agg.max(),
                 });
             }
-            self.pending.push(OutboxItem::Aggregate {
+            self.flush.pending.push(OutboxItem::Aggregate {
                 series,
                 window_start_ms: w.window_start_ms,
                 window_secs: w.window_secs,
                 version: w.version,
                 agg: w.agg,
             });
+            self.flush.since_ms.get_or_insert(self.emitted_at);
+            if !self.failed && self.flush.pending.len() >= self.flush.limits.batch_max.max(1) {
+                self.failed = self.flush.run(false).is_err();
+            }
         }
     }
 }
