@@ -92,6 +92,23 @@ impl Chain {
     }
 }
 
+/// The [`Flush`] of a processor's pending items, built from its fields one by one rather than
+/// by a method borrowing the whole processor, so that a window close can flush while the
+/// windows are borrowed too.
+macro_rules! flush_of {
+    ($p:expr) => {
+        Flush {
+            outbox: &$p.shared.outbox,
+            pending: &mut $p.state.pending,
+            since_ms: &mut $p.state.pending_since_ms,
+            now: $p.state.clock_ms,
+            limits: &$p.limits,
+            appended: &mut $p.appended,
+            alerts_appended: &mut $p.alerts_appended,
+        }
+    };
+}
+
 /// Closing windows at most this often (processing time) coalesces corrections.
 const CLOSE_EVERY_MS: i64 = 250;
 
@@ -555,15 +572,7 @@ impl Processor {
         // loop's next flush meets the error again and handles it.
         let mut sink = Emitted {
             series: &self.state.series,
-            flush: Flush {
-                outbox: &self.shared.outbox,
-                pending: &mut self.state.pending,
-                since_ms: &mut self.state.pending_since_ms,
-                now: self.state.clock_ms,
-                limits: &self.limits,
-                appended: &mut self.appended,
-                alerts_appended: &mut self.alerts_appended,
-            },
+            flush: flush_of!(self),
             emitted_at: now,
             live: self.shared.live.as_ref().filter(|l| l.has_receivers()),
             n: 0,
@@ -585,16 +594,7 @@ impl Processor {
     /// Moves pending items into outbox batches: alerts at once, aggregates when `batch_max`
     /// are pending or the oldest waited `linger` (on the processing clock), or when `force`.
     fn flush_batches(&mut self, force: bool) -> Result<(), ProcessError> {
-        Flush {
-            outbox: &self.shared.outbox,
-            pending: &mut self.state.pending,
-            since_ms: &mut self.state.pending_since_ms,
-            now: self.state.clock_ms,
-            limits: &self.limits,
-            appended: &mut self.appended,
-            alerts_appended: &mut self.alerts_appended,
-        }
-        .run(force)
+        flush_of!(self).run(force)
     }
 
     /// Syncs the outbox, writes the checkpoint atomically, then lets the forwarder send up to
