@@ -5,7 +5,8 @@
 # steps the daemon's wall clock with it), Node.js with the aedes broker from npm (a second,
 # independent MQTT broker: tests/other_broker.rs) and Python's paho-mqtt (a second,
 # independent MQTT client for the interoperability test), python3-fusepy (tests/faultfs.py, a
-# FUSE file system that fails writes with EIO/ENOSPC/EROFS on demand: tests/disk_faults.rs).
+# FUSE file system that fails writes with EIO/ENOSPC/EROFS on demand: tests/disk_faults.rs),
+# nats-server (the central side's engine, JetStream: tests/central_nats.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,7 @@ command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
 { command -v node && command -v npm; } >/dev/null || need+=(nodejs npm)
 /usr/bin/python3 -c 'import fusepy' 2>/dev/null || need+=(python3-fusepy)
+command -v nats-server >/dev/null || need+=(nats-server)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "test.sh: please install: ${need[*]} (sudo apt-get install ${need[*]})" >&2

@@ -582,7 +582,14 @@ pub async fn serve_waiting(
 /// `/metrics` and `/healthz` alone, for processes without a gateway's status (`edgeferry
 /// collect --metrics-listen`).
 #[cfg(feature = "central")]
-pub async fn serve_metrics(listener: tokio::net::TcpListener, shutdown: CancellationToken) {
+///
+/// `/healthz` answers 200 `ok` while `unhealthy` returns `None`, and 503 with its reason
+/// otherwise (a collector whose engine is down: load balancers steer gateways elsewhere).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    unhealthy: impl Fn() -> Option<String> + Clone + Send + Sync + 'static,
+) {
     let handle = prometheus();
     spawn_upkeep(handle.clone(), shutdown.clone());
     let app = Router::new()
@@ -593,7 +600,18 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, shutdown: Cancella
                 async move { ([("content-type", "text/plain; version=0.0.4")], h.render()) }
             }),
         )
-        .route("/healthz", get(healthz));
+        .route(
+            "/healthz",
+            get(move || async move {
+                match unhealthy() {
+                    None => (StatusCode::OK, "ok\n".to_string()),
+                    Some(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("unhealthy: {why}\n"),
+                    ),
+                }
+            }),
+        );
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

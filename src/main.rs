@@ -16,6 +16,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start and matched at once: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon in the foreground (under systemd: Type=notify).
@@ -52,17 +54,25 @@ enum Command {
         #[arg(long, value_name = "PATTERN")]
         series: Option<String>,
     },
-    /// Run the reference central receiver: accept gateways over WebSocket(+TLS) and write
-    /// their batches to DIR/out/<gateway>.jsonl (docs/PROTOCOL.md).
+    /// Run the central receiver: accept gateways over WebSocket(+TLS) and make their
+    /// batches durable in the sinks: DIR/out/<gateway>.jsonl by default, NATS JetStream
+    /// with --sink nats://host:port (docs/PROTOCOL.md, docs/CENTRAL.md).
     #[cfg(feature = "central")]
     Collect {
         /// Address to listen on, e.g. 0.0.0.0:9443 (port 0: ephemeral; the bound address is
         /// written to DIR/collect.addr).
         #[arg(long)]
         listen: String,
-        /// Directory for out/*.jsonl and the dedup marks.
+        /// Directory for collect.addr and metrics.addr, and for out/*.jsonl and the dedup
+        /// marks when no --sink is given.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Where batches are made durable, repeatable (each batch is acknowledged once every
+        /// sink has it): jsonl:DIR, or
+        /// nats://[user:pass@]host:port[,host:port…][?stream=EDGEFERRY&replicas=1&max_age=7d&max_bytes=10GiB].
+        /// Default: jsonl:<data-dir>.
+        #[arg(long = "sink", value_name = "URL")]
+        sinks: Vec<edgeferry::collect::SinkSpec>,
         /// Accepted bearer tokens, one per line; without it every client is accepted.
         #[arg(long)]
         token_file: Option<PathBuf>,
@@ -170,6 +180,7 @@ fn main() -> ExitCode {
         Command::Collect {
             listen,
             data_dir,
+            sinks,
             token_file,
             tls_cert,
             tls_key,
@@ -183,6 +194,7 @@ fn main() -> ExitCode {
             handshake_timeout,
         } => {
             let mut cfg = edgeferry::collect::CollectConfig::new(listen, data_dir);
+            cfg.sinks = sinks;
             cfg.token_file = token_file;
             cfg.tls_cert = tls_cert;
             cfg.tls_key = tls_key;

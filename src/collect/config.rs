@@ -10,8 +10,10 @@ pub struct CollectConfig {
     /// Listen address, e.g. `0.0.0.0:9443` (port 0: ephemeral; the bound address is written
     /// to `DIR/collect.addr`).
     pub listen: String,
-    /// Output files, dedup marks and `collect.addr`.
+    /// `collect.addr`, `metrics.addr`, and the JSONL sink when no `sinks` are given.
     pub data_dir: PathBuf,
+    /// Where batches are made durable (`--sink`, repeatable); empty: `jsonl:<data_dir>`.
+    pub sinks: Vec<super::sink::SinkSpec>,
     /// Accepted bearer tokens, one per line (blank lines and `#` comments ignored); `None`
     /// accepts every client.
     pub token_file: Option<PathBuf>,
@@ -55,6 +57,7 @@ impl CollectConfig {
         CollectConfig {
             listen: listen.into(),
             data_dir: data_dir.into(),
+            sinks: Vec::new(),
             token_file: None,
             tls_cert: None,
             tls_key: None,

@@ -14,9 +14,12 @@
 //! the files.
 
 pub mod config;
+pub mod nats;
 pub mod server;
+pub mod sink;
 pub mod store;
 
 pub use config::CollectConfig;
 pub use server::run;
+pub use sink::{SinkSpec, Sinks};
 pub use store::{Store, Stored};

@@ -7,7 +7,8 @@
 //! through a rate limiter.
 
 use super::config::CollectConfig;
-use super::store::{Store, Stored};
+use super::sink::{SinkSpec, Sinks};
+use super::store::Stored;
 use crate::clock::now_ms;
 use crate::protocol::{
     self, Ack, ErrorCode, Frame, HEADER_LEN, Heartbeat, MAX_STORED_RANGES, SUPPORTED_VERSIONS,
@@ -41,7 +42,7 @@ struct Shared {
     cfg: CollectConfig,
     tokens: Option<Vec<String>>,
     tls: Option<TlsAcceptor>,
-    store: Arc<Store>,
+    sinks: Arc<Sinks>,
     log: RateLimit,
     shutdown: CancellationToken,
     /// Connections not yet authenticated (their own budget: [`Pending`]).
@@ -287,12 +288,44 @@ pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> 
     }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
-    let data_dir = cfg.data_dir.clone();
-    let store = Arc::new(
-        tokio::task::spawn_blocking(move || Store::open(&data_dir))
+    // `/healthz` answers from the start: while the sinks open (NATS may be down), it says so.
+    let opened: Arc<std::sync::OnceLock<Arc<Sinks>>> = Arc::default();
+    if let Some(addr) = &cfg.metrics_listen {
+        let listener = TcpListener::bind(addr)
             .await
-            .context("store recovery panicked")??,
-    );
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        let bound = listener.local_addr()?;
+        std::fs::write(cfg.data_dir.join("metrics.addr"), bound.to_string()).with_context(
+            || {
+                format!(
+                    "cannot write {}",
+                    cfg.data_dir.join("metrics.addr").display()
+                )
+            },
+        )?;
+        tracing::info!("collector metrics on http://{bound}/metrics");
+        let opened = opened.clone();
+        let health = move || match opened.get() {
+            None => Some("opening the sinks".to_string()),
+            Some(s) => s.unhealthy(),
+        };
+        tokio::spawn(crate::admin::serve_metrics(
+            listener,
+            shutdown.clone(),
+            health,
+        ));
+    }
+    let specs = if cfg.sinks.is_empty() {
+        vec![SinkSpec::Jsonl(cfg.data_dir.clone())]
+    } else {
+        cfg.sinks.clone()
+    };
+    let sinks = tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        s = Sinks::open(&specs) => Arc::new(s?),
+    };
+    let _ = opened.set(sinks.clone());
+    sinks.spawn_monitors(&shutdown);
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -308,6 +341,7 @@ pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> 
         mutual_tls = cfg.client_ca.is_some(),
         auth = tokens.is_some(),
         data_dir = %cfg.data_dir.display(),
+        sinks = %specs.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
         "collector listening"
     );
     let shared = Arc::new(Shared {
@@ -316,7 +350,7 @@ pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> 
         cfg,
         tokens,
         tls,
-        store: store.clone(),
+        sinks: sinks.clone(),
         log: RateLimit::new(Duration::from_secs(5)),
         shutdown: shutdown.clone(),
     });
@@ -356,9 +390,7 @@ pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> 
     {
         tracing::warn!("connections did not finish in time; unacknowledged batches will be resent");
     }
-    tokio::task::spawn_blocking(move || store.flush())
-        .await
-        .context("flush panicked")??;
+    sinks.flush().await?;
     tracing::info!("collector stopped");
     Ok(())
 }
@@ -689,27 +721,22 @@ where
                     Ok(items) => items,
                     Err(e) => return Next::Fail(e.code(), e.to_string(), "batch"),
                 };
-                let store = self.shared.store.clone();
                 let (epoch, seq) = (self.epoch, b.seq);
-                // Runs to completion even if this task is dropped; the ack is sent only
-                // after it returned Ok (lines and mark durable).
-                let stored = tokio::task::spawn_blocking(move || {
-                    store.store_batch(&gateway, epoch, seq, &items)
-                })
-                .await;
-                match stored {
-                    Ok(Ok(outcome)) => {
+                // The ack is sent only after every sink made the batch durable.
+                match self
+                    .shared
+                    .sinks
+                    .store_batch(&gateway, epoch, seq, &items)
+                    .await
+                {
+                    Ok(outcome) => {
                         if outcome != Stored::Written(b.items.len()) {
                             tracing::debug!(peer = %self.peer, seq, ?outcome, "batch not written again");
                         }
                         Next::Reply(Frame::Ack(Ack { seqs: vec![seq] }))
                     }
-                    Ok(Err(e)) => {
-                        tracing::error!("{e:#}");
-                        Next::Fail(ErrorCode::Internal, "storage failure".into(), "storage")
-                    }
                     Err(e) => {
-                        tracing::error!("storing a batch panicked: {e}");
+                        tracing::error!("{e:#}");
                         Next::Fail(ErrorCode::Internal, "storage failure".into(), "storage")
                     }
                 }
@@ -746,19 +773,16 @@ where
                 "version",
             );
         };
-        let store = self.shared.store.clone();
-        let (gw, epoch, first) = (hello.gateway.clone(), hello.epoch, hello.first_seq);
-        let stored =
-            tokio::task::spawn_blocking(move || store.hello(&gw, epoch, first, MAX_STORED_RANGES))
-                .await;
-        let stored = match stored {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::error!("{e:#}");
-                return Next::Fail(ErrorCode::Internal, "storage failure".into(), "storage");
-            }
+        let (epoch, first) = (hello.epoch, hello.first_seq);
+        let stored = match self
+            .shared
+            .sinks
+            .hello(&hello.gateway, epoch, first, MAX_STORED_RANGES)
+            .await
+        {
+            Ok(s) => s,
             Err(e) => {
-                tracing::error!("reading the dedup marks panicked: {e}");
+                tracing::error!("{e:#}");
                 return Next::Fail(ErrorCode::Internal, "storage failure".into(), "storage");
             }
         };

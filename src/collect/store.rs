@@ -243,6 +243,20 @@ impl Store {
         seq: u64,
         items: &[OutboxItem],
     ) -> Result<Stored> {
+        let lines = batch_lines(gateway, epoch, seq, items)?;
+        self.store_lines(gateway, epoch, seq, &lines, items.len())
+    }
+
+    /// [`Store::store_batch`] with the batch's lines already made ([`batch_lines`]), so that
+    /// several sinks encode a batch once.
+    pub fn store_lines(
+        &self,
+        gateway: &str,
+        epoch: u64,
+        seq: u64,
+        buf: &[u8],
+        items: usize,
+    ) -> Result<Stored> {
         self.with_file(gateway, |file| {
             if self.is_marked(gateway, epoch, seq)? {
                 return Ok(Stored::Duplicate);
@@ -250,13 +264,9 @@ impl Store {
             if seq < self.floor(gateway, epoch)? {
                 return Ok(Stored::BelowFloor);
             }
-            let mut buf = Vec::with_capacity(items.len() * 320);
-            for item in items {
-                write_line(&mut buf, gateway, epoch, seq, item)?;
-            }
             if !buf.is_empty() {
                 let before = file.metadata()?.len();
-                let written = file.write_all(&buf).and_then(|()| file.sync_data());
+                let written = file.write_all(buf).and_then(|()| file.sync_data());
                 if let Err(e) = written {
                     // Leave no partial batch behind if we can; recovery handles it otherwise.
                     let _ = file.set_len(before);
@@ -265,7 +275,7 @@ impl Store {
             }
             self.db.insert(mark_key(gateway, epoch, seq), &[])?;
             self.db.flush().context("cannot flush the dedup marks")?;
-            Ok(Stored::Written(items.len()))
+            Ok(Stored::Written(items))
         })
         .with_context(|| format!("storing batch {seq} of {gateway} epoch {epoch}"))
     }
@@ -401,6 +411,15 @@ struct AlertLine<'a> {
     state: &'static str,
     value: Option<f64>,
     time: Option<String>,
+}
+
+/// The JSON lines of a whole batch, as every sink stores them.
+pub fn batch_lines(gateway: &str, epoch: u64, seq: u64, items: &[OutboxItem]) -> Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(items.len() * 320);
+    for item in items {
+        write_line(&mut buf, gateway, epoch, seq, item)?;
+    }
+    Ok(buf)
 }
 
 /// Appends one JSON line for `item` to `buf`. Non-finite numbers (empty aggregates) and

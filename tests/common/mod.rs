@@ -4,6 +4,8 @@
 
 pub mod certs;
 pub mod flash;
+pub mod nats;
+pub mod wsclient;
 
 use std::collections::BTreeMap;
 use std::io::Read;

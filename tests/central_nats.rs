@@ -1,0 +1,318 @@
+//! The central side on NATS JetStream (`edgeferry collect --sink nats://…`), against a real
+//! `nats-server -js` and real collector processes: collectors share nothing but the engine,
+//! a batch id is in the stream once whatever collector it reaches and however late, and a
+//! collector that loses the engine stops acknowledging, says so on `/healthz`, and recovers.
+
+mod common;
+
+use common::nats::NatsServer;
+use common::wsclient::*;
+use common::{Collector, wait_for};
+use edgeferry::protocol::{DictEncoder, Frame};
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+async fn jetstream(nats: &NatsServer) -> async_nats::jetstream::Context {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    async_nats::jetstream::new(client)
+}
+
+/// Every message of the stream, in order: (subject, headers' batch id, JSON lines).
+async fn stream_messages(nats: &NatsServer) -> Vec<(String, String, Vec<serde_json::Value>)> {
+    let js = jetstream(nats).await;
+    let mut stream = js.get_stream("EDGEFERRY").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let Ok(m) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        let batch = m
+            .headers
+            .get("Edgeferry-Batch")
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        let lines = std::str::from_utf8(&m.payload)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        out.push((m.subject.to_string(), batch, lines));
+    }
+    out
+}
+
+fn nats_collector(nats: &NatsServer) -> Collector {
+    let mut c = Collector::new(&["--sink", &nats.url(), "--metrics-listen", "127.0.0.1:0"]);
+    c.start();
+    c
+}
+
+fn addr(c: &Collector) -> String {
+    format!("127.0.0.1:{}", c.port)
+}
+
+/// `GET path` on the collector's metrics listener: (status code, body).
+fn get(c: &Collector, path: &str) -> Option<(u16, String)> {
+    let a = std::fs::read_to_string(c.dir.path().join("metrics.addr")).ok()?;
+    let mut s = std::net::TcpStream::connect(a.trim()).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    let code = r.split(' ').nth(1)?.parse().ok()?;
+    let body = r.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((code, body))
+}
+
+#[tokio::test]
+async fn any_collector_serves_any_gateway_and_a_batch_is_in_the_stream_once() {
+    let nats = NatsServer::start();
+    let a = nats_collector(&nats);
+    let b = nats_collector(&nats);
+
+    let mut ws = connect_plain(&addr(&a)).await;
+    assert!(handshake(&mut ws, "site.1", 7, 1).await.stored.is_empty());
+    let mut enc = DictEncoder::new();
+    for seq in 1..=3 {
+        send_batch(&mut ws, &mut enc, seq, &aggregate_batch(seq, 3))
+            .await
+            .unwrap();
+        assert_eq!(expect_ack(&mut ws).await, [seq]);
+    }
+    send_batch(&mut ws, &mut enc, 4, &alert_batch())
+        .await
+        .unwrap();
+    assert_eq!(expect_ack(&mut ws).await, [4]);
+    drop(ws);
+
+    // The other collector knows what the first stored: the marks are in the engine.
+    let mut ws = connect_plain(&addr(&b)).await;
+    assert_eq!(handshake(&mut ws, "site.1", 7, 1).await.stored, [(1, 4)]);
+    // A redelivery through it is acknowledged and not stored again.
+    let mut enc = DictEncoder::new();
+    send_batch(&mut ws, &mut enc, 2, &aggregate_batch(2, 3))
+        .await
+        .unwrap();
+    assert_eq!(expect_ack(&mut ws).await, [2]);
+    drop(ws);
+
+    let msgs = stream_messages(&nats).await;
+    let subjects: Vec<&str> = msgs.iter().map(|m| m.0.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "edgeferry.site=1.batch.7.1",
+            "edgeferry.site=1.batch.7.2",
+            "edgeferry.site=1.batch.7.3",
+            "edgeferry.site=1.batch.7.4"
+        ]
+    );
+    assert_eq!(msgs[1].1, "2", "the batch id is in the headers");
+    // The payload is the batch's JSON lines, field names as in the JSONL files.
+    let agg = &msgs[0].2[0];
+    assert_eq!(agg["kind"], "aggregate");
+    assert_eq!(agg["gateway"], "site.1");
+    assert_eq!(
+        (agg["epoch"].as_u64(), agg["batch"].as_u64()),
+        (Some(7), Some(1))
+    );
+    for field in [
+        "series",
+        "metric",
+        "tags",
+        "window_start",
+        "window_secs",
+        "version",
+        "count",
+        "sum",
+        "p99",
+    ] {
+        assert!(agg.get(field).is_some(), "{field} missing in {agg}");
+    }
+    assert_eq!(msgs[0].2.len(), 3);
+    let alerts = &msgs[3].2;
+    assert_eq!(
+        alerts
+            .iter()
+            .map(|l| l["state"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["raised", "cleared"]
+    );
+
+    // A Hello moves the gateway's floor up (never down); below it nothing is stored again.
+    let mut ws = connect_plain(&addr(&a)).await;
+    assert_eq!(handshake(&mut ws, "site.1", 7, 3).await.stored, [(3, 4)]);
+    drop(ws);
+    let mut ws = connect_plain(&addr(&b)).await;
+    assert_eq!(handshake(&mut ws, "site.1", 7, 1).await.stored, [(3, 4)]);
+    let mut enc = DictEncoder::new();
+    send_batch(&mut ws, &mut enc, 1, &aggregate_batch(1, 3))
+        .await
+        .unwrap();
+    assert_eq!(expect_ack(&mut ws).await, [1]);
+    // Another epoch is another identity.
+    drop(ws);
+    let mut ws = connect_plain(&addr(&b)).await;
+    assert!(handshake(&mut ws, "site.1", 8, 1).await.stored.is_empty());
+    assert_eq!(stream_messages(&nats).await.len(), 4);
+}
+
+#[tokio::test]
+async fn collectors_killed_mid_stream_with_failover_store_every_item_once() {
+    let nats = NatsServer::start();
+    let mut cs = [nats_collector(&nats), nats_collector(&nats)];
+    let mut r = Resender {
+        gateway: "gw-crash".into(),
+        total: 240,
+        next: 0,
+        unacked: BTreeSet::new(),
+        acked: 0,
+    };
+    // The gateway fails over to the other collector each time the one it uses dies with
+    // batches in flight; the dead one comes back later.
+    let mut using = 0;
+    for kill_at in [30usize, 80, 150, 200] {
+        while !r.session(&addr(&cs[using]), Some(kill_at)).await {
+            if r.acked >= kill_at {
+                break;
+            }
+        }
+        cs[using].kill9();
+        let other = 1 - using;
+        if !cs[other].is_running() {
+            cs[other].start();
+        }
+        using = other;
+    }
+    let mut rounds = 0;
+    while !r.session(&addr(&cs[using]), None).await {
+        rounds += 1;
+        assert!(rounds < 20, "cannot finish; log:\n{}", cs[using].log());
+    }
+    assert!(r.unacked.is_empty() && r.next == r.total);
+
+    let msgs = stream_messages(&nats).await;
+    let batches: BTreeSet<&str> = msgs.iter().map(|m| m.1.as_str()).collect();
+    assert_eq!(msgs.len(), 240, "one stream message per batch");
+    assert_eq!(batches.len(), 240, "no batch id twice");
+    let mut seen: HashMap<(String, String, u64), usize> = HashMap::new();
+    for l in msgs.iter().flat_map(|m| &m.2) {
+        let k = (
+            l["series"].as_str().unwrap().to_string(),
+            l["window_start"].as_str().unwrap().to_string(),
+            l["version"].as_u64().unwrap(),
+        );
+        *seen.entry(k).or_default() += 1;
+    }
+    assert!(seen.values().all(|&n| n == 1), "an item stored twice");
+    assert_eq!(seen.len(), 240 * 5, "every item exactly once");
+}
+
+#[tokio::test]
+async fn losing_the_engine_stops_acks_reports_unhealthy_and_recovers() {
+    let mut nats = NatsServer::start();
+    let c = nats_collector(&nats);
+    wait_for("healthz 200", Duration::from_secs(10), || {
+        get(&c, "/healthz").is_some_and(|(code, _)| code == 200)
+    });
+
+    nats.kill9();
+    wait_for("healthz 503", Duration::from_secs(15), || {
+        get(&c, "/healthz").is_some_and(|(code, body)| code == 503 && body.contains("NATS"))
+    });
+    let metrics = get(&c, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("edgeferry_collect_sink_up{sink=\"nats\"} 0"),
+        "{metrics}"
+    );
+    // No acknowledgement while the engine is away: the Hello already fails (the resume
+    // point is in the engine), and so would a batch.
+    let mut ws = connect_plain(&addr(&c)).await;
+    send(&mut ws, &hello("gw-x", 1, 1)).await.unwrap();
+    match recv(&mut ws).await {
+        Some(Frame::Error(e)) => assert!(e.message.contains("storage"), "{e:?}"),
+        None => {}
+        other => panic!("expected an error or a close, got {other:?}"),
+    }
+
+    nats.start_again();
+    wait_for("healthz 200 again", Duration::from_secs(30), || {
+        get(&c, "/healthz").is_some_and(|(code, _)| code == 200)
+    });
+    let mut ws = connect_plain(&addr(&c)).await;
+    assert!(handshake(&mut ws, "gw-x", 1, 1).await.stored.is_empty());
+    let mut enc = DictEncoder::new();
+    send_batch(&mut ws, &mut enc, 1, &aggregate_batch(1, 2))
+        .await
+        .unwrap();
+    assert_eq!(expect_ack(&mut ws).await, [1]);
+    assert_eq!(stream_messages(&nats).await.len(), 1);
+    let metrics = get(&c, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("edgeferry_collect_sink_up{sink=\"nats\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        c.log().contains("NATS JetStream sink failing"),
+        "{}",
+        c.log()
+    );
+}
+
+#[tokio::test]
+async fn a_stream_of_the_same_name_with_other_settings_is_refused_clearly() {
+    let nats = NatsServer::start();
+    let js = jetstream(&nats).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "EDGEFERRY".into(),
+        subjects: vec!["edgeferry.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args([
+            "collect",
+            "--listen",
+            "127.0.0.1:0",
+            "--sink",
+            &nats.url(),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("stream EDGEFERRY exists but is not edgeferry's")
+            && err.contains("max_msgs_per_subject 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_sink_arguments_are_refused_with_what_to_write() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args([
+            "collect",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "/nonexistent",
+            "--sink",
+            "nats://127.0.0.1:4222?replica=3",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("unknown option \"replica\""), "{err}");
+}

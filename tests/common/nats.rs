@@ -1,0 +1,72 @@
+//! A real `nats-server` with JetStream on an ephemeral loopback port and its own store
+//! directory, stopped by its own PID (SIGKILL to test a crash, then started again on the
+//! same port and store).
+
+use super::{free_port, wait_for};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tempfile::TempDir;
+
+pub struct NatsServer {
+    child: Option<Child>,
+    pub dir: TempDir,
+    pub port: u16,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let mut n = NatsServer {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+        };
+        n.start_again();
+        n
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("nats.log"))
+            .unwrap();
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.dir.path().join("js"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start nats-server ({e}): apt-get install nats-server (the README's test command does)")
+            });
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("nats-server to listen", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        super::read_all(&self.dir.path().join("nats.log"))
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
