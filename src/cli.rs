@@ -108,8 +108,24 @@ pub fn run_daemon(cfg: Config) -> Exit {
 #[cfg(feature = "central")]
 pub fn run_collect(cfg: crate::collect::CollectConfig) -> Exit {
     crate::telemetry::init(&crate::telemetry::LogConfig::default());
-    until_signalled("edgeferry collect", |shutdown| {
-        crate::collect::run(cfg, shutdown)
+    until_signalled("edgeferry collect", |shutdown| async move {
+        let health = crate::collect::Health::default();
+        if let Some(addr) = &cfg.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+            let bound = listener.local_addr()?;
+            std::fs::create_dir_all(&cfg.data_dir)?;
+            std::fs::write(cfg.data_dir.join("metrics.addr"), bound.to_string())?;
+            tracing::info!("collector metrics on http://{bound}/metrics");
+            let h = health.clone();
+            tokio::spawn(crate::admin::serve_metrics(
+                listener,
+                shutdown.clone(),
+                move || h.unhealthy(),
+            ));
+        }
+        crate::collect::run_with(cfg, shutdown, health).await
     })
 }
 

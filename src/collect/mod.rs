@@ -20,6 +20,6 @@ pub mod sink;
 pub mod store;
 
 pub use config::CollectConfig;
-pub use server::run;
+pub use server::{Health, run, run_with};
 pub use sink::{SinkSpec, Sinks};
 pub use store::{Store, Stored};

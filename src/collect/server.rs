@@ -275,6 +275,34 @@ fn unauthorized() -> ErrorResponse {
 /// Runs the collector until `shutdown` is cancelled: then stops accepting, lets every
 /// connection finish the batch it is storing (its ack included), and returns.
 pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> {
+    run_with(cfg, shutdown, Health::default()).await
+}
+
+/// The collector's health for `/healthz`, answerable from the start: "opening the sinks"
+/// until they are open (NATS may be down at start), then what the sinks say.
+#[derive(Clone, Default)]
+pub struct Health(Arc<std::sync::OnceLock<Arc<Sinks>>>);
+
+impl Health {
+    fn set(&self, sinks: Arc<Sinks>) {
+        let _ = self.0.set(sinks);
+    }
+
+    /// Why the collector cannot acknowledge batches now, if it cannot.
+    pub fn unhealthy(&self) -> Option<String> {
+        match self.0.get() {
+            None => Some("opening the sinks".to_string()),
+            Some(s) => s.unhealthy(),
+        }
+    }
+}
+
+/// [`run`], reporting its health through `health`.
+pub async fn run_with(
+    cfg: CollectConfig,
+    shutdown: CancellationToken,
+    health: Health,
+) -> Result<()> {
     let tokens = match &cfg.token_file {
         Some(p) => Some(load_tokens(p)?),
         None => {
@@ -288,33 +316,6 @@ pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> 
     }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
-    // `/healthz` answers from the start: while the sinks open (NATS may be down), it says so.
-    let opened: Arc<std::sync::OnceLock<Arc<Sinks>>> = Arc::default();
-    if let Some(addr) = &cfg.metrics_listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-        let bound = listener.local_addr()?;
-        std::fs::write(cfg.data_dir.join("metrics.addr"), bound.to_string()).with_context(
-            || {
-                format!(
-                    "cannot write {}",
-                    cfg.data_dir.join("metrics.addr").display()
-                )
-            },
-        )?;
-        tracing::info!("collector metrics on http://{bound}/metrics");
-        let opened = opened.clone();
-        let health = move || match opened.get() {
-            None => Some("opening the sinks".to_string()),
-            Some(s) => s.unhealthy(),
-        };
-        tokio::spawn(crate::admin::serve_metrics(
-            listener,
-            shutdown.clone(),
-            health,
-        ));
-    }
     let specs = if cfg.sinks.is_empty() {
         vec![SinkSpec::Jsonl(cfg.data_dir.clone())]
     } else {
@@ -324,7 +325,7 @@ pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> 
         () = shutdown.cancelled() => return Ok(()),
         s = Sinks::open(&specs) => Arc::new(s?),
     };
-    let _ = opened.set(sinks.clone());
+    health.set(sinks.clone());
     sinks.spawn_monitors(&shutdown);
     let listener = TcpListener::bind(&cfg.listen)
         .await
