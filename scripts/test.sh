@@ -6,7 +6,8 @@
 # independent MQTT broker: tests/other_broker.rs) and Python's paho-mqtt (a second,
 # independent MQTT client for the interoperability test), python3-fusepy (tests/faultfs.py, a
 # FUSE file system that fails writes with EIO/ENOSPC/EROFS on demand: tests/disk_faults.rs),
-# nats-server (the central side's engine, JetStream: tests/central_nats.rs).
+# nats-server and PostgreSQL (the central side's engine and database: tests/central_nats.rs,
+# tests/central_load.rs start their own on ephemeral loopback ports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,7 @@ ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
 { command -v node && command -v npm; } >/dev/null || need+=(nodejs npm)
 /usr/bin/python3 -c 'import fusepy' 2>/dev/null || need+=(python3-fusepy)
 command -v nats-server >/dev/null || need+=(nats-server)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "test.sh: please install: ${need[*]} (sudo apt-get install ${need[*]})" >&2

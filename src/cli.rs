@@ -129,6 +129,30 @@ pub fn run_collect(cfg: crate::collect::CollectConfig) -> Exit {
     })
 }
 
+/// `edgeferry load`: the JetStream → PostgreSQL loader until SIGTERM/SIGINT.
+#[cfg(feature = "central")]
+pub fn run_load(cfg: crate::collect::load::LoadConfig) -> Exit {
+    crate::telemetry::init(&crate::telemetry::LogConfig::default());
+    until_signalled("edgeferry load", |shutdown| async move {
+        if let Some(addr) = &cfg.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+            tracing::info!(
+                "loader metrics on http://{}/metrics",
+                listener.local_addr()?
+            );
+            let health = crate::collect::load::health();
+            tokio::spawn(crate::admin::serve_metrics(
+                listener,
+                shutdown.clone(),
+                health,
+            ));
+        }
+        crate::collect::load::run(cfg, shutdown).await
+    })
+}
+
 /// `edgeferry demo`: success only when the closing report matches.
 #[cfg(all(feature = "central", feature = "embedded-broker"))]
 pub fn demo(opts: crate::demo::DemoOptions) -> Exit {

@@ -109,6 +109,31 @@ enum Command {
         #[arg(long, hide = true, default_value = "10s", value_parser = humantime::parse_duration)]
         handshake_timeout: std::time::Duration,
     },
+    /// Load what the collectors put into NATS JetStream into PostgreSQL: a durable pull
+    /// consumer, one transaction per fetch, acknowledged after the commit; aggregates
+    /// upserted by window keeping the highest version (docs/CENTRAL.md). Several may run.
+    #[cfg(feature = "central")]
+    Load {
+        /// The stream, as the collectors' --sink: nats://host:port[,host:port…][?stream=NAME].
+        #[arg(long, value_name = "URL")]
+        from: edgeferry::collect::nats::NatsSpec,
+        /// The database: postgres://user[:password]@host[:port]/database. The schema is
+        /// created or upgraded at start (table edgeferry_schema holds its version).
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// Durable consumer name; loaders sharing it share the work.
+        #[arg(long, default_value = "edgeferry-loader")]
+        consumer: String,
+        /// Most stream messages (gateway batches) per transaction.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+        batch: u16,
+        /// Serve Prometheus /metrics and /healthz here (e.g. 127.0.0.1:9872).
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        /// How long a message handed to a loader that died waits before another gets it.
+        #[arg(long, hide = true, default_value = "30s", value_parser = humantime::parse_duration)]
+        ack_wait: std::time::Duration,
+    },
     /// Check or salvage the data directory offline (journal, outbox, checkpoint, epoch).
     Store {
         #[command(subcommand)]
@@ -207,6 +232,22 @@ fn main() -> ExitCode {
             cfg.heartbeat = heartbeat;
             cfg.handshake_timeout = handshake_timeout;
             cli::run_collect(cfg)
+        }
+        #[cfg(feature = "central")]
+        Command::Load {
+            from,
+            to,
+            consumer,
+            batch,
+            metrics_listen,
+            ack_wait,
+        } => {
+            let mut cfg = edgeferry::collect::load::LoadConfig::new(from, to);
+            cfg.consumer = consumer;
+            cfg.batch = usize::from(batch);
+            cfg.ack_wait = ack_wait;
+            cfg.metrics_listen = metrics_listen;
+            cli::run_load(cfg)
         }
         Command::Store { action } => {
             let (config, json, tool) = match action {

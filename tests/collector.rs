@@ -174,7 +174,9 @@ async fn batches_are_written_as_jsonl_acked_deduplicated_and_listed_in_welcome()
             "stddev",
             "p50",
             "p90",
-            "p99"
+            "p99",
+            "sketch_keys",
+            "sketch_counts"
         ])
     );
     assert_eq!(agg["kind"], "aggregate");

@@ -14,6 +14,7 @@
 //! the files.
 
 pub mod config;
+pub mod load;
 pub mod nats;
 pub mod server;
 pub mod sink;

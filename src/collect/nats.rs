@@ -206,6 +206,47 @@ pub struct NatsSink {
     failing: Arc<AtomicBool>,
 }
 
+/// Connects to the servers of `spec` (waiting for them if none is up yet), with a
+/// JetStream context whose requests time out after 5 s. The gauge `gauge{sink="nats"}`
+/// follows the connection at once; `failing` (the last operation failed) holds it at 0
+/// after a reconnect until the caller's next operation succeeds.
+pub(super) async fn connect(
+    spec: &NatsSpec,
+    name: &'static str,
+    gauge: &'static str,
+    failing: Arc<AtomicBool>,
+) -> Result<(async_nats::Client, jetstream::Context)> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .retry_on_initial_connect()
+        .event_callback(move |event| {
+            let failing = failing.clone();
+            async move {
+                let up = match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS connection lost; reconnecting");
+                        0.0
+                    }
+                    async_nats::Event::Connected if failing.load(Ordering::Relaxed) => 0.0,
+                    async_nats::Event::Connected => 1.0,
+                    _ => return,
+                };
+                metrics::gauge!(gauge, "sink" => "nats").set(up);
+            }
+        });
+    if let Some((u, p)) = &spec.auth {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    let client = opts
+        .connect(spec.servers.as_slice())
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", spec.servers.join(",")))?;
+    let mut js = jetstream::new(client.clone());
+    js.set_timeout(Duration::from_secs(5));
+    Ok((client, js))
+}
+
 /// Settings every stream of ours must have; anything else (replicas, age, size) is the
 /// operator's to change.
 fn check_stream(name: &str, c: &stream::Config) -> Result<()> {
@@ -234,43 +275,14 @@ impl NatsSink {
     /// stream and the marks bucket.
     pub async fn open(spec: NatsSpec) -> Result<NatsSink> {
         let failing = Arc::new(AtomicBool::new(false));
-        let on_event = failing.clone();
-        let mut opts = async_nats::ConnectOptions::new()
-            .name("edgeferry collect")
-            .connection_timeout(Duration::from_secs(5))
-            .retry_on_initial_connect()
-            // The gauge follows the connection at once; `failing` (the last operation)
-            // keeps it at 0 after a reconnect until the stream answers again.
-            .event_callback(move |event| {
-                let failing = on_event.clone();
-                async move {
-                    let up = match event {
-                        async_nats::Event::Disconnected => {
-                            tracing::warn!("NATS connection lost; reconnecting");
-                            0.0
-                        }
-                        async_nats::Event::Connected => {
-                            if failing.load(Ordering::Relaxed) {
-                                0.0
-                            } else {
-                                1.0
-                            }
-                        }
-                        _ => return,
-                    };
-                    metrics::gauge!("edgeferry_collect_sink_up", "sink" => "nats").set(up);
-                }
-            });
-        if let Some((u, p)) = &spec.auth {
-            opts = opts.user_and_password(u.clone(), p.clone());
-        }
+        let (client, js) = connect(
+            &spec,
+            "edgeferry collect",
+            "edgeferry_collect_sink_up",
+            failing.clone(),
+        )
+        .await?;
         let servers = spec.servers.join(",");
-        let client = opts
-            .connect(spec.servers.as_slice())
-            .await
-            .with_context(|| format!("cannot connect to NATS at {servers}"))?;
-        let mut js = jetstream::new(client.clone());
-        js.set_timeout(Duration::from_secs(5));
         let config = stream::Config {
             name: spec.stream.clone(),
             description: Some("edgeferry gateway batches (docs/CENTRAL.md)".into()),

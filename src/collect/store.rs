@@ -398,6 +398,11 @@ struct AggregateLine<'a> {
     p50: Option<f64>,
     p90: Option<f64>,
     p99: Option<f64>,
+    /// The quantile sketch's non-empty bins in ascending order of value
+    /// ([`crate::model::sketch::Sketch::keyed_bins`]): keys and counts, so that consumers
+    /// merge windows and gateways by summing counts per key.
+    sketch_keys: Vec<i32>,
+    sketch_counts: Vec<u64>,
 }
 
 #[derive(Serialize)]
@@ -438,32 +443,37 @@ pub fn write_line(
             window_secs,
             version,
             agg,
-        } => serde_json::to_writer(
-            &mut *buf,
-            &AggregateLine {
-                kind: "aggregate",
-                gateway,
-                epoch,
-                batch: seq,
-                series: &series.key,
-                metric: &series.metric,
-                tags: &series.tags,
-                window_start: rfc3339_ms(*window_start_ms),
-                window_secs: *window_secs,
-                version: *version,
-                count: agg.count(),
-                sum: finite(agg.sum()),
-                min: finite(agg.min()),
-                max: finite(agg.max()),
-                mean: finite(agg.mean()),
-                first: finite(agg.first()),
-                last: finite(agg.last()),
-                stddev: finite(agg.stddev()),
-                p50: agg.quantile(0.5).and_then(finite),
-                p90: agg.quantile(0.9).and_then(finite),
-                p99: agg.quantile(0.99).and_then(finite),
-            },
-        )?,
+        } => {
+            let bins = agg.sketch().keyed_bins();
+            serde_json::to_writer(
+                &mut *buf,
+                &AggregateLine {
+                    kind: "aggregate",
+                    gateway,
+                    epoch,
+                    batch: seq,
+                    series: &series.key,
+                    metric: &series.metric,
+                    tags: &series.tags,
+                    window_start: rfc3339_ms(*window_start_ms),
+                    window_secs: *window_secs,
+                    version: *version,
+                    count: agg.count(),
+                    sum: finite(agg.sum()),
+                    min: finite(agg.min()),
+                    max: finite(agg.max()),
+                    mean: finite(agg.mean()),
+                    first: finite(agg.first()),
+                    last: finite(agg.last()),
+                    stddev: finite(agg.stddev()),
+                    p50: agg.quantile(0.5).and_then(finite),
+                    p90: agg.quantile(0.9).and_then(finite),
+                    p99: agg.quantile(0.99).and_then(finite),
+                    sketch_keys: bins.iter().map(|b| b.0).collect(),
+                    sketch_counts: bins.iter().map(|b| b.1).collect(),
+                },
+            )?
+        }
         OutboxItem::Alert(a) => serde_json::to_writer(
             &mut *buf,
             &AlertLine {

@@ -346,6 +346,28 @@ impl Sketch {
         }
     }
 
+    /// The non-empty bins as `(key, count)` in ascending order of value, with keys that
+    /// say the value on their own ([`bin_key_value`]): what the central side stores, so that
+    /// merging windows and gateways is a sum of counts per key (in SQL: `unnest` and
+    /// `GROUP BY key`) and a quantile is a walk up the keys in order.
+    pub fn keyed_bins(&self) -> Vec<(i32, u64)> {
+        let mut out = Vec::new();
+        for (j, &c) in self.negative.counts.iter().enumerate().rev() {
+            if c > 0 {
+                out.push((-(BIN_KEY_BASE + self.negative.offset + j as i32), c));
+            }
+        }
+        if self.zero > 0 {
+            out.push((0, self.zero));
+        }
+        for (j, &c) in self.positive.counts.iter().enumerate() {
+            if c > 0 {
+                out.push((BIN_KEY_BASE + self.positive.offset + j as i32, c));
+            }
+        }
+        out
+    }
+
     /// The bins, for encodings that lay them out themselves (the upstream protocol).
     pub fn to_parts(&self) -> SketchParts {
         SketchParts {
@@ -389,6 +411,21 @@ pub struct SketchParts {
     pub negative: Vec<u64>,
 }
 
+/// Offset of the keys of [`Sketch::keyed_bins`]: bin `i` of the positive values is key
+/// `BIN_KEY_BASE + i`, bin `i` of the negative ones `-(BIN_KEY_BASE + i)`, the zero bucket 0.
+/// Bin indices stay within ±36,000 for finite values, so keys order as their values do.
+pub const BIN_KEY_BASE: i32 = 100_000;
+
+/// The value a key of [`Sketch::keyed_bins`] stands for (what [`Sketch::quantile`] returns
+/// for it): `sign(k) · 2γ^(|k| − BIN_KEY_BASE) / (γ + 1)`.
+pub fn bin_key_value(key: i32) -> f64 {
+    match key {
+        0 => 0.0,
+        k if k > 0 => value_of(k - BIN_KEY_BASE),
+        k => -value_of(-k - BIN_KEY_BASE),
+    }
+}
+
 /// The bin a value with `|x| >= MIN_INDEXABLE` falls in, indexed by `|x|` (`None` for
 /// values counted as zero and for non-finite values). The largest positive reading of a
 /// sketch is always in its highest positive bin, which lets encoders send that index as a
@@ -401,6 +438,34 @@ pub fn bin_index(x: f64) -> Option<i32> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn keyed_bins_order_as_their_values_and_give_the_same_quantiles() {
+        let values = [
+            -1e6, -3.5, -3.5, -1e-3, 0.0, 1e-12, 2e-7, 1.0, 21.5, 21.5, 4e9,
+        ];
+        let s = sketch_of(&values);
+        let bins = s.keyed_bins();
+        assert!(bins.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(
+            bins.windows(2)
+                .all(|w| bin_key_value(w[0].0) < bin_key_value(w[1].0))
+        );
+        assert_eq!(bins.iter().map(|b| b.1).sum::<u64>(), s.count());
+        for q in [0.0, 0.1, 0.25, 0.5, 0.9, 0.99, 1.0] {
+            let rank = (q * (s.count() - 1) as f64).floor() as u64;
+            let mut seen = 0;
+            let key = bins
+                .iter()
+                .find(|b| {
+                    seen += b.1;
+                    seen > rank
+                })
+                .unwrap()
+                .0;
+            assert_eq!(Some(bin_key_value(key)), s.quantile(q), "q {q}");
+        }
+    }
 
     /// Exact quantile with the documented convention.
     fn exact_quantile(values: &[f64], q: f64) -> f64 {

@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod flash;
 pub mod nats;
+pub mod postgres;
 pub mod wsclient;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,301 @@
+//! `edgeferry load` between a real `nats-server -js` and a real PostgreSQL, fed by a real
+//! collector: loaders SIGKILLed at random moments still leave every window once at its
+//! highest version, and fleet-wide quantiles computed in SQL from the stored sketches are
+//! the ones merging the same sketches in Rust gives.
+
+mod common;
+
+use common::Collector;
+use common::nats::NatsServer;
+use common::postgres::Postgres;
+use common::wsclient::*;
+use edgeferry::model::aggregate::Aggregate;
+use edgeferry::model::sketch::{Sketch, bin_key_value};
+use edgeferry::protocol::{BatchKind, DictEncoder, OutboxBatch, OutboxItem};
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+struct Loader {
+    child: Option<Child>,
+    dir: TempDir,
+    args: Vec<String>,
+}
+
+impl Loader {
+    fn start(nats: &NatsServer, pg: &Postgres, extra: &[&str]) -> Loader {
+        let mut args = vec![
+            "load".to_string(),
+            "--from".into(),
+            nats.url(),
+            "--to".into(),
+            pg.url(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut l = Loader {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            args,
+        };
+        l.spawn();
+        l
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("load.log"))
+            .unwrap();
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+                .args(&self.args)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            common::signal(c.id(), "KILL");
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        common::read_all(&self.dir.path().join("load.log"))
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn nats_collector(nats: &NatsServer) -> Collector {
+    let mut c = Collector::new(&["--sink", &nats.url()]);
+    c.start();
+    c
+}
+
+/// Sends `batches` in order over one session of `gateway` and waits for each ack.
+async fn deliver(port: u16, gateway: &str, batches: &[OutboxBatch]) {
+    let mut ws = connect_plain(&format!("127.0.0.1:{port}")).await;
+    handshake(&mut ws, gateway, 1, 0).await;
+    let mut enc = DictEncoder::new();
+    for (seq, b) in batches.iter().enumerate() {
+        send_batch(&mut ws, &mut enc, seq as u64, b).await.unwrap();
+        assert_eq!(expect_ack(&mut ws).await, [seq as u64]);
+    }
+}
+
+async fn scalar(db: &tokio_postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// The correction of window `k` of `aggregate_batch`: version 2, one reading more.
+fn corrections(k: u64) -> OutboxBatch {
+    let mut b = aggregate_batch(k, 5);
+    for item in &mut b.items {
+        if let OutboxItem::Aggregate { version, agg, .. } = item {
+            *version = 2;
+            agg.add(99.0, 1_764_000_000_000 + 11_000);
+        }
+    }
+    b
+}
+
+#[tokio::test]
+async fn loaders_killed_at_random_leave_every_window_once_at_its_highest_version() {
+    let nats = NatsServer::start();
+    let pg = Postgres::start();
+    let c = nats_collector(&nats);
+
+    // 200 windows of 5 series, then corrections of the first 40 (out of order with the
+    // originals of later ones: highest version wins, not last write), alerts twice.
+    let mut batches: Vec<OutboxBatch> = (0..200).map(|k| aggregate_batch(k, 5)).collect();
+    batches.extend((0..40).rev().map(corrections));
+    batches.push(alert_batch());
+    batches.push(alert_batch());
+    deliver(c.port, "gw-load", &batches).await;
+
+    // Two loaders on one consumer, two batches per transaction, one of them SIGKILLed at
+    // a random moment again and again while rows are still arriving.
+    let args = ["--batch", "2", "--ack-wait", "2s"];
+    let mut loaders = [
+        Loader::start(&nats, &pg, &args),
+        Loader::start(&nats, &pg, &args),
+    ];
+    let db = pg.client().await;
+    let progress = async |db: &tokio_postgres::Client| {
+        db.query_one(
+            "SELECT count(*) + count(*) FILTER (WHERE version = 2) FROM aggregates",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(0)
+    };
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut kills = 0;
+    while Instant::now() < deadline && progress(&db).await < 1200 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(20 + seed % 150)).await;
+        let l = &mut loaders[(seed % 2) as usize];
+        l.kill9();
+        l.spawn();
+        kills += 1;
+    }
+    assert!(kills >= 3, "only {kills} kills landed while loading");
+
+    let expected_count: i64 = 160 * 5 * 10 + 40 * 5 * 11;
+    let started = Instant::now();
+    loop {
+        let rows = db
+            .query_one(
+                "SELECT count(*), coalesce(sum(count), 0)::bigint, count(*) FILTER (WHERE version = 2) FROM aggregates",
+                &[],
+            )
+            .await;
+        if let Ok(r) = rows {
+            let (n, sum, v2): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            if n == 1000 && sum == expected_count && v2 == 200 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "rows {n}, sum(count) {sum}, at version 2 {v2}; logs:\n{}\n{}",
+                loaders[0].log(),
+                loaders[1].log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(scalar(&db, "SELECT count(*) FROM alerts").await, 2);
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT count(*) FROM aggregates WHERE version = 2 AND count <> 11"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar(&db, "SELECT max(version)::bigint FROM edgeferry_schema").await as i32,
+        1
+    );
+    println!("{kills} loader SIGKILLs");
+}
+
+/// Deterministic readings with a long tail: `base * (1 + u^8 * 50)`.
+fn readings(seed: &mut u64, n: usize, base: f64) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            *seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let u = (*seed >> 11) as f64 / (1u64 << 53) as f64;
+            base * (1.0 + u.powi(8) * 50.0)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn fleet_wide_p99_per_hour_in_sql_is_the_merge_of_the_sketches_in_rust() {
+    let nats = NatsServer::start();
+    let pg = Postgres::start();
+    let c = nats_collector(&nats);
+    let _loader = Loader::start(&nats, &pg, &[]);
+
+    // Two gateways, three series each, a 1-minute window every 5 minutes for two hours.
+    const HOUR0: i64 = 1_764_000_000_000 / 3_600_000 * 3_600_000;
+    let mut seed = 7;
+    let mut raw: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    let mut merged: BTreeMap<i64, Sketch> = BTreeMap::new();
+    let mut windows = 0;
+    for gw in ["gw-north", "gw-south"] {
+        let mut batches = Vec::new();
+        for k in 0..24i64 {
+            let start = HOUR0 + k * 300_000;
+            let mut items = Vec::new();
+            for s in 0..3 {
+                let values = readings(&mut seed, 40 + s * 7, 20.0 + s as f64);
+                let mut agg = Aggregate::new();
+                for (i, v) in values.iter().enumerate() {
+                    agg.add(*v, start + i as i64 * 1000);
+                }
+                let hour = start / 3_600_000 * 3_600_000;
+                raw.entry(hour).or_default().extend(&values);
+                merged.entry(hour).or_default().merge(agg.sketch());
+                items.push(OutboxItem::Aggregate {
+                    series: series(s).into(),
+                    window_start_ms: start,
+                    window_secs: 60,
+                    version: 1,
+                    agg,
+                });
+                windows += 1;
+            }
+            batches.push(OutboxBatch {
+                kind: BatchKind::Aggregates,
+                created_ms: start + 61_000,
+                items,
+            });
+        }
+        deliver(c.port, gw, &batches).await;
+    }
+
+    let db = pg.client().await;
+    let started = Instant::now();
+    while scalar(&db, "SELECT count(*) FROM aggregates").await < windows {
+        assert!(started.elapsed() < Duration::from_secs(30), "not loaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let query = include_str!("../docs/sql/p99_per_hour.sql");
+    let rows = db.query(query, &[&"temp", &60i32]).await.unwrap();
+    assert_eq!(rows.len(), 2, "two hours");
+    for row in rows {
+        let hour: time::OffsetDateTime = row.get(0);
+        let p99: f64 = row.get(1);
+        let n: i64 = row.get(2);
+        let hour_ms = (hour.unix_timestamp_nanos() / 1_000_000) as i64;
+        let sketch = &merged[&hour_ms];
+        // The same bins in SQL as merging in Rust.
+        let bins: Vec<(i32, i64)> = db
+            .query(
+                "SELECT b.key, sum(b.n)::bigint FROM aggregates a, unnest(a.sketch_keys, a.sketch_counts) AS b(key, n)
+                 WHERE a.metric = 'temp' AND a.window_secs = 60 AND date_trunc('hour', a.window_start) = $1
+                 GROUP BY 1 ORDER BY 1",
+                &[&hour],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let rust_bins: Vec<(i32, i64)> = sketch
+            .keyed_bins()
+            .into_iter()
+            .map(|(k, c)| (k, c as i64))
+            .collect();
+        assert_eq!(bins, rust_bins, "hour {hour}");
+        assert_eq!(n as u64, sketch.count());
+        // The same quantile, and within the sketch's 1 % of the exact one.
+        let want = sketch.quantile(0.99).unwrap();
+        assert!((p99 - want).abs() <= want.abs() * 1e-12, "{p99} vs {want}");
+        let mut exact = raw[&hour_ms].clone();
+        exact.sort_by(f64::total_cmp);
+        let e = exact[(0.99 * (exact.len() - 1) as f64).floor() as usize];
+        assert!((p99 - e).abs() <= e * 0.01 + 1e-9, "p99 {p99}, exact {e}");
+        assert!(bin_key_value(bins.last().unwrap().0) >= p99);
+    }
+}
