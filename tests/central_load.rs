@@ -25,12 +25,16 @@ struct Loader {
 
 impl Loader {
     fn start(nats: &NatsServer, pg: &Postgres, extra: &[&str]) -> Loader {
+        Loader::start_to(nats, &pg.url(), extra)
+    }
+
+    fn start_to(nats: &NatsServer, db_url: &str, extra: &[&str]) -> Loader {
         let mut args = vec![
             "load".to_string(),
             "--from".into(),
             nats.url(),
             "--to".into(),
-            pg.url(),
+            db_url.to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut l = Loader {
@@ -298,4 +302,87 @@ async fn fleet_wide_p99_per_hour_in_sql_is_the_merge_of_the_sketches_in_rust() {
         assert!((p99 - e).abs() <= e * 0.01 + 1e-9, "p99 {p99}, exact {e}");
         assert!(bin_key_value(bins.last().unwrap().0) >= p99);
     }
+}
+
+/// `GET path` on a metrics listener: (status code, body).
+fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    let code = r.split(' ').nth(1)?.parse().ok()?;
+    Some((code, r.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
+}
+
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn with_the_database_down_nothing_is_acked_the_lag_shows_and_it_loads_when_it_returns() {
+    let nats = NatsServer::start();
+    let c = nats_collector(&nats);
+    let batches: Vec<OutboxBatch> = (0..30).map(|k| aggregate_batch(k, 4)).collect();
+    deliver(c.port, "gw-lag", &batches).await;
+
+    let db_port = common::free_port();
+    let metrics_port = common::free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let loader = Loader::start_to(
+        &nats,
+        &common::postgres::url(db_port),
+        &["--metrics-listen", &metrics],
+    );
+    common::wait_for("the lag on /metrics", Duration::from_secs(20), || {
+        get(&metrics, "/metrics").is_some_and(|(_, m)| {
+            gauge(&m, "edgeferry_load_lag_messages") == Some(30.0)
+                && gauge(&m, "edgeferry_load_lag_seconds").is_some_and(|s| s > 0.0)
+        })
+    });
+    let (code, body) = get(&metrics, "/healthz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        loader.log().contains("cannot connect to PostgreSQL"),
+        "{}",
+        loader.log()
+    );
+
+    let pg = Postgres::start_on(db_port);
+    let db = pg.client().await;
+    let started = Instant::now();
+    while db
+        .query_one("SELECT count(*) FROM aggregates", &[])
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(0)
+        < 120
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{}",
+            loader.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    common::wait_for("lag 0 and healthy", Duration::from_secs(20), || {
+        get(&metrics, "/metrics")
+            .is_some_and(|(_, m)| gauge(&m, "edgeferry_load_lag_messages") == Some(0.0))
+            && get(&metrics, "/healthz").is_some_and(|(code, _)| code == 200)
+    });
+    assert_eq!(
+        scalar(&db, "SELECT sum(count)::bigint FROM aggregates").await,
+        30 * 4 * 10
+    );
 }

@@ -316,3 +316,122 @@ fn bad_sink_arguments_are_refused_with_what_to_write() {
     assert!(!out.status.success());
     assert!(err.contains("unknown option \"replica\""), "{err}");
 }
+
+#[tokio::test]
+async fn a_resend_after_the_duplicate_window_is_still_stored_once_mark_or_no_mark() {
+    let nats = NatsServer::start();
+    let c = nats_collector(&nats);
+    let mut ws = connect_plain(&addr(&c)).await;
+    handshake(&mut ws, "gw-late", 3, 1).await;
+    let mut enc = DictEncoder::new();
+    for seq in 1..=3 {
+        send_batch(&mut ws, &mut enc, seq, &aggregate_batch(seq, 2))
+            .await
+            .unwrap();
+        assert_eq!(expect_ack(&mut ws).await, [seq]);
+    }
+    drop(ws);
+    // Shrink JetStream's own deduplication (Nats-Msg-Id) to one second and let it pass.
+    let js = jetstream(&nats).await;
+    let mut stream = js.get_stream("EDGEFERRY").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.duplicate_window = Duration::from_secs(1);
+    js.update_stream(config).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // A late resend with its mark in place: the mark says stored.
+    let mut ws = connect_plain(&addr(&c)).await;
+    handshake(&mut ws, "gw-late", 3, 1).await;
+    let mut enc = DictEncoder::new();
+    send_batch(&mut ws, &mut enc, 2, &aggregate_batch(2, 2))
+        .await
+        .unwrap();
+    assert_eq!(expect_ack(&mut ws).await, [2]);
+    drop(ws);
+    // The marks lost (a collector that died between the stream's ack and the mark): the
+    // stream itself refuses the batch's subject a second message.
+    let kv = js.get_key_value("EDGEFERRY_MARKS").await.unwrap();
+    kv.delete("gw-late.3").await.unwrap();
+    let mut ws = connect_plain(&addr(&c)).await;
+    assert!(handshake(&mut ws, "gw-late", 3, 1).await.stored.is_empty());
+    let mut enc = DictEncoder::new();
+    for seq in [3, 1] {
+        send_batch(&mut ws, &mut enc, seq, &aggregate_batch(seq, 2))
+            .await
+            .unwrap();
+        assert_eq!(expect_ack(&mut ws).await, [seq]);
+    }
+    drop(ws);
+    let msgs = stream_messages(&nats).await;
+    assert_eq!(
+        msgs.len(),
+        3,
+        "{:?}",
+        msgs.iter().map(|m| &m.0).collect::<Vec<_>>()
+    );
+    // And the marks are back for what was resent.
+    let mut ws = connect_plain(&addr(&c)).await;
+    assert_eq!(
+        handshake(&mut ws, "gw-late", 3, 1).await.stored,
+        [(1, 1), (3, 3)]
+    );
+}
+
+#[tokio::test]
+async fn a_collector_started_before_the_engine_waits_says_so_and_then_serves() {
+    let port = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let listen = common::free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args([
+            "collect",
+            "--listen",
+            &format!("127.0.0.1:{listen}"),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--sink",
+            &format!("nats://127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics_addr = dir.path().join("metrics.addr");
+    let health = || -> Option<(u16, String)> {
+        let a = std::fs::read_to_string(&metrics_addr).ok()?;
+        let mut s = std::net::TcpStream::connect(a.trim()).ok()?;
+        write!(
+            s,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut r = String::new();
+        s.read_to_string(&mut r).ok()?;
+        Some((r.split(' ').nth(1)?.parse().ok()?, r))
+    };
+    wait_for(
+        "healthz: opening the sinks",
+        Duration::from_secs(10),
+        || health().is_some_and(|(code, body)| code == 503 && body.contains("opening the sinks")),
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", listen)).is_err(),
+        "gateways are not taken before the engine is there"
+    );
+    let nats = NatsServer::start_on(port);
+    wait_for("the collector to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()
+    });
+    assert_eq!(health().unwrap().0, 200);
+    let mut ws = connect_plain(&format!("127.0.0.1:{listen}")).await;
+    handshake(&mut ws, "gw-early", 1, 1).await;
+    let mut enc = DictEncoder::new();
+    send_batch(&mut ws, &mut enc, 1, &aggregate_batch(1, 2))
+        .await
+        .unwrap();
+    assert_eq!(expect_ack(&mut ws).await, [1]);
+    assert_eq!(stream_messages(&nats).await.len(), 1);
+    common::signal(child.id(), "KILL");
+    let _ = child.wait();
+}

@@ -305,6 +305,51 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// The stream and the loaders' durable consumer (created by the first loader).
+async fn open_consumer(
+    cfg: &LoadConfig,
+    js: &jetstream::Context,
+) -> Result<(Stream, jetstream::consumer::Consumer<pull::Config>)> {
+    let stream = open_stream(js, &cfg.from.stream).await?;
+    let consumer = stream
+        .get_or_create_consumer(
+            &cfg.consumer,
+            pull::Config {
+                durable_name: Some(cfg.consumer.clone()),
+                description: Some("edgeferry load: into PostgreSQL".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: cfg.ack_wait,
+                filter_subject: format!("{SUBJECT_PREFIX}.>"),
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("cannot create or open consumer {}", cfg.consumer))?;
+    Ok((stream, consumer))
+}
+
+/// Reports the consumer's lag every [`LAG_EVERY`] until `shutdown`, whether or not the
+/// database is reachable (that is when the lag matters).
+async fn lag_reporter(cfg: LoadConfig, js: jetstream::Context, shutdown: CancellationToken) {
+    let mut opened = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(LAG_EVERY) => {}
+        }
+        if opened.is_none() {
+            opened = open_consumer(&cfg, &js).await.ok();
+        }
+        if let Some((stream, consumer)) = opened.as_mut()
+            && let Err(e) = report_lag(consumer, stream).await
+        {
+            tracing::debug!("measuring the consumer's lag: {e:#}");
+            opened = None;
+        }
+    }
+}
+
 async fn open_stream(js: &jetstream::Context, name: &str) -> Result<Stream> {
     js.get_stream(name).await.with_context(|| {
         format!("stream {name} not found (an `edgeferry collect --sink nats://…` creates it)")
@@ -332,6 +377,7 @@ pub async fn run(cfg: LoadConfig, shutdown: CancellationToken) -> Result<()> {
         () = shutdown.cancelled() => return Ok(()),
         c = nats::connect(&cfg.from, "edgeferry load", "edgeferry_load_source_up", failing) => c?,
     };
+    tokio::spawn(lag_reporter(cfg.clone(), js.clone(), shutdown.clone()));
     let mut backoff =
         crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
@@ -342,6 +388,10 @@ pub async fn run(cfg: LoadConfig, shutdown: CancellationToken) -> Result<()> {
         match r {
             Ok(()) => return Ok(()),
             Err(e) => {
+                if UP.load(Ordering::Relaxed) {
+                    // It was loading: a new outage starts from the shortest wait.
+                    backoff.reset();
+                }
                 set_up(false);
                 let wait = backoff.next_delay();
                 tracing::error!("loader: {e:#}; retrying in {wait:?}");
@@ -363,22 +413,7 @@ async fn session(
 ) -> Result<()> {
     let mut db = connect_db(&cfg.to).await?;
     let schema = migrate(&mut db).await?;
-    let stream = open_stream(js, &cfg.from.stream).await?;
-    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .get_or_create_consumer(
-            &cfg.consumer,
-            pull::Config {
-                durable_name: Some(cfg.consumer.clone()),
-                description: Some("edgeferry load: into PostgreSQL".into()),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: cfg.ack_wait,
-                filter_subject: format!("{SUBJECT_PREFIX}.>"),
-                max_ack_pending: 20_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .with_context(|| format!("cannot create or open consumer {}", cfg.consumer))?;
+    let (_stream, consumer) = open_consumer(cfg, js).await?;
     tracing::info!(
         stream = %cfg.from.stream,
         consumer = %cfg.consumer,
@@ -428,6 +463,36 @@ async fn session(
         metrics::counter!("edgeferry_load_rows_total", "table" => "alerts").increment(alerts);
         tracing::debug!(messages = msgs.len(), aggs, alerts, "fetch committed");
     }
+    Ok(())
+}
+
+/// How often the consumer's lag is measured.
+const LAG_EVERY: Duration = Duration::from_secs(2);
+
+/// The consumer's lag, as Burrow reports it for Kafka: messages in the stream not yet
+/// loaded (pending delivery or delivered and not acknowledged), and the age of the oldest of
+/// them (by the time the stream stored it): `edgeferry_load_lag_messages`,
+/// `edgeferry_load_lag_seconds`.
+async fn report_lag(
+    consumer: &mut jetstream::consumer::Consumer<pull::Config>,
+    stream: &Stream,
+) -> Result<()> {
+    let info = consumer.info().await.context("consumer info")?;
+    let behind = info.num_pending + info.num_ack_pending as u64;
+    let oldest = info.ack_floor.stream_sequence + 1;
+    let age = if behind == 0 {
+        0.0
+    } else {
+        match stream.get_raw_message(oldest).await {
+            Ok(m) => (time::OffsetDateTime::now_utc() - m.time)
+                .as_seconds_f64()
+                .max(0.0),
+            // Removed meanwhile (by age or an operator): measured again next time.
+            Err(_) => return Ok(()),
+        }
+    };
+    metrics::gauge!("edgeferry_load_lag_messages").set(behind as f64);
+    metrics::gauge!("edgeferry_load_lag_seconds").set(age);
     Ok(())
 }
 

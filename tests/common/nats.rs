@@ -16,10 +16,15 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        NatsServer::start_on(free_port())
+    }
+
+    /// On a port chosen beforehand (a collector given the URL before the engine is up).
+    pub fn start_on(port: u16) -> NatsServer {
         let mut n = NatsServer {
             child: None,
             dir: tempfile::tempdir().unwrap(),
-            port: free_port(),
+            port,
         };
         n.start_again();
         n

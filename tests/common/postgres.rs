@@ -42,6 +42,11 @@ fn postgres_user() -> (u32, u32) {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_on(free_port())
+    }
+
+    /// On a port chosen beforehand (a loader given the URL before the server is up).
+    pub fn start_on(port: u16) -> Postgres {
         let (uid, gid) = postgres_user();
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
@@ -67,7 +72,6 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
-        let port = free_port();
         let child = Command::new(bin.join("postgres"))
             .arg("-D")
             .arg(dir.path().join("data"))
@@ -102,7 +106,7 @@ impl Postgres {
     }
 
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        url(self.port)
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -112,6 +116,11 @@ impl Postgres {
         tokio::spawn(conn);
         client
     }
+}
+
+/// The URL of the server on `port` (it need not be up).
+pub fn url(port: u16) -> String {
+    format!("postgres://postgres@127.0.0.1:{port}/postgres")
 }
 
 impl Drop for Postgres {
