@@ -27,6 +27,9 @@ fn series(i: usize) -> String {
     format!("temperature{{device=dev{},site=site{}}}", i % SERIES, i % 2)
 }
 
+/// Per (series, window start in ms, window length in s): count and sum of the readings.
+type Windows = BTreeMap<(String, i64, i64), (i64, f64)>;
+
 fn gateway(id: &str, broker: &Mosquitto, collector: &Collector) -> Gateway {
     let gw = Gateway::with_config(
         &broker.url(),
@@ -190,7 +193,7 @@ async fn gateways_collectors_engine_and_loader_killed_every_reading_lands_once_i
     }
 
     // What an uninterrupted run computes, for each gateway (both take every reading).
-    let mut expected: BTreeMap<(String, i64, i64), (i64, f64)> = BTreeMap::new();
+    let mut expected: Windows = BTreeMap::new();
     for &(i, ts) in &sent {
         for secs in [1u64, 2] {
             let start = (ts - ts % (secs * 1000)) as i64;
@@ -226,7 +229,7 @@ async fn gateways_collectors_engine_and_loader_killed_every_reading_lands_once_i
         )
         .await
         .unwrap();
-    let mut got: BTreeMap<String, BTreeMap<(String, i64, i64), (i64, f64)>> = BTreeMap::new();
+    let mut got: BTreeMap<String, Windows> = BTreeMap::new();
     for r in &rows {
         got.entry(r.get(0))
             .or_default()
