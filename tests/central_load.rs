@@ -6,6 +6,7 @@
 mod common;
 
 use common::Collector;
+use common::loader::Loader;
 use common::nats::NatsServer;
 use common::postgres::Postgres;
 use common::wsclient::*;
@@ -13,73 +14,7 @@ use edgeferry::model::aggregate::Aggregate;
 use edgeferry::model::sketch::{Sketch, bin_key_value};
 use edgeferry::protocol::{BatchKind, DictEncoder, OutboxBatch, OutboxItem};
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
-
-struct Loader {
-    child: Option<Child>,
-    dir: TempDir,
-    args: Vec<String>,
-}
-
-impl Loader {
-    fn start(nats: &NatsServer, pg: &Postgres, extra: &[&str]) -> Loader {
-        Loader::start_to(nats, &pg.url(), extra)
-    }
-
-    fn start_to(nats: &NatsServer, db_url: &str, extra: &[&str]) -> Loader {
-        let mut args = vec![
-            "load".to_string(),
-            "--from".into(),
-            nats.url(),
-            "--to".into(),
-            db_url.to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut l = Loader {
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            args,
-        };
-        l.spawn();
-        l
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("load.log"))
-            .unwrap();
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_edgeferry"))
-                .args(&self.args)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            common::signal(c.id(), "KILL");
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        common::read_all(&self.dir.path().join("load.log"))
-    }
-}
-
-impl Drop for Loader {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 fn nats_collector(nats: &NatsServer) -> Collector {
     let mut c = Collector::new(&["--sink", &nats.url()]);
@@ -384,5 +319,64 @@ async fn with_the_database_down_nothing_is_acked_the_lag_shows_and_it_loads_when
     assert_eq!(
         scalar(&db, "SELECT sum(count)::bigint FROM aggregates").await,
         30 * 4 * 10
+    );
+}
+
+/// The documented queries of docs/CENTRAL.md other than the p99 (tested above), run against
+/// the loader's schema with rows written straight into the table.
+#[tokio::test]
+async fn the_documented_queries_find_silent_gateways_and_the_latest_value_per_series() {
+    let pg = Postgres::start();
+    let mut db = pg.client().await;
+    edgeferry::collect::load::migrate(&mut db).await.unwrap();
+    // gw-quiet's newest 10 s window ended 30 minutes ago, gw-live's a minute ago; gw-live's
+    // series s1 has three windows, s2 one.
+    for (gateway, series, ago_secs, last) in [
+        ("gw-quiet", "s1", 1_810, 1.0),
+        ("gw-quiet", "s1", 3_600, 0.5),
+        ("gw-live", "s1", 70, 3.0),
+        ("gw-live", "s1", 80, 2.0),
+        ("gw-live", "s1", 90, 1.5),
+        ("gw-live", "s2", 600, 7.0),
+    ] {
+        db.execute(
+            "INSERT INTO aggregates (gateway, series, window_start, window_secs, metric, tags,
+                 version, count, last, sketch_keys, sketch_counts, epoch, batch)
+             VALUES ($1, $2, now() - make_interval(secs => $3), 10, 'temp', '{}', 1, 1, $4,
+                 '{}', '{}', 1, 1)",
+            &[&gateway, &series, &f64::from(ago_secs), &last],
+        )
+        .await
+        .unwrap();
+    }
+    let silent = db
+        .query(include_str!("../docs/sql/silent_gateways.sql"), &[&10i32])
+        .await
+        .unwrap();
+    let names: Vec<String> = silent.iter().map(|r| r.get(0)).collect();
+    assert_eq!(names, ["gw-quiet"], "silent for more than 10 minutes");
+
+    let latest = db
+        .query(include_str!("../docs/sql/latest_value.sql"), &[&10i32])
+        .await
+        .unwrap();
+    let got: Vec<(String, String, f64)> = latest
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(5)))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("gw-live".to_string(), "s1".to_string(), 3.0),
+            ("gw-live".into(), "s2".into(), 7.0),
+            ("gw-quiet".into(), "s1".into(), 1.0),
+        ]
+    );
+    assert!(
+        db.query(include_str!("../docs/sql/latest_value.sql"), &[&60i32])
+            .await
+            .unwrap()
+            .is_empty(),
+        "no 1-minute windows"
     );
 }

@@ -7,12 +7,12 @@
 
 mod common;
 
+use common::loader::Loader;
 use common::nats::NatsServer;
 use common::postgres::Postgres;
 use common::*;
 use rand::RngExt;
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -48,43 +48,6 @@ fn gateway(id: &str, broker: &Mosquitto, collector: &Collector) -> Gateway {
     gw
 }
 
-struct Loader {
-    child: Option<Child>,
-    args: Vec<String>,
-    log: std::path::PathBuf,
-}
-
-impl Loader {
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_edgeferry"))
-                .args(&self.args)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(c.id(), "KILL");
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Loader {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_collectors_engine_and_loader_killed_every_reading_lands_once_in_postgres() {
     let broker = Mosquitto::start();
@@ -103,26 +66,7 @@ async fn gateways_collectors_engine_and_loader_killed_every_reading_lands_once_i
     for g in &mut gws {
         g.start();
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let mut loader = Loader {
-        child: None,
-        args: [
-            "load",
-            "--from",
-            &nats.url(),
-            "--to",
-            &pg.url(),
-            "--batch",
-            "8",
-            "--ack-wait",
-            "2s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        log: tmp.path().join("load.log"),
-    };
-    loader.spawn();
+    let mut loader = Loader::start(&nats, &pg, &["--batch", "8", "--ack-wait", "2s"]);
 
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = {
@@ -281,7 +225,7 @@ async fn gateways_collectors_engine_and_loader_killed_every_reading_lands_once_i
     assert!(
         lost == 0 && doubled == 0 && wrong_sums == 0,
         "lost {lost}, doubled {doubled}, wrong sums {wrong_sums}\nloader:\n{}\ngw-1:\n{}",
-        read_all(&loader.log),
+        loader.log(),
         gws[0].logs()
     );
     assert_eq!(messages, ids.len(), "a batch id twice in the stream");

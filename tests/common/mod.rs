@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod flash;
+pub mod loader;
 pub mod nats;
 pub mod postgres;
 pub mod wsclient;
@@ -34,6 +35,27 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/PID/stat` (clock
+/// ticks of 1/100 s, Linux's fixed USER_HZ); 0 once it is gone.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name may hold spaces; the fields after its closing parenthesis are fixed.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of proc(5); field 3 (the state) is index 0 here.
+    (tick(11) + tick(12)) as f64 / 100.0
 }
 
 /// Sends a signal to one process we started.
