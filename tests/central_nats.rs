@@ -91,7 +91,25 @@ async fn any_collector_serves_any_gateway_and_a_batch_is_in_the_stream_once() {
     assert_eq!(expect_ack(&mut ws).await, [4]);
     drop(ws);
 
-    // The other collector knows what the first stored: the marks are in the engine.
+    // The other collector knows what the first stored: the marks are in the engine, written
+    // by the first collector right after its acks (they save resends; the stream decides).
+    let js = jetstream(&nats).await;
+    let kv = js.get_key_value("EDGEFERRY_MARKS").await.unwrap();
+    let mut marked = false;
+    for _ in 0..250 {
+        if let Ok(Some(v)) = kv.get("site=1.7").await
+            && serde_json::from_slice::<serde_json::Value>(&v).unwrap()["stored"]
+                == serde_json::json!([[1, 4]])
+        {
+            marked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        marked,
+        "the marks of batches 1–4 reach the bucket within 5 s"
+    );
     let mut ws = connect_plain(&addr(&b)).await;
     assert_eq!(handshake(&mut ws, "site.1", 7, 1).await.stored, [(1, 4)]);
     // A redelivery through it is acknowledged and not stored again.

@@ -13,27 +13,34 @@
 //! `max_age`) and whichever collector sends it — no time window as with `Nats-Msg-Id`. A
 //! refusal means "already stored" and is acknowledged like a success.
 //!
-//! Then the batch's mark is added to the gateway's entry in the key-value bucket
-//! (`<stream>_MARKS`, key `<gateway>.<epoch>` with `.` in the gateway id written as `=`),
-//! by compare-and-set on the entry's revision, so concurrent collectors serving the same
-//! gateway merge their marks instead of overwriting them. Only then is the batch
-//! acknowledged. The entry holds the gateway's floor (`Hello.first_seq`: everything below it
-//! the gateway no longer holds) and the ranges stored at or above it: that is what `Welcome`
-//! reports, and it stays as small as the gateway's backlog.
+//! The stream's answer is the whole decision, so it is the only write a batch waits for
+//! before it is acknowledged. Its mark is then added to the gateway's entry in the
+//! key-value bucket (`<stream>_MARKS`, key `<gateway>.<epoch>` with `.` in the gateway id
+//! written as `=`) by a writer task that merges every mark pending for an entry into one
+//! compare-and-set on its revision, so concurrent collectors serving the same gateway merge
+//! their marks instead of overwriting them. The entry holds the gateway's floor
+//! (`Hello.first_seq`: everything below it the gateway no longer holds) and the ranges
+//! stored at or above it: that is what `Welcome` reports (a `Hello` first writes what this
+//! collector still has pending for its entry), and it stays as small as the gateway's
+//! backlog. Marks save resends; they decide nothing: measured (`cargo bench --bench
+//! central`), writing them before the ack, with the read before the publish they allowed,
+//! cost 4 engine round trips per batch instead of 1 and half the throughput.
 //!
-//! A collector that dies between the stream's ack and the mark leaves a stored batch
-//! without a mark; the gateway was not acknowledged and resends it, the stream refuses the
-//! copy, the mark is written then. The one case that is not exact: that resend arriving
-//! after the stream dropped the first copy by age (`max_age`, 7 days by default), when it is
-//! stored a second time. PostgreSQL loaders upsert by version, so even that converges.
+//! A mark not written (the collector died first, or the queue of pending marks was full)
+//! means at most one needless resend, which the stream refuses. The one case that is not
+//! exact: a batch whose ack the gateway never received, resent after the stream dropped the
+//! first copy by age (`max_age`, 7 days by default) and with its mark missing, is stored a
+//! second time. PostgreSQL loaders upsert by version, so even that converges.
 
 use super::store::Stored;
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Where and how to publish: parsed from `nats://[user:pass@]host:port[,host:port…][?…]`.
@@ -183,6 +190,18 @@ impl Marks {
         self.stored = out;
     }
 
+    /// Adds every seq not yet marked and not below the floor; whether anything changed.
+    fn insert_all(&mut self, seqs: &[u64]) -> bool {
+        let mut changed = false;
+        for &seq in seqs {
+            if seq >= self.floor && !self.contains(seq) {
+                self.insert(seq);
+                changed = true;
+            }
+        }
+        changed
+    }
+
     fn raise_floor(&mut self, floor: u64) {
         if floor <= self.floor {
             return;
@@ -200,7 +219,8 @@ pub struct NatsSink {
     spec: NatsSpec,
     client: async_nats::Client,
     js: jetstream::Context,
-    marks: kv::Store,
+    marks: Bucket,
+    pending: Arc<PendingMarks>,
     /// The last operation against the engine failed (cleared by the next success, or by
     /// the monitor once the stream answers again).
     failing: Arc<AtomicBool>,
@@ -268,6 +288,214 @@ fn check_stream(name: &str, c: &stream::Config) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The marks bucket.
+#[derive(Clone)]
+struct Bucket(kv::Store);
+
+impl Bucket {
+    async fn read(&self, key: &str) -> Result<(Marks, Option<u64>)> {
+        match self.0.entry(key).await? {
+            Some(e) if e.operation == kv::Operation::Put => Ok((
+                serde_json::from_slice(&e.value)
+                    .with_context(|| format!("marks entry {key} is not edgeferry's"))?,
+                Some(e.revision),
+            )),
+            // Deleted or purged by an operator: a new entry replaces it.
+            Some(e) => Ok((Marks::default(), Some(e.revision))),
+            None => Ok((Marks::default(), None)),
+        }
+    }
+
+    /// Applies `change` to the entry of (gateway, epoch) by compare-and-set, retrying when
+    /// another collector changed it meanwhile. `known` is the entry as this collector last
+    /// wrote it (marks and revision), tried first instead of a read: when nobody else wrote
+    /// since, one round trip instead of two. Returns the entry as written (or as found, when
+    /// `change` said there is nothing to write) with its revision.
+    async fn modify(
+        &self,
+        key: &str,
+        mut known: Option<(Marks, u64)>,
+        change: impl Fn(&mut Marks) -> bool,
+    ) -> Result<Entry> {
+        for _ in 0..64 {
+            let (hinted, (mut m, revision)) = match known.take() {
+                Some((m, r)) => (true, (m, Some(r))),
+                None => (false, self.read(key).await?),
+            };
+            if !change(&mut m) {
+                if hinted {
+                    // "Nothing to add" from memory is not proof: the entry may have been
+                    // changed or deleted since (an operator, another collector). Ask.
+                    continue;
+                }
+                return Ok((m, revision));
+            }
+            let value = Bytes::from(serde_json::to_vec(&m)?);
+            let written =
+                match revision {
+                    Some(r) => self.0.update(key, value, r).await.map_err(|e| {
+                        (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.into())
+                    }),
+                    None => self
+                        .0
+                        .create(key, value)
+                        .await
+                        .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.into())),
+                };
+            match written {
+                Ok(r) => return Ok((m, Some(r))),
+                Err((true, _)) => continue,
+                Err((false, e)) => {
+                    let e: anyhow::Error = e;
+                    return Err(e.context(format!("cannot write marks entry {key}")));
+                }
+            }
+        }
+        bail!("marks entry {key} kept changing under 64 attempts");
+    }
+}
+
+/// An entry's marks and revision (`None`: the entry does not exist yet).
+type Entry = (Marks, Option<u64>);
+
+/// Entries the mark writer remembers (as it wrote them) to skip the read before its next
+/// write; past it the memory starts over (each entry then costs one read again).
+const KNOWN_ENTRIES: usize = 50_000;
+
+/// Most batch marks waiting to be written. Beyond it a mark is dropped and counted
+/// (`edgeferry_collect_nats_marks_dropped_total`): it would only have saved a resend.
+const MAX_PENDING_MARKS: usize = 100_000;
+
+#[derive(Default)]
+struct Queue {
+    /// Marks not yet taken by the writer, per entry key.
+    queued: HashMap<String, Vec<u64>>,
+    /// Entries the writer is writing now.
+    writing: HashSet<String>,
+    len: usize,
+}
+
+/// Marks of stored batches on their way to the bucket.
+#[derive(Default)]
+struct PendingMarks {
+    queue: Mutex<Queue>,
+    /// Wakes the writer.
+    wake: tokio::sync::Notify,
+    /// The writer finished a round.
+    done: tokio::sync::Notify,
+}
+
+impl PendingMarks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, key: &str, seqs: &[u64]) {
+        let mut q = self.lock();
+        let room = MAX_PENDING_MARKS.saturating_sub(q.len).min(seqs.len());
+        if room < seqs.len() {
+            metrics::counter!("edgeferry_collect_nats_marks_dropped_total")
+                .increment((seqs.len() - room) as u64);
+        }
+        if room > 0 {
+            q.queued
+                .entry(key.to_string())
+                .or_default()
+                .extend_from_slice(&seqs[..room]);
+            q.len += room;
+        }
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Waits until the writer is not writing `key`, then takes what is queued for it.
+    async fn take(&self, key: &str) -> Vec<u64> {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            {
+                let mut q = self.lock();
+                if !q.writing.contains(key) {
+                    let seqs = q.queued.remove(key).unwrap_or_default();
+                    q.len -= seqs.len();
+                    return seqs;
+                }
+            }
+            done.await;
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        let q = self.lock();
+        q.queued.is_empty() && q.writing.is_empty()
+    }
+}
+
+/// The writer task: takes every pending mark, writes each entry once (up to 32 entries at
+/// a time), puts back what failed and tries it again half a second later. Ends with its
+/// sink.
+async fn write_marks(bucket: Bucket, pending: Arc<PendingMarks>) {
+    let mut known: HashMap<String, (Marks, u64)> = HashMap::new();
+    loop {
+        let taken: Vec<(String, Vec<u64>)> = {
+            let mut q = pending.lock();
+            let taken: Vec<_> = q.queued.drain().collect();
+            q.len = 0;
+            q.writing.extend(taken.iter().map(|(k, _)| k.clone()));
+            taken
+        };
+        if taken.is_empty() {
+            if Arc::strong_count(&pending) == 1 {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), pending.wake.notified()).await;
+            continue;
+        }
+        if known.len() > KNOWN_ENTRIES {
+            known.clear();
+        }
+        let results: Vec<(String, Vec<u64>, Result<Entry>)> = futures_util::stream::iter(taken)
+            .map(|(key, seqs)| {
+                let bucket = &bucket;
+                let hint = known.get(&key).cloned();
+                async move {
+                    let r = bucket.modify(&key, hint, |m| m.insert_all(&seqs)).await;
+                    (key, seqs, r)
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let mut failed = Vec::new();
+        for (key, seqs, r) in results {
+            match r {
+                Ok((m, Some(revision))) => {
+                    known.insert(key, (m, revision));
+                }
+                Ok((_, None)) => {
+                    known.remove(&key);
+                }
+                Err(e) => {
+                    known.remove(&key);
+                    failed.push((key, seqs, e));
+                }
+            }
+        }
+        let retry = !failed.is_empty();
+        pending.lock().writing.clear();
+        for (key, seqs, e) in failed {
+            tracing::debug!("writing the marks of {key} (will retry): {e:#}");
+            metrics::counter!("edgeferry_collect_sink_errors_total", "sink" => "nats").increment(1);
+            pending.push(&key, &seqs);
+        }
+        pending.done.notify_waiters();
+        if retry {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 }
 
 impl NatsSink {
@@ -341,64 +569,21 @@ impl NatsSink {
             "NATS JetStream sink ready"
         );
         metrics::gauge!("edgeferry_collect_sink_up", "sink" => "nats").set(1.0);
+        let marks = Bucket(marks);
+        let pending = Arc::new(PendingMarks::default());
+        tokio::spawn(write_marks(marks.clone(), pending.clone()));
         Ok(NatsSink {
             spec,
             client,
             js,
             marks,
+            pending,
             failing,
         })
     }
 
     fn key(gateway: &str, epoch: u64) -> String {
         format!("{}.{epoch}", gateway_token(gateway))
-    }
-
-    async fn read(&self, key: &str) -> Result<(Marks, Option<u64>)> {
-        match self.marks.entry(key).await? {
-            Some(e) if e.operation == kv::Operation::Put => Ok((
-                serde_json::from_slice(&e.value)
-                    .with_context(|| format!("marks entry {key} is not edgeferry's"))?,
-                Some(e.revision),
-            )),
-            // Deleted or purged by an operator: a new entry replaces it.
-            Some(e) => Ok((Marks::default(), Some(e.revision))),
-            None => Ok((Marks::default(), None)),
-        }
-    }
-
-    /// Applies `change` to the entry of (gateway, epoch) by compare-and-set, retrying when
-    /// another collector changed it meanwhile. Returns the entry as written (or as found,
-    /// when `change` said there is nothing to write).
-    async fn modify(&self, key: &str, change: impl Fn(&mut Marks) -> bool) -> Result<Marks> {
-        for _ in 0..64 {
-            let (mut m, revision) = self.read(key).await?;
-            if !change(&mut m) {
-                return Ok(m);
-            }
-            let value = Bytes::from(serde_json::to_vec(&m)?);
-            let written =
-                match revision {
-                    Some(r) => self.marks.update(key, value, r).await.map_err(|e| {
-                        (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.into())
-                    }),
-                    None => self
-                        .marks
-                        .create(key, value)
-                        .await
-                        .map(|_| 0)
-                        .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.into())),
-                };
-            match written {
-                Ok(_) => return Ok(m),
-                Err((true, _)) => continue,
-                Err((false, e)) => {
-                    let e: anyhow::Error = e;
-                    return Err(e.context(format!("cannot write marks entry {key}")));
-                }
-            }
-        }
-        bail!("marks entry {key} kept changing under 64 attempts");
     }
 
     fn outcome<T>(&self, r: Result<T>) -> Result<T> {
@@ -423,7 +608,8 @@ impl NatsSink {
         r
     }
 
-    /// Records the gateway's floor and returns the ranges stored at or above `first_seq`.
+    /// Records the gateway's floor and returns the ranges stored at or above `first_seq`,
+    /// with every mark this collector still had pending for the entry written first.
     pub async fn hello(
         &self,
         gateway: &str,
@@ -432,18 +618,23 @@ impl NatsSink {
         cap: usize,
     ) -> Result<Vec<(u64, u64)>> {
         let key = Self::key(gateway, epoch);
+        let pending = self.pending.take(&key).await;
         let r = self
-            .modify(&key, |m| {
+            .marks
+            .modify(&key, None, |m| {
+                let mut changed = m.insert_all(&pending);
                 if first_seq > m.floor {
                     m.raise_floor(first_seq);
-                    true
-                } else {
-                    false
+                    changed = true;
                 }
+                changed
             })
             .await
             .with_context(|| format!("reading the marks of {gateway} epoch {epoch} from NATS"));
-        let m = self.outcome(r)?;
+        if r.is_err() {
+            self.pending.push(&key, &pending);
+        }
+        let (m, _) = self.outcome(r)?;
         let from = first_seq.max(m.floor);
         let seqs = m
             .stored
@@ -453,8 +644,9 @@ impl NatsSink {
         Ok(seqs.take(cap).collect())
     }
 
-    /// Publishes a batch (its JSON lines) and marks it; returns once both are durable in the
-    /// engine (with replicas: replicated).
+    /// Publishes a batch (its JSON lines); returns once the stream has it durably (with
+    /// replicas: replicated), or refused it as stored before. Its mark follows (module
+    /// comment).
     pub async fn store_batch(
         &self,
         gateway: &str,
@@ -477,14 +669,6 @@ impl NatsSink {
         lines: Bytes,
         items: usize,
     ) -> Result<Stored> {
-        let key = Self::key(gateway, epoch);
-        let (m, _) = self.read(&key).await?;
-        if m.contains(seq) {
-            return Ok(Stored::Duplicate);
-        }
-        if seq < m.floor {
-            return Ok(Stored::BelowFloor);
-        }
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("{gateway}/{epoch}/{seq}").as_str());
         headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
@@ -508,15 +692,7 @@ impl NatsSink {
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Stored::Duplicate,
             Err(e) => return Err(anyhow::Error::new(e).context(format!("publish to {subject}"))),
         };
-        self.modify(&key, |m| {
-            if m.contains(seq) || seq < m.floor {
-                false
-            } else {
-                m.insert(seq);
-                true
-            }
-        })
-        .await?;
+        self.pending.push(&Self::key(gateway, epoch), &[seq]);
         match outcome {
             Stored::Written(n) => {
                 metrics::counter!("edgeferry_collect_nats_batches_total", "result" => "stored")
@@ -573,8 +749,14 @@ impl NatsSink {
         }
     }
 
-    /// Waits until everything published has reached the server (at shutdown).
+    /// Waits until the pending marks are written (at most 5 s) and everything published
+    /// has reached the server (at shutdown).
     pub async fn flush(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.pending.is_idle() && tokio::time::Instant::now() < deadline {
+            self.pending.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.client
             .flush()
             .await
@@ -610,6 +792,34 @@ mod tests {
         ] {
             assert!(bad.parse::<NatsSpec>().is_err(), "{bad} should be refused");
         }
+    }
+
+    #[tokio::test]
+    async fn pending_marks_are_bounded_and_a_hello_takes_those_of_its_entry() {
+        let p = PendingMarks::default();
+        let many: Vec<u64> = (0..MAX_PENDING_MARKS as u64 + 5).collect();
+        p.push("a.1", &many[..10]);
+        p.push("b.1", &many[10..]);
+        assert_eq!(
+            p.lock().len,
+            MAX_PENDING_MARKS,
+            "the rest is dropped, counted"
+        );
+        assert_eq!(p.take("a.1").await, (0..10).collect::<Vec<u64>>());
+        assert_eq!(p.take("a.1").await, Vec::<u64>::new());
+        assert_eq!(p.lock().len, MAX_PENDING_MARKS - 10);
+        assert!(!p.is_idle());
+    }
+
+    #[test]
+    fn marks_merge_ranges_and_ignore_what_is_below_the_floor() {
+        let mut m = Marks::default();
+        m.raise_floor(3);
+        assert!(m.insert_all(&[5, 3, 4, 9, 1]));
+        assert_eq!(m.stored, [(3, 5), (9, 9)]);
+        assert!(!m.insert_all(&[4, 2]), "nothing new");
+        m.raise_floor(5);
+        assert_eq!(m.stored, [(5, 5), (9, 9)]);
     }
 
     #[test]
