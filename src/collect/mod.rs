@@ -3,15 +3,18 @@
 //!
 //! Gateways connect over WebSocket (optionally TLS, optionally mutual TLS), authenticate with
 //! a bearer token in the HTTP upgrade request, and send [`Batch`](crate::protocol::Batch) frames.
-//! Each batch is written as JSON lines to `DIR/out/<gateway>.jsonl`, made durable together
-//! with its dedup mark, and only then acknowledged (see [`store`]).
+//! Each batch becomes JSON lines (one object per aggregate or alert, [`store::batch_lines`])
+//! and is acknowledged only after every configured sink made it durable ([`sink`]):
 //!
-//! The collector keeps no state apart from the output files and the dedup marks, which are
-//! per instance: several instances behind a load balancer must route each gateway to the
-//! same instance (sticky by gateway id), otherwise a redelivered batch reaching another
-//! instance would be written again there — still harmless for consumers that upsert by
-//! (gateway, series, window_start, window_secs, version), but no longer "exactly once" in
-//! the files.
+//! * `jsonl:DIR` ([`store`]): appended to `DIR/out/<gateway>.jsonl`, fsynced together with its
+//!   dedup mark in a local sled tree. Exact for one collector; several need sticky routing by
+//!   gateway id, or a redelivery reaching another instance is written there again.
+//! * `nats://…` ([`nats`]): one NATS JetStream message per batch on its own subject, which
+//!   the stream accepts once, whichever collector sends it and however late; marks and
+//!   resume points in a JetStream key-value bucket. Collectors share nothing but the engine.
+//!
+//! [`load`] is the other half of the central side: a JetStream consumer that upserts the
+//! lines into PostgreSQL. docs/CENTRAL.md is the operator's picture.
 
 pub mod config;
 pub mod load;
