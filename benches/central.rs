@@ -45,6 +45,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Barrier;
+use tokio::task::JoinHandle;
 
 /// Aggregates per batch: a gateway with 100 series closing one window.
 const SERIES: usize = 100;
@@ -123,6 +124,18 @@ async fn gateway(
     }
 }
 
+/// Releases tasks waiting on `start` together: (seconds until the last one finished, every
+/// latency they report).
+async fn race(start: &Barrier, tasks: Vec<JoinHandle<Vec<f64>>>) -> (f64, Vec<f64>) {
+    start.wait().await;
+    let t0 = Instant::now();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    (t0.elapsed().as_secs_f64(), lat)
+}
+
 /// `gateways` sessions at once against the collector: (seconds from the common start to
 /// the last ack, every latency).
 async fn collector_round(
@@ -144,13 +157,7 @@ async fn collector_round(
             ))
         })
         .collect();
-    start.wait().await;
-    let t0 = Instant::now();
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
-    (t0.elapsed().as_secs_f64(), lat)
+    race(&start, tasks).await
 }
 
 /// A message as the collector published it.
@@ -232,13 +239,7 @@ async fn bare_round(
             })
         })
         .collect();
-    start.wait().await;
-    let t0 = Instant::now();
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
-    (t0.elapsed().as_secs_f64(), lat)
+    race(&start, tasks).await
 }
 
 fn quantile(v: &mut [f64], q: f64) -> f64 {
