@@ -96,6 +96,11 @@ enum Command {
         /// Most unauthenticated connections from one IP address.
         #[arg(long, default_value_t = 16)]
         max_pending_per_address: usize,
+        /// Most bytes of batches being stored at once (their JSON lines), all connections
+        /// together, e.g. 256MiB; at the limit connections wait before reading their next
+        /// batch (counted in edgeferry_collect_buffer_full_total).
+        #[arg(long, default_value = "256MiB")]
+        max_buffered: bytesize::ByteSize,
         /// Serve Prometheus /metrics and /healthz here (e.g. 127.0.0.1:9871).
         #[arg(long)]
         metrics_listen: Option<String>,
@@ -213,6 +218,7 @@ fn main() -> ExitCode {
             max_connections,
             max_pending,
             max_pending_per_address,
+            max_buffered,
             metrics_listen,
             max_frame,
             heartbeat,
@@ -227,6 +233,7 @@ fn main() -> ExitCode {
             cfg.max_connections = max_connections;
             cfg.max_pending = max_pending;
             cfg.max_pending_per_address = max_pending_per_address;
+            cfg.max_buffered = max_buffered.as_u64();
             cfg.metrics_listen = metrics_listen;
             cfg.max_frame = max_frame;
             cfg.heartbeat = heartbeat;

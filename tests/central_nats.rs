@@ -453,3 +453,89 @@ async fn a_collector_started_before_the_engine_waits_says_so_and_then_serves() {
     common::signal(child.id(), "KILL");
     let _ = child.wait();
 }
+
+/// A metric of the collector, summed over its labels (0 when absent).
+fn metric(c: &Collector, name: &str) -> f64 {
+    let (_, text) = get(c, "/metrics").unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_gateways_whole_window_is_stored_at_once_and_a_full_buffer_makes_it_wait_without_loss() {
+    // With the engine frozen (SIGSTOP), nothing a collector hands over gets stored: what it
+    // holds shows how many batches of one connection it stores at once. The default buffer
+    // takes the gateway's whole window; one smaller than a batch takes one batch, and the
+    // next waits (counted). Thawed, every batch is acknowledged and in the stream once.
+    for (max_buffered, whole_window) in [("256MiB", true), ("1KiB", false)] {
+        let nats = NatsServer::start();
+        let mut c = Collector::new(&[
+            "--sink",
+            &nats.url(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--max-buffered",
+            max_buffered,
+        ]);
+        c.start();
+        let mut ws = connect_plain(&addr(&c)).await;
+        let window = u64::from(handshake(&mut ws, "gw-w", 3, 1).await.max_in_flight) - 1;
+        let one_batch =
+            edgeferry::collect::Sinks::lines("gw-w", 3, 1, &aggregate_batch(1, 10).items)
+                .unwrap()
+                .len() as f64;
+        common::signal(nats.pid().unwrap(), "STOP");
+        let mut enc = DictEncoder::new();
+        // Batch 5 twice: the copy is in flight with (or right after) the first.
+        for seq in (1..=window).chain([5]) {
+            send_batch(&mut ws, &mut enc, seq, &aggregate_batch(seq, 10))
+                .await
+                .unwrap();
+        }
+        let held = |c: &Collector| metric(c, "edgeferry_collect_buffered_bytes");
+        if whole_window {
+            let all = (window + 1) as f64 * one_batch;
+            wait_for("the whole window in flight", Duration::from_secs(3), || {
+                held(&c) >= all
+            });
+        } else {
+            wait_for("a batch waiting for room", Duration::from_secs(3), || {
+                metric(&c, "edgeferry_collect_buffer_full_total") >= 1.0
+            });
+            assert!(held(&c) <= 1024.0, "{max_buffered}: holds {}", held(&c));
+        }
+        common::signal(nats.pid().unwrap(), "CONT");
+        let mut acked: HashMap<u64, usize> = HashMap::new();
+        while acked.values().sum::<usize>() < window as usize + 1 {
+            for seq in expect_ack(&mut ws).await {
+                *acked.entry(seq).or_default() += 1;
+            }
+        }
+        for seq in 1..=window {
+            let expected = if seq == 5 { 2 } else { 1 };
+            assert_eq!(
+                acked.get(&seq),
+                Some(&expected),
+                "{max_buffered}: batch {seq}"
+            );
+        }
+        assert_eq!(acked.len() as u64, window, "{max_buffered}: {acked:?}");
+        let stored = stream_messages(&nats).await;
+        let batches: BTreeSet<String> = stored.iter().map(|(_, b, _)| b.clone()).collect();
+        assert_eq!(
+            stored.len() as u64,
+            window,
+            "{max_buffered}: one message per batch"
+        );
+        assert_eq!(batches.len() as u64, window, "{max_buffered}");
+        assert!(stored.iter().all(|(_, _, lines)| lines.len() == 10));
+        wait_for("the room given back", Duration::from_secs(3), || {
+            held(&c) == 0.0
+        });
+    }
+}

@@ -40,6 +40,10 @@ pub struct CollectConfig {
     pub max_frame: u32,
     /// Most unacknowledged batches a client may have outstanding (announced in Welcome).
     pub max_in_flight: u32,
+    /// Most bytes of batches (their JSON lines) being stored at once, all connections
+    /// together; at the limit a connection waits before it reads its next batch (counted in
+    /// `edgeferry_collect_buffer_full_total`). One batch larger than this is stored alone.
+    pub max_buffered: u64,
     /// Heartbeat interval (whole seconds, at least 1); silence for 3 intervals drops a peer.
     pub heartbeat: Duration,
     /// Time allowed for the TLS handshake, the WebSocket upgrade and the Hello frame, each
@@ -68,6 +72,7 @@ impl CollectConfig {
             metrics_listen: None,
             max_frame: crate::protocol::DEFAULT_MAX_FRAME,
             max_in_flight: 64,
+            max_buffered: 256 * 1024 * 1024,
             heartbeat: Duration::from_secs(15),
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),

@@ -16,13 +16,16 @@ use crate::protocol::{
 };
 use crate::telemetry::RateLimit;
 use anyhow::{Context, Result, bail};
+use futures_util::FutureExt;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -49,6 +52,76 @@ struct Shared {
     pending: Pending,
     /// Gateway sessions (`max_connections`): taken at the upgrade, after the token check.
     sessions: Arc<Semaphore>,
+    /// Batches handed to the sinks and not yet stored, all sessions together.
+    buffer: Buffer,
+}
+
+/// The bytes of batches handed to the sinks and not yet stored, in KiB (`max_buffered`):
+/// a session waits for room before it hands over another.
+#[derive(Clone)]
+struct Buffer {
+    room: Arc<Semaphore>,
+    kib: u32,
+}
+
+impl Buffer {
+    fn new(bytes: u64) -> Buffer {
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS as u32);
+        Buffer {
+            room: Arc::new(Semaphore::new(kib as usize)),
+            kib,
+        }
+    }
+
+    /// Room for `bytes` (a batch larger than all of it takes all of it); waits, counted,
+    /// while it is full. `None`: shut down while waiting.
+    async fn reserve(&self, bytes: usize, shutdown: &CancellationToken) -> Option<Reserved> {
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.kib);
+        let permit = match self.room.clone().try_acquire_many_owned(kib) {
+            Ok(p) => p,
+            Err(_) => {
+                metrics::counter!("edgeferry_collect_buffer_full_total").increment(1);
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    p = self.room.clone().acquire_many_owned(kib) => p.ok()?,
+                }
+            }
+        };
+        self.report();
+        Some(Reserved {
+            permit: Some(permit),
+            buffer: self.clone(),
+        })
+    }
+
+    fn report(&self) {
+        let used = self.kib as usize - self.room.available_permits();
+        metrics::gauge!("edgeferry_collect_buffered_bytes").set((used * 1024) as f64);
+    }
+}
+
+/// A batch's room in the [`Buffer`], given back when dropped.
+struct Reserved {
+    permit: Option<OwnedSemaphorePermit>,
+    buffer: Buffer,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.buffer.report();
+    }
+}
+
+/// A batch the sinks finished with: what to acknowledge, or why not.
+struct Done {
+    seq: u64,
+    items: usize,
+    stored: Result<Stored>,
 }
 
 /// The answer to a plain-HTTP client refused before its upgrade (TLS ones are just closed).
@@ -348,6 +421,7 @@ pub async fn run_with(
     let shared = Arc::new(Shared {
         pending: Pending::new(cfg.max_pending, cfg.max_pending_per_address),
         sessions: Arc::new(Semaphore::new(cfg.max_connections)),
+        buffer: Buffer::new(cfg.max_buffered),
         cfg,
         tokens,
         tls,
@@ -551,6 +625,7 @@ impl Shared {
             gateway: None,
             epoch: 0,
             dict: protocol::DictDecoder::new(),
+            stores: FuturesUnordered::new(),
         }
         .run()
         .await
@@ -566,6 +641,10 @@ struct Session<'a, S> {
     gateway: Option<String>,
     epoch: u64,
     dict: protocol::DictDecoder,
+    /// Batches handed to the sinks, not yet acknowledged: at most `max_in_flight`, stored
+    /// concurrently (a gateway's window fills the engine's pipeline, not one round trip at
+    /// a time) and acknowledged as each becomes durable, in whatever order.
+    stores: FuturesUnordered<JoinHandle<Done>>,
 }
 
 /// What processing one frame asks for.
@@ -620,19 +699,34 @@ where
         let hello_deadline = Instant::now() + self.shared.cfg.handshake_timeout;
         let mut last_rx = Instant::now();
         let mut next_heartbeat = Instant::now() + hb;
+        let max_in_flight = self.shared.cfg.max_in_flight.max(1) as usize;
         loop {
             let deadline = if self.gateway.is_none() {
                 hello_deadline
             } else {
                 last_rx + idle
             };
+            // With its window full the gateway waits for us: no reading, no idle check.
+            let reading = self.stores.len() < max_in_flight;
             let msg = tokio::select! {
                 biased;
                 () = self.shared.shutdown.cancelled() => {
+                    // Acknowledging what the sinks are finishing saves the gateway resends.
+                    while let Some(done) = self.stores.next().await {
+                        if let Err(end) = self.acknowledge(done).await {
+                            return end;
+                        }
+                    }
                     let _ = timeout(Duration::from_secs(2), self.ws.close(None)).await;
                     return End::ok("shutdown", "closed for shutdown");
                 }
-                () = sleep_until(deadline) => {
+                Some(done) = self.stores.next(), if !self.stores.is_empty() => {
+                    if let Err(end) = self.acknowledge(done).await {
+                        return end;
+                    }
+                    continue;
+                }
+                () = sleep_until(deadline), if reading => {
                     return if self.gateway.is_none() {
                         End::bad("hello_timeout", "no Hello within the handshake timeout")
                     } else {
@@ -646,7 +740,7 @@ where
                     }
                     continue;
                 }
-                m = self.ws.next() => m,
+                m = self.ws.next(), if reading => m,
             };
             let bytes = match msg {
                 None => return End::ok("closed", "connection closed"),
@@ -690,6 +784,47 @@ where
         }
     }
 
+    /// Acknowledges a finished batch, and with it every other one finished by now (one Ack
+    /// frame); a batch a sink failed to store ends the connection (after acknowledging
+    /// those that were stored), and the gateway resends it.
+    async fn acknowledge(&mut self, first: Result<Done, JoinError>) -> Result<(), End> {
+        let mut seqs = Vec::new();
+        let mut failed = None;
+        let mut next = Some(first);
+        while let Some(joined) = next {
+            match joined {
+                Ok(Done {
+                    seq,
+                    items,
+                    stored: Ok(outcome),
+                }) => {
+                    if outcome != Stored::Written(items) {
+                        tracing::debug!(peer = %self.peer, seq, ?outcome, "batch not written again");
+                    }
+                    seqs.push(seq);
+                }
+                Ok(Done { stored: Err(e), .. }) => failed = Some(format!("{e:#}")),
+                Err(e) => failed = Some(format!("storing a batch panicked: {e}")),
+            }
+            if failed.is_some() {
+                break;
+            }
+            next = self.stores.next().now_or_never().flatten();
+        }
+        if !seqs.is_empty() {
+            self.send(&Frame::Ack(Ack { seqs })).await?;
+        }
+        match failed {
+            None => Ok(()),
+            Some(e) => {
+                tracing::error!("{e}");
+                Err(self
+                    .fail(ErrorCode::Internal, "storage failure".into(), "storage")
+                    .await)
+            }
+        }
+    }
+
     async fn handle(&mut self, bytes: &[u8]) -> Next {
         let frame = match protocol::decode(bytes, self.shared.cfg.max_frame) {
             Ok(f) => f,
@@ -722,25 +857,36 @@ where
                     Ok(items) => items,
                     Err(e) => return Next::Fail(e.code(), e.to_string(), "batch"),
                 };
-                let (epoch, seq) = (self.epoch, b.seq);
-                // The ack is sent only after every sink made the batch durable.
-                match self
-                    .shared
-                    .sinks
-                    .store_batch(&gateway, epoch, seq, &items)
-                    .await
-                {
-                    Ok(outcome) => {
-                        if outcome != Stored::Written(b.items.len()) {
-                            tracing::debug!(peer = %self.peer, seq, ?outcome, "batch not written again");
-                        }
-                        Next::Reply(Frame::Ack(Ack { seqs: vec![seq] }))
-                    }
+                let (epoch, seq, n) = (self.epoch, b.seq, items.len());
+                let lines = match Sinks::lines(&gateway, epoch, seq, &items) {
+                    Ok(lines) => lines,
                     Err(e) => {
                         tracing::error!("{e:#}");
-                        Next::Fail(ErrorCode::Internal, "storage failure".into(), "storage")
+                        return Next::Fail(
+                            ErrorCode::Internal,
+                            "storage failure".into(),
+                            "storage",
+                        );
                     }
-                }
+                };
+                drop(items);
+                let shared = self.shared;
+                let Some(room) = shared.buffer.reserve(lines.len(), &shared.shutdown).await else {
+                    return Next::Continue; // shutting down: not acknowledged, resent later
+                };
+                let sinks = shared.sinks.clone();
+                // A task of its own: it finishes (and saves a resend) even if this
+                // connection goes. The ack is sent only after every sink made it durable.
+                self.stores.push(tokio::spawn(async move {
+                    let stored = sinks.store_batch(&gateway, epoch, seq, lines, n).await;
+                    drop(room);
+                    Done {
+                        seq,
+                        items: n,
+                        stored,
+                    }
+                }));
+                Next::Continue
             }
             Frame::Heartbeat(_) => Next::Continue,
             Frame::Error(e) => Next::Fail(

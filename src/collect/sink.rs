@@ -126,22 +126,28 @@ impl Sinks {
         Ok(common.unwrap_or_default())
     }
 
-    /// Makes a batch durable in every sink, in order; returns what the first sink that
-    /// wrote it did (`Duplicate` when none had to).
+    /// A batch as every sink stores it: its JSON lines ([`batch_lines`]).
+    pub fn lines(gateway: &str, epoch: u64, seq: u64, items: &[OutboxItem]) -> Result<Bytes> {
+        Ok(Bytes::from(batch_lines(gateway, epoch, seq, items)?))
+    }
+
+    /// Makes a batch (its [`Sinks::lines`], `items` aggregates and alerts) durable in every
+    /// sink, in order; returns what the first sink that wrote it did (`Duplicate` when none
+    /// had to).
     pub async fn store_batch(
         &self,
         gateway: &str,
         epoch: u64,
         seq: u64,
-        items: &[OutboxItem],
+        lines: Bytes,
+        items: usize,
     ) -> Result<Stored> {
-        let lines = Bytes::from(batch_lines(gateway, epoch, seq, items)?);
         let mut result: Option<Stored> = None;
         for sink in &self.sinks {
             let stored = match sink {
                 Sink::Jsonl(store) => {
                     let (store, gw, lines) = (store.clone(), gateway.to_string(), lines.clone());
-                    let n = items.len();
+                    let n = items;
                     // Runs to completion even if the connection's task is dropped.
                     tokio::task::spawn_blocking(move || {
                         store.store_lines(&gw, epoch, seq, &lines, n)
@@ -151,7 +157,7 @@ impl Sinks {
                 }
                 Sink::Nats(n) => {
                     let (n, gw, lines) = (n.clone(), gateway.to_string(), lines.clone());
-                    let count = items.len();
+                    let count = items;
                     // Spawned for the same reason: a half-done publish-then-mark is fine
                     // (see `nats`), but finishing it saves the gateway a resend.
                     tokio::spawn(async move { n.store_batch(&gw, epoch, seq, lines, count).await })
