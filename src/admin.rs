@@ -254,8 +254,9 @@ impl Admin {
             problems.push("disk quota reached (store.max_disk): ingest is blocked until the upstream drains the outbox".into());
         }
         let backlog = self.backlog();
-        let upstream = self.upstream.as_ref().map(|(url, f)| UpstreamStatus {
-            url: url.clone(),
+        let upstream = self.upstream.as_ref().map(|(urls, f)| UpstreamStatus {
+            url: f.url().unwrap_or_else(|| urls.clone()),
+            switches: f.switches.load(Ordering::Relaxed),
             connected: f.connected.load(Ordering::Relaxed),
             batches_sent: f.batches_sent.load(Ordering::Relaxed),
             batches_acked: f.batches_acked.load(Ordering::Relaxed),

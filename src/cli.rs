@@ -406,12 +406,16 @@ pub fn render_status(r: &StatusReport) -> String {
         Some(u) => {
             let _ = writeln!(
                 s,
-                "upstream {} — {}, {} batches sent, {} acknowledged, {} reconnects",
+                "upstream {} — {}, {} batches sent, {} acknowledged, {} reconnects{}",
                 u.url,
                 if u.connected { "connected" } else { "DOWN" },
                 u.batches_sent,
                 u.batches_acked,
-                u.reconnects
+                u.reconnects,
+                match u.switches {
+                    0 => String::new(),
+                    n => format!(", {n} switches between URLs"),
+                }
             );
         }
         None => {

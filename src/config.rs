@@ -226,7 +226,12 @@ impl Config {
         if let Some(u) = &self.upstream {
             secrets.push(("upstream.token_file", &u.token_file));
             secrets.push(("upstream.key_file", &u.key_file));
-            urls.push(("upstream.url", u.url.as_str()));
+            urls.extend(
+                u.url
+                    .list()
+                    .iter()
+                    .map(|url| ("upstream.url", url.as_str())),
+            );
         }
         let mut w = crate::validate::exposure_warnings(&secrets, &urls);
         // The admin endpoint has no authentication: beyond loopback, anyone on the network
@@ -581,6 +586,49 @@ filter = "sensors/#"
         );
         let p = problems(&MINIMAL.replace("mqtt://127.0.0.1:1883", "not a url"));
         assert!(p[0].contains("mqtt.url = \"not a url\""), "{p:?}");
+    }
+
+    #[test]
+    fn upstream_url_is_one_url_or_a_list_of_one_transport() {
+        let one = parse(&with("[upstream]\nurl = \"wss://a.example:9443/\"")).unwrap();
+        assert_eq!(one.upstream.unwrap().url.list(), ["wss://a.example:9443/"]);
+        let two = parse(&with(
+            "[upstream]\nurl = [\"wss://a.example:9443/\", \"wss://b.example:9443/\"]",
+        ))
+        .unwrap();
+        let up = two.upstream.unwrap();
+        assert_eq!(up.url.list().len(), 2);
+        assert!(!up.url.is_mqtt());
+        assert_eq!(
+            up.url.to_string(),
+            "wss://a.example:9443/, wss://b.example:9443/"
+        );
+
+        let p = problems(&with(
+            "[upstream]\nurl = [\"wss://a.example:9443/\", \"mqtts://b.example\"]",
+        ));
+        assert!(p[0].contains("mixes WebSocket and MQTT URLs"), "{p:?}");
+        let p = problems(&with("[upstream]\nurl = []"));
+        assert!(p[0].contains("expected at least one URL"), "{p:?}");
+        let p = problems(&with(
+            "[upstream]\nurl = [\"wss://a.example:9443/\", \"ftp://b\"]",
+        ));
+        assert!(p[0].starts_with("upstream.url[1] = \"ftp://b\""), "{p:?}");
+        let p = problems(&with(
+            "[upstream]\nurl = [\"wss://a.example:9443/\", \"wss://a.example:9443/\"]",
+        ));
+        assert!(p[0].contains("listed twice"), "{p:?}");
+        let p = problems(&with("[upstream]\nurl = 7"));
+        assert!(p[0].contains("upstream.url"), "{p:?}");
+
+        // An environment override names one URL, replacing the file's list.
+        let env = vec![(
+            "EDGEFERRY__UPSTREAM__URL".to_string(),
+            "ws://127.0.0.1:9443/".to_string(),
+        )];
+        let text = with("[upstream]\nurl = [\"wss://a.example:9443/\", \"wss://b.example:9443/\"]");
+        let c = Config::from_toml_with_env(&text, env).unwrap();
+        assert_eq!(c.upstream.unwrap().url.list(), ["ws://127.0.0.1:9443/"]);
     }
 
     #[test]

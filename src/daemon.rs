@@ -445,7 +445,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             upstream: cfg
                 .upstream
                 .as_ref()
-                .map(|u| (u.url.clone(), forward_status.clone())),
+                .map(|u| (u.url.to_string(), forward_status.clone())),
             live: live.clone(),
             clock: clock.clone(),
             disk_writes: disk_writes.clone(),
@@ -466,7 +466,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 watermark: watermark_rx,
                 status: forward_status.clone(),
             };
-            if up.url.starts_with("mqtt") {
+            if up.url.is_mqtt() {
                 let transport = MqttTransport::new(up, &cfg.gateway.id);
                 tasks.spawn(Link::new(parts, transport).run());
             } else {

@@ -91,9 +91,10 @@ pub trait Transport: Send {
     /// One established connection, used until it fails; the next `connect` makes a new one.
     type Conn: Connection;
 
-    /// Connects and performs the handshake with `hello`.
+    /// Connects to `url` (one of `[upstream] url`) and performs the handshake with `hello`.
     fn connect(
         &mut self,
+        url: &str,
         hello: &Hello,
     ) -> impl Future<Output = Result<(Self::Conn, Resume), LinkError>> + Send;
 }
@@ -124,7 +125,7 @@ pub trait Connection: Send {
 
 /// Everything the link needs besides its transport.
 pub struct LinkParts {
-    /// `[upstream]` as configured: the URL (named in logs and status) and the reconnect backoff.
+    /// `[upstream]` as configured: the URLs (named in logs and status) and the reconnect backoff.
     pub cfg: UpstreamConfig,
     /// `[gateway] id`, sent in every Hello.
     pub gateway: String,
@@ -152,6 +153,12 @@ pub struct Link<T> {
     /// The acknowledgement state could not be written at the last attempt (a full, failing
     /// or read-only disk): logged once per episode, not at every attempt.
     acks_unwritable: bool,
+    /// Which of `[upstream] url` the link uses: a random one at start, so that a fleet
+    /// spreads over its collectors; the next one after each failure.
+    current: usize,
+    /// The URLs a switch away from was logged since the link was last up: when all of them
+    /// are down the link goes round them without a log line per attempt.
+    switch_logged: std::collections::HashSet<usize>,
 }
 
 /// How a connection ended without an error.
@@ -163,12 +170,47 @@ enum End {
 impl<T: Transport> Link<T> {
     /// A link that has not connected yet.
     pub fn new(parts: LinkParts, transport: T) -> Link<T> {
-        Link {
-            parts,
-            transport,
+        let link = Link {
             closed: false,
             acked_high: [None, None],
             acks_unwritable: false,
+            current: rand::random_range(0..parts.cfg.url.list().len().max(1)),
+            switch_logged: Default::default(),
+            parts,
+            transport,
+        };
+        link.parts.status.set_url(link.url());
+        link
+    }
+
+    /// The URL the link uses now.
+    fn url(&self) -> &str {
+        self.parts
+            .cfg
+            .url
+            .list()
+            .get(self.current)
+            .map_or("", String::as_str)
+    }
+
+    /// Moves to the next URL after `why` ended the link or its attempt on the current one
+    /// (counted; logged once per URL until a link is up again).
+    fn switch(&mut self, why: &str) {
+        let n = self.parts.cfg.url.list().len();
+        if n < 2 {
+            return;
+        }
+        let from = self.url().to_string();
+        let was = self.current;
+        self.current = (self.current + 1) % n;
+        metrics::counter!("edgeferry_upstream_switches_total").increment(1);
+        self.parts.status.switches.fetch_add(1, Ordering::Relaxed);
+        self.parts.status.set_url(self.url());
+        if self.switch_logged.insert(was) {
+            tracing::warn!(
+                "upstream {from} failed ({why}); switching to {}",
+                self.url()
+            );
         }
     }
 
@@ -182,12 +224,22 @@ impl<T: Transport> Link<T> {
             let started = Instant::now();
             let r = self.session().await;
             self.persist_acks();
-            let msg = match r {
+            let (msg, elsewhere) = match r {
                 Ok(End::Drained) => break,
-                Err(e) => e.to_string(),
+                // A failure of this central endpoint: another may work. New credentials
+                // or a new epoch are retried where they came up; a local outbox error is
+                // the gateway's.
+                Err(
+                    e @ (LinkError::Connect(_) | LinkError::Refused(..) | LinkError::Broken(_)),
+                ) => (e.to_string(), true),
+                Err(e) => (e.to_string(), false),
             };
             let p = &self.parts;
-            p.status.link_down(&p.cfg.url, msg, &mut last_logged);
+            p.status
+                .link_down(self.url(), msg.clone(), &mut last_logged);
+            if elsewhere {
+                self.switch(&msg);
+            }
             if self.closed {
                 break;
             }
@@ -292,7 +344,9 @@ impl<T: Transport> Link<T> {
         let files = self.credential_files();
         let stamp = mtimes(&files);
         let hello = self.hello();
-        let (mut conn, resume) = self.transport.connect(&hello).await?;
+        let url = self.url().to_string();
+        let (mut conn, resume) = self.transport.connect(&url, &hello).await?;
+        self.switch_logged.clear();
 
         // A data directory restored from an older copy reuses sequence numbers the central
         // side already stored: it would acknowledge new batches as duplicates and drop them.
@@ -331,7 +385,7 @@ impl<T: Transport> Link<T> {
         self.parts.status.connected.store(true, Ordering::Relaxed);
         self.parts.status.set_error(None);
         tracing::info!(
-            url = %self.parts.cfg.url,
+            url = %url,
             stored_ranges = resume.stored.len(),
             "upstream connected ({})",
             resume.detail

@@ -23,6 +23,10 @@ pub struct ForwardStatus {
     pub batches_acked: AtomicU64,
     /// Connection attempts that failed or links that broke.
     pub reconnects: AtomicU64,
+    /// Moves from one of `[upstream] url` to the next.
+    pub switches: AtomicU64,
+    /// The URL in use (or being tried); empty before the link starts.
+    pub url: Mutex<String>,
     /// Why the link is down, when it is.
     pub last_error: Mutex<Option<String>>,
 }
@@ -46,6 +50,17 @@ impl ForwardStatus {
             *last_logged = Some(key);
         }
         self.set_error(Some(msg));
+    }
+
+    /// Records the URL in use.
+    pub fn set_url(&self, url: &str) {
+        url.clone_into(&mut self.url.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// The URL in use, `None` before the link starts.
+    pub fn url(&self) -> Option<String> {
+        let u = self.url.lock().unwrap_or_else(|e| e.into_inner());
+        (!u.is_empty()).then(|| u.clone())
     }
 
     /// Why the link last went down; `None` while connected and before the first failure.

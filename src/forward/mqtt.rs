@@ -86,11 +86,10 @@ impl MqttTransport {
         }
     }
 
-    /// Client options with the credentials as they are on disk now.
-    fn options(&self) -> Result<MqttOptions, LinkError> {
-        let bad =
-            |why: String| LinkError::Connect(format!("upstream.url {:?}: {why}", self.cfg.url));
-        let url = url::Url::parse(&self.cfg.url).map_err(|e| bad(e.to_string()))?;
+    /// Client options for broker `url` with the credentials as they are on disk now.
+    fn options(&self, url: &str) -> Result<MqttOptions, LinkError> {
+        let bad = |why: String| LinkError::Connect(format!("upstream.url {url:?}: {why}"));
+        let url = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
         let tls = url.scheme() == "mqtts";
         let host = url
             .host_str()
@@ -156,8 +155,12 @@ fn higher(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 impl Transport for MqttTransport {
     type Conn = MqttConnection;
 
-    async fn connect(&mut self, hello: &Hello) -> Result<(MqttConnection, Resume), LinkError> {
-        let (client, mut el) = AsyncClient::new(self.options()?, MAX_IN_FLIGHT * 2);
+    async fn connect(
+        &mut self,
+        url: &str,
+        hello: &Hello,
+    ) -> Result<(MqttConnection, Resume), LinkError> {
+        let (client, mut el) = AsyncClient::new(self.options(url)?, MAX_IN_FLIGHT * 2);
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
         net.set_connection_timeout(CONNECT_TIMEOUT.as_secs());

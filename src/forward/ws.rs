@@ -80,11 +80,12 @@ impl WsConnection {
 impl Transport for WsTransport {
     type Conn = WsConnection;
 
-    async fn connect(&mut self, hello: &Hello) -> Result<(WsConnection, Resume), LinkError> {
-        let mut request = self
-            .cfg
-            .url
-            .as_str()
+    async fn connect(
+        &mut self,
+        url: &str,
+        hello: &Hello,
+    ) -> Result<(WsConnection, Resume), LinkError> {
+        let mut request = url
             .into_client_request()
             .map_err(|e| LinkError::Connect(format!("bad upstream.url: {e}")))?;
         if let Some(tf) = &self.cfg.token_file {
@@ -96,7 +97,7 @@ impl Transport for WsTransport {
             })?;
             request.headers_mut().insert("authorization", value);
         }
-        let connector = if self.cfg.url.starts_with("wss://") {
+        let connector = if url.starts_with("wss://") {
             let tls = crate::tls::client_config(
                 self.cfg.ca_file.as_deref(),
                 self.cfg.cert_file.as_deref(),
@@ -309,7 +310,7 @@ mod tests {
 
     async fn connect(url: String) -> WsConnection {
         let mut t = WsTransport::new(UpstreamConfig {
-            url,
+            url: url.as_str().into(),
             token_file: None,
             ca_file: None,
             cert_file: None,
@@ -319,7 +320,7 @@ mod tests {
             reconnect_max: Duration::from_secs(1),
             topic: String::new(),
         });
-        let (conn, _) = t.connect(&hello()).await.unwrap();
+        let (conn, _) = t.connect(&url, &hello()).await.unwrap();
         conn
     }
 

@@ -131,8 +131,11 @@ pub struct Backlog {
 /// unhealthy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpstreamStatus {
-    /// `[upstream] url`.
+    /// The URL of `[upstream] url` in use (connected to, or being tried).
     pub url: String,
+    /// Moves from one of `[upstream] url`'s URLs to the next since start.
+    #[serde(default)]
+    pub switches: u64,
     /// Whether a connection to the central system is up when the report is made.
     pub connected: bool,
     /// Batches sent since start (including resends).
