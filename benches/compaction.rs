@@ -198,7 +198,7 @@ fn hello(first_seq: u64) -> edgeferry::protocol::Hello {
     edgeferry::protocol::Hello {
         gateway: "gw-1".into(),
         epoch: 1,
-        versions: vec![edgeferry::protocol::PROTOCOL_VERSION],
+        versions: edgeferry::protocol::SUPPORTED_VERSIONS.to_vec(),
         first_seq,
         software: format!("edgeferry/{}", env!("CARGO_PKG_VERSION")),
     }

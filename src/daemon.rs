@@ -465,6 +465,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 outbox: outbox.clone(),
                 watermark: watermark_rx,
                 status: forward_status.clone(),
+                health: {
+                    let broker = status.clone();
+                    Arc::new(move || crate::protocol::Health {
+                        time_ms: crate::clock::now_ms(),
+                        uptime_secs: started.elapsed().as_secs(),
+                        backlog_batches: 0,
+                        backlog_bytes: 0,
+                        oldest_secs: None,
+                        broker_connected: broker.connected.load(Ordering::Relaxed),
+                        software: format!("edgeferry/{}", env!("CARGO_PKG_VERSION")),
+                    })
+                },
             };
             if up.url.is_mqtt() {
                 let transport = MqttTransport::new(up, &cfg.gateway.id);

@@ -46,6 +46,14 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// How often the credential files' modification times are compared.
 const ROTATION_CHECK: Duration = Duration::from_secs(5);
 
+/// How often the gateway's [`protocol::Health`] is reported while the link runs (and once
+/// right after the handshake).
+pub const HEALTH_EVERY: Duration = Duration::from_secs(15);
+
+/// What the link reports as the gateway's health: the daemon knows the broker connection
+/// and the start time; the outbox part is filled in by the link.
+pub type HealthSource = Arc<dyn Fn() -> protocol::Health + Send + Sync>;
+
 /// How often acknowledgements are written to disk while the link runs.
 const PERSIST_ACKS: Duration = Duration::from_secs(2);
 
@@ -112,6 +120,15 @@ pub trait Connection: Send {
     /// The next acknowledged seqs. Cancel-safe: the core waits for it beside its timers.
     fn acks(&mut self) -> impl Future<Output = Result<Vec<u64>, LinkError>> + Send;
 
+    /// Reports the gateway's health, where the transport and the negotiated version carry it
+    /// (WebSocket, protocol version 3); others ignore it.
+    fn health(
+        &mut self,
+        _health: &protocol::Health,
+    ) -> impl Future<Output = Result<(), LinkError>> + Send {
+        async { Ok(()) }
+    }
+
     /// The highest seq per lane the central side is known to have stored, for transports
     /// whose handshake cannot say (MQTT keeps it in a retained state message): written
     /// when acknowledgements were persisted, at most every 2 s.
@@ -140,6 +157,8 @@ pub struct LinkParts {
     pub watermark: watch::Receiver<[u64; 2]>,
     /// Shared state for status.
     pub status: Arc<ForwardStatus>,
+    /// The broker and uptime part of the health reports.
+    pub health: HealthSource,
 }
 
 /// The upstream link over transport `T`.
@@ -300,10 +319,27 @@ impl<T: Transport> Link<T> {
         Hello {
             gateway: self.parts.gateway.clone(),
             epoch: self.parts.epoch,
-            versions: vec![protocol::PROTOCOL_VERSION],
+            versions: protocol::SUPPORTED_VERSIONS.to_vec(),
             first_seq,
             software: format!("edgeferry/{}", env!("CARGO_PKG_VERSION")),
         }
+    }
+
+    /// The gateway's health now: the daemon's part, with the outbox's backlog.
+    fn health(&self) -> protocol::Health {
+        let mut h = (self.parts.health)();
+        let summary = self
+            .parts
+            .outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .summary();
+        if let Ok((batches, bytes, oldest)) = summary {
+            h.backlog_batches = batches;
+            h.backlog_bytes = bytes;
+            h.oldest_secs = oldest.map(|t| ((h.time_ms - t).max(0) / 1000) as u64);
+        }
+        h
     }
 
     fn credential_files(&self) -> Vec<PathBuf> {
@@ -391,6 +427,9 @@ impl<T: Transport> Link<T> {
             resume.detail
         );
 
+        conn.health(&self.health()).await?;
+        let mut health =
+            tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
         let max_in_flight = resume.max_in_flight.max(1);
         let mut in_flight: HashMap<u64, Instant> = HashMap::new();
         // Live-first: what is appended from now on goes before the backlog.
@@ -470,6 +509,7 @@ impl<T: Transport> Link<T> {
                     conn.close().await;
                     return Ok(End::Drained);
                 }
+                _ = health.tick() => conn.health(&self.health()).await?,
                 _ = rotation_check.tick() => {
                     if mtimes(&files) != stamp {
                         conn.close().await;

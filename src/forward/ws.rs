@@ -44,6 +44,8 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// One WebSocket connection after `Welcome`.
 pub struct WsConnection {
     ws: Ws,
+    /// The negotiated protocol version (Health frames need 3).
+    version: u16,
     dict: DictEncoder,
     max_frame: u32,
     heartbeat: tokio::time::Interval,
@@ -151,6 +153,7 @@ impl Transport for WsTransport {
         let heartbeat_every = Duration::from_secs(welcome.heartbeat_secs.max(1) as u64);
         let conn = WsConnection {
             ws,
+            version: welcome.version,
             dict: DictEncoder::new(),
             max_frame: welcome.max_frame,
             heartbeat: tokio::time::interval(heartbeat_every),
@@ -167,6 +170,13 @@ impl Transport for WsTransport {
 }
 
 impl Connection for WsConnection {
+    async fn health(&mut self, health: &protocol::Health) -> Result<(), LinkError> {
+        if self.version < 3 {
+            return Ok(()); // a version 2 receiver does not know the frame
+        }
+        self.send_frame(&Frame::Health(health.clone())).await
+    }
+
     async fn send(
         &mut self,
         seq: u64,
@@ -328,7 +338,7 @@ mod tests {
         Hello {
             gateway: "gw-unit".into(),
             epoch: 1,
-            versions: vec![protocol::PROTOCOL_VERSION],
+            versions: protocol::SUPPORTED_VERSIONS.to_vec(),
             first_seq: 0,
             software: "test".into(),
         }

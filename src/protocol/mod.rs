@@ -1,5 +1,6 @@
-//! The upstream wire protocol (version 2): what the gateway's outbox stores, and the frames
-//! that carry it to the central receiver over binary WebSocket messages.
+//! The upstream wire protocol (version 3, which speaks 2 as well): what the gateway's outbox
+//! stores, and the frames that carry it to the central receiver over binary WebSocket
+//! messages.
 //!
 //! `docs/PROTOCOL.md` is the normative description (byte layouts, sequence of frames,
 //! idempotency rules); this module is its reference implementation.
@@ -8,7 +9,8 @@
 //!
 //! ```text
 //! offset 0  2 bytes  magic b"EF"
-//!        2  u8       protocol version the body is encoded with (2; 1 for Hello and Error)
+//!        2  u8       protocol version that defined the body (2; 1 for Hello and Error;
+//!                    3 for Health)
 //!        3  u8       frame kind (see FrameKind)
 //!        4  u32 LE   body length
 //!        8  u32 LE   CRC-32 (IEEE) of the body
@@ -25,7 +27,8 @@
 //! Per connection: send [`Hello`], read [`Welcome`] (skip the seqs in `stored`), then for
 //! each outbox batch call [`DictEncoder::encode_batch`] and send the optional [`Dict`] frame
 //! before the [`Batch`] frame; delete a batch from the outbox when its seq comes back in an
-//! [`Ack`]. A new connection needs a new [`DictEncoder`].
+//! [`Ack`]. With version 3 negotiated, report [`Health`] after Welcome and every 15 s. A new
+//! connection needs a new [`DictEncoder`].
 //!
 //! # Server side
 //!
@@ -52,10 +55,11 @@ pub use crate::model::batch::{BatchKind, OutboxBatch, OutboxItem};
 
 /// First two bytes of every message.
 pub const MAGIC: [u8; 2] = *b"EF";
-/// The protocol version this module speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// Every protocol version this module can speak, lowest first.
-pub const SUPPORTED_VERSIONS: &[u16] = &[2];
+/// The newest protocol version this module speaks (3 added the [`Health`] frame).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// Every protocol version this module can speak, lowest first. A gateway offers them all in
+/// Hello, so an older receiver (version 2 only) still takes its batches.
+pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3];
 /// Envelope header length in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Default largest body a receiver accepts (4 MiB).
@@ -87,6 +91,8 @@ pub enum FrameKind {
     Heartbeat = 6,
     /// [`ErrorFrame`]: the last frame before closing, either direction.
     Error = 7,
+    /// [`Health`]: the gateway's state, client → server (version 3).
+    Health = 8,
 }
 
 impl FrameKind {
@@ -100,6 +106,7 @@ impl FrameKind {
             5 => FrameKind::Ack,
             6 => FrameKind::Heartbeat,
             7 => FrameKind::Error,
+            8 => FrameKind::Health,
             _ => return None,
         })
     }
@@ -264,6 +271,27 @@ pub struct Heartbeat {
     pub time_ms: i64,
 }
 
+/// Client → server (version 3 and later): how the gateway is doing, sent right after
+/// Welcome and then every 15 s, so the central side can tell which gateways are behind, and
+/// why, without asking them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Sender's clock when measured, epoch ms.
+    pub time_ms: i64,
+    /// Seconds since the gateway's daemon started.
+    pub uptime_secs: u64,
+    /// Outbox batches not yet acknowledged (both lanes).
+    pub backlog_batches: u64,
+    /// Bytes the outbox holds on disk (acknowledged batches not yet freed included).
+    pub backlog_bytes: u64,
+    /// Age of the oldest unacknowledged batch, seconds; `None` when there is none.
+    pub oldest_secs: Option<u64>,
+    /// Whether the gateway is connected to its local MQTT broker.
+    pub broker_connected: bool,
+    /// Gateway software, e.g. `edgeferry/0.1.0`.
+    pub software: String,
+}
+
 /// Why a connection is being closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -307,6 +335,8 @@ pub enum Frame {
     Heartbeat(Heartbeat),
     /// Either direction, last frame before closing; see [`ErrorFrame`].
     Error(ErrorFrame),
+    /// Client → server, the gateway's state (version 3); see [`Health`].
+    Health(Health),
 }
 
 impl Frame {
@@ -320,6 +350,7 @@ impl Frame {
             Frame::Ack(_) => FrameKind::Ack,
             Frame::Heartbeat(_) => FrameKind::Heartbeat,
             Frame::Error(_) => FrameKind::Error,
+            Frame::Health(_) => FrameKind::Health,
         }
     }
 
@@ -442,6 +473,7 @@ fn body_of(frame: &Frame) -> Vec<u8> {
         Frame::Ack(f) => postcard::to_stdvec(f),
         Frame::Heartbeat(f) => postcard::to_stdvec(f),
         Frame::Error(f) => postcard::to_stdvec(f),
+        Frame::Health(f) => postcard::to_stdvec(f),
     };
     // postcard only fails for types it cannot represent (none here) or a full buffer
     // (a Vec grows).
@@ -457,11 +489,13 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
     let len = u32::try_from(body.len()).expect("frame bodies are far below 4 GiB");
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
-    // Hello and Error bodies are the same in every version: they say version 1, so any
-    // receiver can read them (PROTOCOL.md §8).
+    // The version byte names the version that defined the body (PROTOCOL.md §8): Hello and
+    // Error are the same in every version (1, so any receiver reads them); version 3 only
+    // added Health, so the other frames stay version 2 and a version 2 receiver reads them.
     let version = match frame {
         Frame::Hello(_) | Frame::Error(_) => 1,
-        _ => PROTOCOL_VERSION,
+        Frame::Health(_) => 3,
+        _ => 2,
     };
     out.push(version as u8);
     out.push(frame.kind() as u8);
@@ -533,6 +567,7 @@ pub fn decode(msg: &[u8], max_frame: u32) -> Result<Frame, ProtocolError> {
         FrameKind::Ack => Frame::Ack(body(kind, body_bytes)?),
         FrameKind::Heartbeat => Frame::Heartbeat(body(kind, body_bytes)?),
         FrameKind::Error => Frame::Error(body(kind, body_bytes)?),
+        FrameKind::Health => Frame::Health(body(kind, body_bytes)?),
     })
 }
 
@@ -1089,6 +1124,30 @@ mod tests {
         // headers would cost more than mixing saves.
         let short: Vec<OutboxItem> = (0..40).map(|s| item(s, [10, 60][s % 2])).collect();
         assert_eq!(groups(short), 1);
+    }
+
+    #[test]
+    fn version_3_adds_health_and_leaves_every_other_body_readable_by_version_2() {
+        let health = Health {
+            time_ms: 1_764_000_000_000,
+            uptime_secs: 3600,
+            backlog_batches: 12,
+            backlog_bytes: 34_567,
+            oldest_secs: Some(90),
+            broker_connected: false,
+            software: "edgeferry/0.1.0".into(),
+        };
+        let bytes = encode(&Frame::Health(health.clone()));
+        assert_eq!((bytes[2], bytes[3]), (3, 8), "version 3, kind 8");
+        assert_eq!(decode(&bytes, 1024).unwrap(), Frame::Health(health));
+        // What a version 2 receiver reads: every frame but Health says version 2 (or 1).
+        let ack = encode(&Frame::Ack(Ack { seqs: vec![1] }));
+        let hb = encode(&Frame::Heartbeat(Heartbeat { time_ms: 1 }));
+        assert_eq!((ack[2], hb[2]), (2, 2));
+        // A gateway offers both; an old collector (2 only) and a new one agree on their best.
+        assert_eq!(negotiate(&[2], SUPPORTED_VERSIONS), Some(2));
+        assert_eq!(negotiate(SUPPORTED_VERSIONS, SUPPORTED_VERSIONS), Some(3));
+        assert_eq!(negotiate(SUPPORTED_VERSIONS, &[2]), Some(2));
     }
 
     #[test]

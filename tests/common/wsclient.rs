@@ -71,7 +71,7 @@ pub fn hello(gateway: &str, epoch: u64, first_seq: u64) -> Frame {
     Frame::Hello(Hello {
         gateway: gateway.into(),
         epoch,
-        versions: vec![protocol::PROTOCOL_VERSION],
+        versions: protocol::SUPPORTED_VERSIONS.to_vec(),
         first_seq,
         software: "collector-test".into(),
     })
