@@ -590,6 +590,7 @@ pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
     unhealthy: impl Fn() -> Option<String> + Clone + Send + Sync + 'static,
+    extra: Router,
 ) {
     let handle = prometheus();
     spawn_upkeep(handle.clone(), shutdown.clone());
@@ -612,7 +613,8 @@ pub async fn serve_metrics(
                     ),
                 }
             }),
-        );
+        )
+        .merge(extra);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

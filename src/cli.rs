@@ -123,6 +123,7 @@ pub fn run_collect(cfg: crate::collect::CollectConfig) -> Exit {
                 listener,
                 shutdown.clone(),
                 move || h.unhealthy(),
+                health.routes(),
             ));
         }
         crate::collect::run_with(cfg, shutdown, health).await
@@ -147,6 +148,7 @@ pub fn run_load(cfg: crate::collect::load::LoadConfig) -> Exit {
                 listener,
                 shutdown.clone(),
                 health,
+                axum::Router::new(),
             ));
         }
         crate::collect::load::run(cfg, shutdown).await

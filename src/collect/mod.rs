@@ -17,6 +17,7 @@
 //! lines into PostgreSQL. docs/CENTRAL.md is the operator's picture.
 
 pub mod config;
+pub mod fleet;
 pub mod load;
 pub mod nats;
 pub mod server;

@@ -7,6 +7,7 @@
 //! through a rate limiter.
 
 use super::config::CollectConfig;
+use super::fleet::Fleet;
 use super::sink::{SinkSpec, Sinks};
 use super::store::Stored;
 use crate::clock::now_ms;
@@ -54,6 +55,8 @@ struct Shared {
     sessions: Arc<Semaphore>,
     /// Batches handed to the sinks and not yet stored, all sessions together.
     buffer: Buffer,
+    /// What the collector knows of each gateway (`/fleet`).
+    fleet: Arc<Fleet>,
 }
 
 /// The bytes of batches handed to the sinks and not yet stored, in KiB (`max_buffered`):
@@ -352,21 +355,48 @@ pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> 
 }
 
 /// The collector's health for `/healthz`, answerable from the start: "opening the sinks"
-/// until they are open (NATS may be down at start), then what the sinks say.
+/// until they are open (NATS may be down at start), then what the sinks say; and its
+/// gateways for `/fleet`.
 #[derive(Clone, Default)]
-pub struct Health(Arc<std::sync::OnceLock<Arc<Sinks>>>);
+pub struct Health {
+    sinks: Arc<std::sync::OnceLock<Arc<Sinks>>>,
+    fleet: Arc<Fleet>,
+}
 
 impl Health {
     fn set(&self, sinks: Arc<Sinks>) {
-        let _ = self.0.set(sinks);
+        let _ = self.sinks.set(sinks);
     }
 
     /// Why the collector cannot acknowledge batches now, if it cannot.
     pub fn unhealthy(&self) -> Option<String> {
-        match self.0.get() {
+        match self.sinks.get() {
             None => Some("opening the sinks".to_string()),
             Some(s) => s.unhealthy(),
         }
+    }
+
+    /// The gateways this collector serves and served.
+    pub fn fleet(&self) -> Arc<Fleet> {
+        self.fleet.clone()
+    }
+
+    /// `GET /fleet`: every gateway this collector knows, as JSON.
+    pub fn routes(&self) -> axum::Router {
+        let fleet = self.fleet.clone();
+        axum::Router::new().route(
+            "/fleet",
+            axum::routing::get(move || async move {
+                let t = fleet.totals();
+                axum::Json(serde_json::json!({
+                    "connected": t.connected,
+                    "disconnected": t.disconnected,
+                    "backlog_batches": t.backlog_batches,
+                    "oldest_backlog_secs": t.oldest_secs,
+                    "gateways": fleet.snapshot(),
+                }))
+            }),
+        )
     }
 }
 
@@ -400,6 +430,18 @@ pub async fn run_with(
     };
     health.set(sinks.clone());
     sinks.spawn_monitors(&shutdown);
+    {
+        let (fleet, shutdown) = (health.fleet(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => fleet.report(),
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -422,6 +464,7 @@ pub async fn run_with(
         pending: Pending::new(cfg.max_pending, cfg.max_pending_per_address),
         sessions: Arc::new(Semaphore::new(cfg.max_connections)),
         buffer: Buffer::new(cfg.max_buffered),
+        fleet: health.fleet(),
         cfg,
         tokens,
         tls,
@@ -647,6 +690,14 @@ struct Session<'a, S> {
     stores: FuturesUnordered<JoinHandle<Done>>,
 }
 
+impl<S> Drop for Session<'_, S> {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gateway {
+            self.shared.fleet.disconnected(g);
+        }
+    }
+}
+
 /// What processing one frame asks for.
 enum Next {
     Continue,
@@ -812,6 +863,9 @@ where
             next = self.stores.next().now_or_never().flatten();
         }
         if !seqs.is_empty() {
+            if let Some(g) = &self.gateway {
+                self.shared.fleet.seen(g, seqs.len() as u64);
+            }
             self.send(&Frame::Ack(Ack { seqs })).await?;
         }
         match failed {
@@ -888,7 +942,14 @@ where
                 }));
                 Next::Continue
             }
-            Frame::Heartbeat(_) => Next::Continue,
+            Frame::Heartbeat(_) => {
+                self.shared.fleet.seen(&gateway, 0);
+                Next::Continue
+            }
+            Frame::Health(h) => {
+                self.shared.fleet.health(&gateway, h);
+                Next::Continue
+            }
             Frame::Error(e) => Next::Fail(
                 ErrorCode::Malformed,
                 format!("client sent an error: {:?} {}", e.code, e.message),
@@ -941,6 +1002,12 @@ where
             software = %hello.software,
             stored_ranges = stored.len(),
             "gateway connected"
+        );
+        self.shared.fleet.connected(
+            &hello.gateway,
+            hello.epoch,
+            &hello.software,
+            &self.peer.to_string(),
         );
         self.gateway = Some(hello.gateway);
         self.epoch = hello.epoch;
