@@ -129,7 +129,7 @@ async fn loaders_killed_at_random_leave_every_window_once_at_its_highest_version
     );
     assert_eq!(
         scalar(&db, "SELECT max(version)::bigint FROM edgeferry_schema").await as i32,
-        1
+        edgeferry::collect::load::MIGRATIONS.last().unwrap().0
     );
     println!("{kills} loader SIGKILLs");
 }
@@ -194,7 +194,13 @@ async fn fleet_wide_p99_per_hour_in_sql_is_the_merge_of_the_sketches_in_rust() {
 
     let db = pg.client().await;
     let started = Instant::now();
-    while scalar(&db, "SELECT count(*) FROM aggregates").await < windows {
+    // The loader creates the table: until then there is nothing to count.
+    let loaded = async |db: &tokio_postgres::Client| {
+        db.query_one("SELECT count(*) FROM aggregates", &[])
+            .await
+            .map_or(0, |r| r.get::<_, i64>(0))
+    };
+    while loaded(&db).await < windows {
         assert!(started.elapsed() < Duration::from_secs(30), "not loaded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -379,4 +385,133 @@ async fn the_documented_queries_find_silent_gateways_and_the_latest_value_per_se
             .is_empty(),
         "no 1-minute windows"
     );
+}
+
+/// A Health frame as a gateway would send it.
+fn health(backlog: u64, oldest: Option<u64>) -> edgeferry::protocol::Frame {
+    edgeferry::protocol::Frame::Health(edgeferry::protocol::Health {
+        time_ms: common::now_ms() as i64,
+        uptime_secs: 100,
+        backlog_batches: backlog,
+        backlog_bytes: backlog * 1000,
+        oldest_secs: oldest,
+        broker_connected: true,
+        software: "edgeferry/test".into(),
+    })
+}
+
+/// `gateways` row of `gw` as (connected, collector, backlog_batches), once `ok` holds.
+async fn gateway_row(
+    db: &tokio_postgres::Client,
+    gw: &str,
+    what: &str,
+    ok: impl Fn(bool, &str, Option<i64>) -> bool,
+) -> (bool, String, Option<i64>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = db
+            .query_opt(
+                "SELECT connected, collector, backlog_batches FROM gateways WHERE gateway = $1",
+                &[&gw],
+            )
+            .await
+            .unwrap()
+            .map(|r| (r.get(0), r.get::<_, String>(1), r.get(2)));
+        if let Some((c, col, b)) = &row
+            && ok(*c, col, *b)
+        {
+            return row.unwrap();
+        }
+        assert!(Instant::now() < deadline, "{gw}: {what}; row {row:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn collector_id(c: &Collector) -> String {
+    let a = std::fs::read_to_string(c.dir.path().join("metrics.addr")).unwrap();
+    let (_, body) = get(a.trim(), "/fleet").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["collector"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_table_follows_hello_health_failover_and_goodbyes_in_any_order() {
+    let nats = NatsServer::start();
+    let pg = Postgres::start();
+    let args = ["--sink", &nats.url(), "--metrics-listen", "127.0.0.1:0"];
+    let (mut a, mut b) = (Collector::new(&args), Collector::new(&args));
+    a.start();
+    b.start();
+    let (id_a, id_b) = (collector_id(&a), collector_id(&b));
+    let mut db = pg.client().await;
+    edgeferry::collect::load::migrate(&mut db).await.unwrap();
+    let mut loader = Loader::start(&nats, &pg, &[]);
+
+    // On collector A with a backlog of 7 batches, the oldest two hours old.
+    let mut on_a = connect_plain(&format!("127.0.0.1:{}", a.port)).await;
+    handshake(&mut on_a, "gw-1", 5, 0).await;
+    send(&mut on_a, &health(7, Some(7200))).await.unwrap();
+    gateway_row(
+        &db,
+        "gw-1",
+        "connected on A with its backlog",
+        |c, col, bl| c && col == id_a && bl == Some(7),
+    )
+    .await;
+
+    // It fails over to B while A still holds the old session (A notices only later).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut on_b = connect_plain(&format!("127.0.0.1:{}", b.port)).await;
+    handshake(&mut on_b, "gw-1", 5, 0).await;
+    send(&mut on_b, &health(0, None)).await.unwrap();
+    gateway_row(&db, "gw-1", "connected on B, drained", |c, col, bl| {
+        c && col == id_b && bl == Some(0)
+    })
+    .await;
+    // A's late goodbye belongs to the older session: the row stays B's.
+    drop(on_a);
+    a.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let row = gateway_row(&db, "gw-1", "still B's", |_, _, _| true).await;
+    assert_eq!(
+        row,
+        (true, id_b.clone(), Some(0)),
+        "A's goodbye hid B's session"
+    );
+
+    // A loader starting over on an empty table replays the bucket to the same row, whatever
+    // order A's and B's records come in.
+    loader.kill9();
+    db.execute("DELETE FROM gateways", &[]).await.unwrap();
+    loader.spawn();
+    let row = gateway_row(&db, "gw-1", "replayed", |_, _, _| true).await;
+    assert_eq!(row, (true, id_b.clone(), Some(0)));
+
+    // B's own goodbye counts.
+    drop(on_b);
+    gateway_row(&db, "gw-1", "disconnected", |c, col, _| !c && col == id_b).await;
+
+    // The documented query: gw-2 holds batches two hours old, gw-silent was last heard
+    // from half an hour ago; gw-1 just left and is neither.
+    let mut on_b2 = connect_plain(&format!("127.0.0.1:{}", b.port)).await;
+    handshake(&mut on_b2, "gw-2", 9, 0).await;
+    send(&mut on_b2, &health(40, Some(7200))).await.unwrap();
+    gateway_row(&db, "gw-2", "connected", |c, _, bl| c && bl == Some(40)).await;
+    db.execute(
+        "INSERT INTO gateways (gateway, connected, collector, connected_at, last_seen, epoch,
+             software, peer, batches_acked, updated_at)
+         VALUES ('gw-silent', true, 'gone', now() - interval '2 hours',
+             now() - interval '30 minutes', '01', 'edgeferry/0.1.0', '', 0,
+             now() - interval '30 minutes')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let behind = db
+        .query(include_str!("../docs/sql/gateways_behind.sql"), &[&10i32])
+        .await
+        .unwrap();
+    let names: Vec<String> = behind.iter().map(|r| r.get(0)).collect();
+    assert_eq!(names, ["gw-silent", "gw-2"]);
+    drop(on_b2);
 }

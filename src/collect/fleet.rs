@@ -2,6 +2,9 @@
 //! it is connected now, and the health it reports (protocol version 3's `Health` frame:
 //! backlog and its age, software, uptime, local broker). Served as JSON on `/fleet`; the
 //! fleet-wide sums go to Prometheus, so the metrics' cardinality does not grow with the fleet.
+//! Each change (Hello, Health, goodbye) is also handed to subscribers as a [`FleetRecord`]:
+//! a NATS sink writes them into the fleet bucket, from which loaders keep PostgreSQL's
+//! `gateways` table ([`super::gateways`]).
 //!
 //! Bounded: at most [`MAX_GATEWAYS`] entries. A newcomer beyond that replaces the gateway
 //! heard from longest ago among those not connected (counted in
@@ -10,15 +13,16 @@
 
 use crate::clock::now_ms;
 use crate::protocol::Health;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Mutex;
+use tokio::sync::mpsc;
 
 /// Most gateways remembered (connected or not).
 pub const MAX_GATEWAYS: usize = 100_000;
 
 /// One gateway as this collector saw it last.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GatewayState {
     /// The gateway id from its Hello.
     pub gateway: String,
@@ -44,11 +48,33 @@ pub struct GatewayState {
     sessions: u32,
 }
 
+/// A gateway's state as one collector publishes it for the others and for the loader (the
+/// fleet bucket, key `<gateway>.<collector>`): on each Hello, Health and disconnect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetRecord {
+    /// The collector that saw it (random per collector process).
+    pub collector: String,
+    /// When the collector wrote it (epoch ms, its clock).
+    pub updated_ms: i64,
+    /// What it saw.
+    #[serde(flatten)]
+    pub state: GatewayState,
+}
+
+/// Most state changes queued for the fleet bucket; beyond it they are dropped and counted
+/// (`edgeferry_collect_fleet_updates_dropped_total`): the gateway's next Health (15 s)
+/// writes its state again.
+pub const MAX_QUEUED_RECORDS: usize = 10_000;
+
 /// The gateways of one collector.
 #[derive(Debug)]
 pub struct Fleet {
     max: usize,
+    /// This collector, in the records it publishes.
+    id: String,
     gateways: Mutex<HashMap<String, GatewayState>>,
+    /// Where state changes go (a NATS sink's fleet writer), if anywhere.
+    publish: Mutex<Vec<mpsc::Sender<FleetRecord>>>,
 }
 
 /// Fleet-wide figures for Prometheus.
@@ -75,7 +101,38 @@ impl Fleet {
     pub fn new(max: usize) -> Fleet {
         Fleet {
             max: max.max(1),
+            id: format!("{:016x}", rand::random::<u64>()),
             gateways: Mutex::new(HashMap::new()),
+            publish: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// This collector's id in published records.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// State changes from now on, at most [`MAX_QUEUED_RECORDS`] waiting.
+    pub fn subscribe(&self) -> mpsc::Receiver<FleetRecord> {
+        let (tx, rx) = mpsc::channel(MAX_QUEUED_RECORDS);
+        self.publish
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tx);
+        rx
+    }
+
+    fn changed(&self, state: &GatewayState) {
+        let subscribers = self.publish.lock().unwrap_or_else(|e| e.into_inner());
+        for tx in subscribers.iter() {
+            let record = FleetRecord {
+                collector: self.id.clone(),
+                updated_ms: now_ms(),
+                state: state.clone(),
+            };
+            if tx.try_send(record).is_err() {
+                metrics::counter!("edgeferry_collect_fleet_updates_dropped_total").increment(1);
+            }
         }
     }
 
@@ -124,6 +181,9 @@ impl Fleet {
         peer.clone_into(&mut s.peer);
         s.connected_at_ms = now;
         s.last_seen_ms = now;
+        let s = s.clone();
+        drop(g);
+        self.changed(&s);
     }
 
     /// A frame of `gateway` arrived; `acked` batches of it were acknowledged.
@@ -136,19 +196,27 @@ impl Fleet {
 
     /// `gateway` reported its health.
     pub fn health(&self, gateway: &str, health: Health) {
-        if let Some(s) = self.lock().get_mut(gateway) {
+        let changed = self.lock().get_mut(gateway).map(|s| {
             let now = now_ms();
             s.last_seen_ms = now;
             s.health = Some(health);
             s.health_at_ms = Some(now);
+            s.clone()
+        });
+        if let Some(s) = changed {
+            self.changed(&s);
         }
     }
 
     /// A session of `gateway` ended.
     pub fn disconnected(&self, gateway: &str) {
-        if let Some(s) = self.lock().get_mut(gateway) {
+        let changed = self.lock().get_mut(gateway).map(|s| {
             s.sessions = s.sessions.saturating_sub(1);
             s.connected = s.sessions > 0;
+            s.clone()
+        });
+        if let Some(s) = changed {
+            self.changed(&s);
         }
     }
 

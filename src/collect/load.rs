@@ -62,9 +62,10 @@ impl LoadConfig {
 /// The schema, one migration per version; applied in order under an advisory lock, each in
 /// its own transaction with its version recorded in `edgeferry_schema`. Never edit one that
 /// shipped: append.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE aggregates (
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE aggregates (
         gateway text NOT NULL,
         series text NOT NULL,
         window_start timestamptz NOT NULL,
@@ -112,7 +113,29 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
                              + ln(2 / (1.01::double precision / 0.99 + 1)))
         END
     $$;",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE gateways (
+        gateway text PRIMARY KEY,
+        connected boolean NOT NULL,
+        collector text NOT NULL,
+        connected_at timestamptz NOT NULL,
+        last_seen timestamptz NOT NULL,
+        epoch text NOT NULL,
+        software text NOT NULL,
+        peer text NOT NULL,
+        batches_acked bigint NOT NULL,
+        uptime_secs bigint,
+        backlog_batches bigint,
+        backlog_bytes bigint,
+        oldest_backlog_secs bigint,
+        broker_connected boolean,
+        health_at timestamptz,
+        updated_at timestamptz NOT NULL
+    );",
+    ),
+];
 
 /// An arbitrary constant naming the migration lock (`pg_advisory_lock`).
 const MIGRATION_LOCK: i64 = 0x6564_6765_6665_7272; // "edgeferr"
@@ -462,7 +485,7 @@ impl Rows {
     }
 }
 
-async fn connect_db(url: &str) -> Result<tokio_postgres::Client> {
+pub(super) async fn connect_db(url: &str) -> Result<tokio_postgres::Client> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
@@ -559,6 +582,11 @@ pub async fn run(cfg: LoadConfig, shutdown: CancellationToken) -> Result<()> {
         c = nats::connect(&cfg.from, "edgeferry load", "edgeferry_load_source_up", failing) => c?,
     };
     tokio::spawn(lag_reporter(cfg.clone(), js.clone(), shutdown.clone()));
+    tokio::spawn(super::gateways::run(
+        cfg.clone(),
+        js.clone(),
+        shutdown.clone(),
+    ));
     let mut backoff =
         crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {

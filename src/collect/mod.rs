@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod fleet;
+pub mod gateways;
 pub mod load;
 pub mod nats;
 pub mod server;

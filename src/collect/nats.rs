@@ -32,6 +32,7 @@
 //! first copy by age (`max_age`, 7 days by default) and with its mark missing, is stored a
 //! second time. PostgreSQL loaders upsert by version, so even that converges.
 
+use super::fleet::FleetRecord;
 use super::store::Stored;
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
@@ -42,6 +43,43 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// The key-value bucket the collectors keep their gateways' state in (for the loader).
+pub fn fleet_bucket(stream: &str) -> String {
+    format!("{stream}_FLEET")
+}
+
+/// Creates (if missing) and opens key-value bucket `name`. The bucket's stream is made as
+/// `create_key_value` would make it: that call first queries the account, whose answer from
+/// a NATS 2.9 server (Debian 12's) this client cannot parse.
+async fn open_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    description: &str,
+    replicas: usize,
+) -> Result<kv::Store> {
+    if let Ok(kv) = js.get_key_value(name).await {
+        return Ok(kv);
+    }
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{name}"),
+        description: Some(description.into()),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("cannot create key-value bucket {name}"))?;
+    js.get_key_value(name)
+        .await
+        .with_context(|| format!("cannot open key-value bucket {name}"))
+}
 
 /// Where and how to publish: parsed from `nats://[user:pass@]host:port[,host:port…][?…]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -220,6 +258,8 @@ pub struct NatsSink {
     client: async_nats::Client,
     js: jetstream::Context,
     marks: Bucket,
+    /// `<stream>_FLEET`: each gateway as each collector last saw it.
+    fleet: kv::Store,
     pending: Arc<PendingMarks>,
     /// The last operation against the engine failed (cleared by the next success, or by
     /// the monitor once the stream answers again).
@@ -533,35 +573,20 @@ impl NatsSink {
             .await
             .with_context(|| format!("cannot read stream {}", spec.stream))?;
         check_stream(&spec.stream, &info.config)?;
-        let bucket = format!("{}_MARKS", spec.stream);
-        let marks = match js.get_key_value(&bucket).await {
-            Ok(kv) => kv,
-            Err(_) => {
-                // The bucket's stream, as `create_key_value` would make it: that call first
-                // queries the account, whose answer from a NATS 2.9 server (Debian 12's)
-                // this client cannot parse.
-                js.get_or_create_stream(stream::Config {
-                    name: format!("KV_{bucket}"),
-                    description: Some(
-                        "edgeferry dedup marks and resume points per gateway epoch".into(),
-                    ),
-                    subjects: vec![format!("$KV.{bucket}.>")],
-                    max_messages_per_subject: 1,
-                    storage: stream::StorageType::File,
-                    num_replicas: spec.replicas,
-                    allow_rollup: true,
-                    deny_delete: true,
-                    allow_direct: true,
-                    discard: stream::DiscardPolicy::New,
-                    ..Default::default()
-                })
-                .await
-                .with_context(|| format!("cannot create key-value bucket {bucket}"))?;
-                js.get_key_value(&bucket)
-                    .await
-                    .with_context(|| format!("cannot open key-value bucket {bucket}"))?
-            }
-        };
+        let marks = open_bucket(
+            &js,
+            &format!("{}_MARKS", spec.stream),
+            "edgeferry dedup marks and resume points per gateway epoch",
+            spec.replicas,
+        )
+        .await?;
+        let fleet = open_bucket(
+            &js,
+            &fleet_bucket(&spec.stream),
+            "edgeferry gateways as each collector last saw them",
+            spec.replicas,
+        )
+        .await?;
         tracing::info!(
             servers = %servers,
             stream = %spec.stream,
@@ -577,9 +602,28 @@ impl NatsSink {
             client,
             js,
             marks,
+            fleet,
             pending,
             failing,
         })
+    }
+
+    /// Writes the gateways' state changes (`/fleet`'s records) into the fleet bucket, key
+    /// `<gateway>.<collector>`, until `records` closes; the loader keeps PostgreSQL's
+    /// `gateways` table from it. A failed write is counted and the next change of that
+    /// gateway writes again (health comes every 15 s).
+    pub fn spawn_fleet_writer(&self, mut records: tokio::sync::mpsc::Receiver<FleetRecord>) {
+        let kv = self.fleet.clone();
+        tokio::spawn(async move {
+            while let Some(r) = records.recv().await {
+                let key = format!("{}.{}", gateway_token(&r.state.gateway), r.collector);
+                let value = serde_json::to_vec(&r).expect("fleet records serialise");
+                if let Err(e) = kv.put(&key, value.into()).await {
+                    metrics::counter!("edgeferry_collect_fleet_write_errors_total").increment(1);
+                    tracing::debug!("fleet bucket: {e}");
+                }
+            }
+        });
     }
 
     fn key(gateway: &str, epoch: u64) -> String {

@@ -389,6 +389,7 @@ impl Health {
             axum::routing::get(move || async move {
                 let t = fleet.totals();
                 axum::Json(serde_json::json!({
+                    "collector": fleet.id(),
                     "connected": t.connected,
                     "disconnected": t.disconnected,
                     "backlog_batches": t.backlog_batches,
@@ -430,6 +431,7 @@ pub async fn run_with(
     };
     health.set(sinks.clone());
     sinks.spawn_monitors(&shutdown);
+    sinks.publish_fleet(&health.fleet());
     {
         let (fleet, shutdown) = (health.fleet(), shutdown.clone());
         tokio::spawn(async move {

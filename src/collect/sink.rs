@@ -174,6 +174,16 @@ impl Sinks {
         Ok(result.unwrap_or(Stored::Duplicate))
     }
 
+    /// Publishes the gateways' state changes where a sink shares them with other collectors
+    /// and the loader (NATS: the fleet bucket).
+    pub fn publish_fleet(&self, fleet: &super::fleet::Fleet) {
+        for sink in &self.sinks {
+            if let Sink::Nats(n) = sink {
+                n.spawn_fleet_writer(fleet.subscribe());
+            }
+        }
+    }
+
     /// Why the collector cannot store batches now, if it cannot (for `/healthz`).
     pub fn unhealthy(&self) -> Option<String> {
         let why: Vec<String> = self
