@@ -23,6 +23,10 @@
 //!    indexes and all. The ratio loader / COPY is the figure (goal ≥ 0.3). As many rounds.
 //! 3. **Unloaded latency.** One gateway, one batch in flight, 200 batches: send → ack
 //!    p50/p99 when nothing queues.
+//! 4. **Fairness.** 20 small gateways each send a batch every 100 ms (one in flight) for 5 s;
+//!    the small gateways' p99 send → ack alone, then with a hot gateway sending 100× as much
+//!    (a batch every millisecond, 16 in flight) at the same time. The ratio with ÷ without
+//!    is the figure (goal ≤ 2), median over the rounds.
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it is a smoke run with 2
 //! gateways × 3 batches and one round that checks every aggregate arrived in the stream and
@@ -134,6 +138,94 @@ async fn race(start: &Barrier, tasks: Vec<JoinHandle<Vec<f64>>>) -> (f64, Vec<f6
         lat.extend(t.await.unwrap());
     }
     (t0.elapsed().as_secs_f64(), lat)
+}
+
+/// A gateway sending batch `k` at `k × every` after the common start (or as soon as its
+/// window allows): the send → ack latency of every batch (ms).
+async fn paced_gateway(
+    addr: String,
+    id: String,
+    batches: Arc<Encoded>,
+    window: usize,
+    every: Duration,
+    start: Arc<Barrier>,
+) -> Vec<f64> {
+    let mut ws = connect_plain(&addr).await;
+    handshake(&mut ws, &id, 1, 0).await;
+    start.wait().await;
+    let t0 = tokio::time::Instant::now();
+    let mut in_flight: HashMap<u64, Instant> = HashMap::new();
+    let mut latencies = Vec::with_capacity(batches.len());
+    let mut next = 0;
+    loop {
+        while in_flight.len() < window
+            && next < batches.len()
+            && t0 + every * next as u32 <= tokio::time::Instant::now()
+        {
+            let (seq, frames) = &batches[next];
+            in_flight.insert(*seq, Instant::now());
+            for f in frames {
+                send_raw(&mut ws, f.clone()).await.unwrap();
+            }
+            next += 1;
+        }
+        if next == batches.len() && in_flight.is_empty() {
+            return latencies;
+        }
+        let due = t0 + every * next as u32;
+        let may_send = next < batches.len() && in_flight.len() < window;
+        tokio::select! {
+            f = recv(&mut ws), if !in_flight.is_empty() => match f {
+                Some(Frame::Ack(a)) => {
+                    for s in a.seqs {
+                        if let Some(t) = in_flight.remove(&s) {
+                            latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                        }
+                    }
+                }
+                other => panic!("{id}: expected an Ack, got {other:?}"),
+            },
+            () = tokio::time::sleep_until(due), if may_send => {}
+        }
+    }
+}
+
+/// The small gateways' latencies (ms), with or without a hot one beside them.
+async fn fairness_round(
+    addr: &str,
+    prefix: &str,
+    small: usize,
+    small_batches: &Arc<Encoded>,
+    hot: Option<&Arc<Encoded>>,
+) -> Vec<f64> {
+    let start = Arc::new(Barrier::new(small + 1 + usize::from(hot.is_some())));
+    let tasks: Vec<_> = (0..small)
+        .map(|g| {
+            tokio::spawn(paced_gateway(
+                addr.to_string(),
+                format!("{prefix}-s{g:03}"),
+                small_batches.clone(),
+                1,
+                Duration::from_millis(100),
+                start.clone(),
+            ))
+        })
+        .collect();
+    let hot = hot.map(|b| {
+        tokio::spawn(paced_gateway(
+            addr.to_string(),
+            format!("{prefix}-hot"),
+            b.clone(),
+            WINDOW,
+            Duration::from_millis(1),
+            start.clone(),
+        ))
+    });
+    let (_, lat) = race(&start, tasks).await;
+    if let Some(h) = hot {
+        h.await.unwrap();
+    }
+    lat
 }
 
 /// `gateways` sessions at once against the collector: (seconds from the common start to
@@ -504,4 +596,44 @@ async fn main() {
         quantile(&mut lat, 0.99)
     );
     assert_eq!(count(&db, "aggregates").await, rows);
+
+    // 4. Fairness: the small gateways' p99 with and without a hot one.
+    let (small, small_n, hot_n) = if bench { (20, 50, 5000) } else { (2, 3, 30) };
+    let small_batches = Arc::new(encode(small_n));
+    let hot_batches = Arc::new(encode(hot_n));
+    println!(
+        "fairness: {small} gateways × 1 batch / 100 ms (1 in flight), with and without one \
+         sending 1 batch / ms ({WINDOW} in flight)"
+    );
+    println!(
+        "{:>5} {:>14} {:>14} {:>7}",
+        "round", "alone p99 ms", "with hot p99", "ratio"
+    );
+    let mut fair = Vec::new();
+    for round in 0..s.rounds {
+        let mut alone =
+            fairness_round(&addr, &format!("f{round}a"), small, &small_batches, None).await;
+        let mut beside = fairness_round(
+            &addr,
+            &format!("f{round}h"),
+            small,
+            &small_batches,
+            Some(&hot_batches),
+        )
+        .await;
+        assert_eq!(
+            alone.len(),
+            small * small_n,
+            "every small batch acknowledged"
+        );
+        assert_eq!(beside.len(), small * small_n);
+        let (a, h) = (quantile(&mut alone, 0.99), quantile(&mut beside, 0.99));
+        fair.push(h / a);
+        println!("{round:>5} {a:>14.2} {h:>14.2} {:>7.2}", h / a);
+    }
+    println!(
+        "fairness: median ratio {:.2} (goal ≤ 2) of the small gateways' p99 send → ack with \
+         a gateway sending 100× as much beside them",
+        median(fair)
+    );
 }

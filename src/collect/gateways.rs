@@ -11,8 +11,8 @@
 //! replaying the bucket (every loader start watches it from the beginning) changes nothing.
 
 use super::fleet::FleetRecord;
-use super::load::{LoadConfig, connect_db, migrate};
 use super::nats::fleet_bucket;
+use super::schema::{connect_db, migrate};
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
@@ -39,14 +39,15 @@ WHERE (excluded.connected_at, excluded.updated_at) >= (g.connected_at, g.updated
 
 /// Keeps the `gateways` table until `shutdown`, reconnecting with backoff after failures of
 /// the database or the engine (logged once per distinct failure).
-pub async fn run(cfg: LoadConfig, js: jetstream::Context, shutdown: CancellationToken) {
+/// `db` is the loader's `--to`, `stream` its stream (the bucket is `<stream>_FLEET`).
+pub async fn run(db: String, stream: String, js: jetstream::Context, shutdown: CancellationToken) {
     let mut backoff =
         crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
     let mut last_logged: Option<String> = None;
     loop {
         let r = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = session(&cfg, &js) => r,
+            r = session(&db, &stream, &js) => r,
         };
         if let Err(e) = r {
             let msg = format!("{e:#}");
@@ -64,10 +65,10 @@ pub async fn run(cfg: LoadConfig, js: jetstream::Context, shutdown: Cancellation
 }
 
 /// One watch of the fleet bucket into one database connection, until either fails.
-async fn session(cfg: &LoadConfig, js: &jetstream::Context) -> Result<()> {
-    let mut db = connect_db(&cfg.to).await?;
+async fn session(db_url: &str, stream: &str, js: &jetstream::Context) -> Result<()> {
+    let mut db = connect_db(db_url).await?;
     migrate(&mut db).await?;
-    let bucket = fleet_bucket(&cfg.from.stream);
+    let bucket = fleet_bucket(stream);
     let kv = js.get_key_value(&bucket).await.with_context(|| {
         format!("bucket {bucket} not found (an `edgeferry collect --sink nats://…` creates it)")
     })?;

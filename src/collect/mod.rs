@@ -21,6 +21,7 @@ pub mod fleet;
 pub mod gateways;
 pub mod load;
 pub mod nats;
+pub mod schema;
 pub mod server;
 pub mod sink;
 pub mod store;
