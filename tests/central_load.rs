@@ -245,22 +245,6 @@ async fn fleet_wide_p99_per_hour_in_sql_is_the_merge_of_the_sketches_in_rust() {
     }
 }
 
-/// `GET path` on a metrics listener: (status code, body).
-fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    let code = r.split(' ').nth(1)?.parse().ok()?;
-    Some((code, r.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
-}
-
 fn gauge(metrics: &str, name: &str) -> Option<f64> {
     metrics
         .lines()
@@ -287,12 +271,12 @@ async fn with_the_database_down_nothing_is_acked_the_lag_shows_and_it_loads_when
         &["--metrics-listen", &metrics],
     );
     common::wait_for("the lag on /metrics", Duration::from_secs(20), || {
-        get(&metrics, "/metrics").is_some_and(|(_, m)| {
+        common::http_get(&metrics, "/metrics").is_some_and(|(_, m)| {
             gauge(&m, "edgeferry_load_lag_messages") == Some(30.0)
                 && gauge(&m, "edgeferry_load_lag_seconds").is_some_and(|s| s > 0.0)
         })
     });
-    let (code, body) = get(&metrics, "/healthz").unwrap();
+    let (code, body) = common::http_get(&metrics, "/healthz").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(
         loader.log().contains("cannot connect to PostgreSQL"),
@@ -318,9 +302,9 @@ async fn with_the_database_down_nothing_is_acked_the_lag_shows_and_it_loads_when
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     common::wait_for("lag 0 and healthy", Duration::from_secs(20), || {
-        get(&metrics, "/metrics")
+        common::http_get(&metrics, "/metrics")
             .is_some_and(|(_, m)| gauge(&m, "edgeferry_load_lag_messages") == Some(0.0))
-            && get(&metrics, "/healthz").is_some_and(|(code, _)| code == 200)
+            && common::http_get(&metrics, "/healthz").is_some_and(|(code, _)| code == 200)
     });
     assert_eq!(
         scalar(&db, "SELECT sum(count)::bigint FROM aggregates").await,
@@ -428,8 +412,7 @@ async fn gateway_row(
 }
 
 fn collector_id(c: &Collector) -> String {
-    let a = std::fs::read_to_string(c.dir.path().join("metrics.addr")).unwrap();
-    let (_, body) = get(a.trim(), "/fleet").unwrap();
+    let (_, body) = c.get("/fleet").unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["collector"].as_str().unwrap().to_string()
 }

@@ -53,23 +53,6 @@ fn addr(c: &Collector) -> String {
     format!("127.0.0.1:{}", c.port)
 }
 
-/// `GET path` on the collector's metrics listener: (status code, body).
-fn get(c: &Collector, path: &str) -> Option<(u16, String)> {
-    let a = std::fs::read_to_string(c.dir.path().join("metrics.addr")).ok()?;
-    let mut s = std::net::TcpStream::connect(a.trim()).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    let code = r.split(' ').nth(1)?.parse().ok()?;
-    let body = r.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    Some((code, body))
-}
-
 #[tokio::test]
 async fn any_collector_serves_any_gateway_and_a_batch_is_in_the_stream_once() {
     let nats = NatsServer::start();
@@ -237,14 +220,15 @@ async fn losing_the_engine_stops_acks_reports_unhealthy_and_recovers() {
     let mut nats = NatsServer::start();
     let c = nats_collector(&nats);
     wait_for("healthz 200", Duration::from_secs(10), || {
-        get(&c, "/healthz").is_some_and(|(code, _)| code == 200)
+        c.get("/healthz").is_some_and(|(code, _)| code == 200)
     });
 
     nats.kill9();
     wait_for("healthz 503", Duration::from_secs(15), || {
-        get(&c, "/healthz").is_some_and(|(code, body)| code == 503 && body.contains("NATS"))
+        c.get("/healthz")
+            .is_some_and(|(code, body)| code == 503 && body.contains("NATS"))
     });
-    let metrics = get(&c, "/metrics").unwrap().1;
+    let metrics = c.get("/metrics").unwrap().1;
     assert!(
         metrics.contains("edgeferry_collect_sink_up{sink=\"nats\"} 0"),
         "{metrics}"
@@ -261,7 +245,7 @@ async fn losing_the_engine_stops_acks_reports_unhealthy_and_recovers() {
 
     nats.start_again();
     wait_for("healthz 200 again", Duration::from_secs(30), || {
-        get(&c, "/healthz").is_some_and(|(code, _)| code == 200)
+        c.get("/healthz").is_some_and(|(code, _)| code == 200)
     });
     let mut ws = connect_plain(&addr(&c)).await;
     assert!(handshake(&mut ws, "gw-x", 1, 1).await.stored.is_empty());
@@ -271,7 +255,7 @@ async fn losing_the_engine_stops_acks_reports_unhealthy_and_recovers() {
         .unwrap();
     assert_eq!(expect_ack(&mut ws).await, [1]);
     assert_eq!(stream_messages(&nats).await.len(), 1);
-    let metrics = get(&c, "/metrics").unwrap().1;
+    let metrics = c.get("/metrics").unwrap().1;
     assert!(
         metrics.contains("edgeferry_collect_sink_up{sink=\"nats\"} 1"),
         "{metrics}"
@@ -454,18 +438,6 @@ async fn a_collector_started_before_the_engine_waits_says_so_and_then_serves() {
     let _ = child.wait();
 }
 
-/// A metric of the collector, summed over its labels (0 when absent).
-fn metric(c: &Collector, name: &str) -> f64 {
-    let (_, text) = get(c, "/metrics").unwrap_or_default();
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with([' ', '{']))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn a_gateways_whole_window_is_stored_at_once_and_a_full_buffer_makes_it_wait_without_loss() {
     // With the engine frozen (SIGSTOP), nothing a collector hands over gets stored: what it
@@ -497,7 +469,7 @@ async fn a_gateways_whole_window_is_stored_at_once_and_a_full_buffer_makes_it_wa
                 .await
                 .unwrap();
         }
-        let held = |c: &Collector| metric(c, "edgeferry_collect_buffered_bytes");
+        let held = |c: &Collector| c.metric("edgeferry_collect_buffered_bytes");
         if whole_window {
             let all = (window + 1) as f64 * one_batch;
             wait_for("the whole window in flight", Duration::from_secs(3), || {
@@ -505,7 +477,7 @@ async fn a_gateways_whole_window_is_stored_at_once_and_a_full_buffer_makes_it_wa
             });
         } else {
             wait_for("a batch waiting for room", Duration::from_secs(3), || {
-                metric(&c, "edgeferry_collect_buffer_full_total") >= 1.0
+                c.metric("edgeferry_collect_buffer_full_total") >= 1.0
             });
             assert!(held(&c) <= 1024.0, "{max_buffered}: holds {}", held(&c));
         }

@@ -10,22 +10,11 @@ use common::*;
 use edgeferry::protocol::{self, Frame, Hello};
 use std::time::{Duration, Instant};
 
-/// `GET path` on the collector's metrics listener (blocking, plain std: tests run it from
-/// inside their runtime).
+/// `GET path` on the collector's metrics listener, which must answer 200: the body.
 fn get(c: &Collector, path: &str) -> String {
-    use std::io::{Read, Write};
-    let addr = std::fs::read_to_string(c.dir.path().join("metrics.addr")).unwrap();
-    let mut s = std::net::TcpStream::connect(addr.trim()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut r = String::new();
-    s.read_to_string(&mut r).unwrap();
-    assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
-    r.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+    let (code, body) = c.get(path).unwrap();
+    assert_eq!(code, 200, "{path}: {body}");
+    body
 }
 
 fn fleet(c: &Collector) -> serde_json::Value {

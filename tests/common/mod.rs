@@ -654,6 +654,25 @@ impl Collector {
         read_all(&self.dir.path().join("collect.log"))
     }
 
+    /// `GET path` on its `--metrics-listen` address: (status code, body); `None` before it
+    /// listens or when it does not answer.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        let addr = std::fs::read_to_string(self.dir.path().join("metrics.addr")).ok()?;
+        http_get(addr.trim(), path)
+    }
+
+    /// A metric from its `/metrics`, summed over its label sets (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics").unwrap_or_default();
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with([' ', '{']))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Every JSON line written under out/, in file order.
     pub fn lines(&self) -> Vec<serde_json::Value> {
         let mut v = Vec::new();
@@ -677,6 +696,23 @@ impl Drop for Collector {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// `GET path` from `addr` over a plain blocking socket (usable inside a test's runtime,
+/// unlike `edgeferry::admin::http_get`): (status code, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    let code = r.split(' ').nth(1)?.parse().ok()?;
+    Some((code, r.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
 }
 
 /// What the central side concludes from aggregate lines: per window length, the sum of `count`
