@@ -97,35 +97,7 @@ async fn gateway(
     window: usize,
     start: Arc<Barrier>,
 ) -> Vec<f64> {
-    let mut ws = connect_plain(&addr).await;
-    handshake(&mut ws, &id, 1, 0).await;
-    start.wait().await;
-    let mut in_flight: HashMap<u64, Instant> = HashMap::new();
-    let mut latencies = Vec::with_capacity(batches.len());
-    let mut next = 0;
-    loop {
-        while in_flight.len() < window && next < batches.len() {
-            let (seq, frames) = &batches[next];
-            in_flight.insert(*seq, Instant::now());
-            for f in frames {
-                send_raw(&mut ws, f.clone()).await.unwrap();
-            }
-            next += 1;
-        }
-        if in_flight.is_empty() {
-            return latencies;
-        }
-        match recv(&mut ws).await {
-            Some(Frame::Ack(a)) => {
-                for s in a.seqs {
-                    if let Some(t) = in_flight.remove(&s) {
-                        latencies.push(t.elapsed().as_secs_f64() * 1e3);
-                    }
-                }
-            }
-            other => panic!("{id}: expected an Ack, got {other:?}"),
-        }
-    }
+    paced_gateway(addr, id, batches, window, Duration::ZERO, start).await
 }
 
 /// Releases tasks waiting on `start` together: (seconds until the last one finished, every
