@@ -67,11 +67,16 @@ struct Buffer {
     kib: u32,
 }
 
+/// `bytes` in whole KiB, rounded up, at least 1 and at most `max`.
+fn kib(bytes: u64, max: u32) -> u32 {
+    u32::try_from(bytes.div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .clamp(1, max)
+}
+
 impl Buffer {
     fn new(bytes: u64) -> Buffer {
-        let kib = u32::try_from(bytes.div_ceil(1024))
-            .unwrap_or(u32::MAX)
-            .clamp(1, Semaphore::MAX_PERMITS as u32);
+        let kib = kib(bytes, Semaphore::MAX_PERMITS as u32);
         Buffer {
             room: Arc::new(Semaphore::new(kib as usize)),
             kib,
@@ -81,9 +86,7 @@ impl Buffer {
     /// Room for `bytes` (a batch larger than all of it takes all of it); waits, counted,
     /// while it is full. `None`: shut down while waiting.
     async fn reserve(&self, bytes: usize, shutdown: &CancellationToken) -> Option<Reserved> {
-        let kib = u32::try_from(bytes.div_ceil(1024))
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.kib);
+        let kib = kib(bytes as u64, self.kib);
         let permit = match self.room.clone().try_acquire_many_owned(kib) {
             Ok(p) => p,
             Err(_) => {

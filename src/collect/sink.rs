@@ -133,7 +133,8 @@ impl Sinks {
 
     /// Makes a batch (its [`Sinks::lines`], `items` aggregates and alerts) durable in every
     /// sink, in order; returns what the first sink that wrote it did (`Duplicate` when none
-    /// had to).
+    /// had to). The collector runs it in a task of its own, so it finishes (and saves the
+    /// gateway a resend) even when the connection goes first.
     pub async fn store_batch(
         &self,
         gateway: &str,
@@ -147,22 +148,16 @@ impl Sinks {
             let stored = match sink {
                 Sink::Jsonl(store) => {
                     let (store, gw, lines) = (store.clone(), gateway.to_string(), lines.clone());
-                    let n = items;
-                    // Runs to completion even if the connection's task is dropped.
+                    // File writes and fsync block: off the runtime's threads.
                     tokio::task::spawn_blocking(move || {
-                        store.store_lines(&gw, epoch, seq, &lines, n)
+                        store.store_lines(&gw, epoch, seq, &lines, items)
                     })
                     .await
                     .context("storing a batch panicked")??
                 }
                 Sink::Nats(n) => {
-                    let (n, gw, lines) = (n.clone(), gateway.to_string(), lines.clone());
-                    let count = items;
-                    // Spawned for the same reason: a half-done publish-then-mark is fine
-                    // (see `nats`), but finishing it saves the gateway a resend.
-                    tokio::spawn(async move { n.store_batch(&gw, epoch, seq, lines, count).await })
-                        .await
-                        .context("storing a batch panicked")??
+                    n.store_batch(gateway, epoch, seq, lines.clone(), items)
+                        .await?
                 }
             };
             result = Some(match (result, stored) {
