@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("clock", 0),
     ("backoff", 0),
     ("validate", 0),
+    ("puback", 0),
     // Shared values and cross-cutting services.
     ("model", 1),
     ("tls", 1),

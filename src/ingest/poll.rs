@@ -465,42 +465,22 @@ pub(super) async fn write_acks(
     generation: &AtomicU64,
 ) {
     let current = generation.load(Ordering::SeqCst);
-    let Some(net) = eventloop.network.as_mut() else {
+    if eventloop.network.is_none() {
         metrics::counter!("edgeferry_ingest_acks_unsent_total").increment(group.len() as u64);
         return;
-    };
-    let mut written = 0usize;
-    for a in group {
-        if a.qos == QoS::AtMostOnce {
-            continue;
-        }
-        if a.generation != current {
-            metrics::counter!("edgeferry_ingest_stale_acks_dropped_total").increment(1);
-            continue;
-        }
-        let req = rumqttc::Request::PubAck(rumqttc::PubAck::new(a.pkid));
-        match eventloop.state.handle_outgoing_packet(req) {
-            Ok(Some(packet)) => {
-                if let Err(e) = net.write(packet).await {
-                    tracing::debug!("ack not written: {e}");
-                    return;
-                }
-                written += 1;
+    }
+    let pkids = group
+        .into_iter()
+        .filter(|a| a.qos != QoS::AtMostOnce)
+        .filter(|a| {
+            let stale = a.generation != current;
+            if stale {
+                metrics::counter!("edgeferry_ingest_stale_acks_dropped_total").increment(1);
             }
-            Ok(None) => {}
-            Err(e) => tracing::debug!("ack refused by client state: {e}"),
-        }
-    }
-    // handle_outgoing_packet queues an "outgoing PubAck" event per ack; nobody needs them.
-    eventloop
-        .state
-        .events
-        .retain(|e| !matches!(e, Event::Outgoing(rumqttc::Outgoing::PubAck(_))));
-    if written > 0
-        && let Err(e) = net.flush().await
-    {
-        tracing::debug!("acks not flushed: {e}");
-    }
+            !stale
+        })
+        .map(|a| a.pkid);
+    crate::puback::write_pubacks(eventloop, pkids).await;
 }
 
 #[cfg(test)]
