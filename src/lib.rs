@@ -20,11 +20,13 @@
 //! and that no two files import each other in a cycle):
 //!
 //! 0. [`util`], [`clock`] (the one wall-clock helper), [`backoff`], [`validate`] (the
-//!    collector of configuration problems): plumbing.
+//!    collector of configuration problems), [`puback`] (MQTT acks on the connection they
+//!    belong to): plumbing.
 //! 1. [`model`]: the owned values every stage shares (readings, journal records, aggregates
 //!    with exact moments, sketches, outbox batches, alerts, channel messages, the status
 //!    report); [`tls`], [`telemetry`].
-//! 2. [`protocol`]: the upstream wire format (frames, dictionary, packed columns) used by both
+//! 2. [`protocol`]: the upstream wire format (frames, dictionary, packed columns, the
+//!    self-contained MQTT message) used by both
 //!    sides; [`store`]: segment log, journal, outbox and the store epoch; [`live`]: the live
 //!    event bus behind `/live`.
 //! 3. The stages, which never import one another: [`ingest`] (MQTT session, decoding,
@@ -59,6 +61,7 @@ pub mod live;
 pub mod model;
 pub mod process;
 pub mod protocol;
+pub mod puback;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -18,7 +18,8 @@
 use super::UpstreamConfig;
 use super::link::{Connection, LinkError, Resume, Transport};
 use crate::model::batch::OutboxBatch;
-use crate::protocol::{self, DictEncoder, Frame, Hello};
+use crate::protocol::Hello;
+pub use crate::protocol::message::encode_message;
 use crate::store::outbox::{Lane, lane_lsn};
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
@@ -54,18 +55,6 @@ pub struct StoredState {
 /// The topic of the retained state message for batches published on `topic`.
 pub fn state_topic(topic: &str) -> String {
     format!("{topic}/state")
-}
-
-/// Encodes one batch as a self-contained MQTT payload (Hello + Dict + Batch envelopes).
-pub fn encode_message(hello: &Hello, seq: u64, batch: &OutboxBatch) -> Vec<u8> {
-    let mut dict = DictEncoder::new();
-    let (d, b) = dict.encode_batch(seq, batch);
-    let mut out = protocol::encode(&Frame::Hello(hello.clone()));
-    if let Some(d) = d {
-        out.extend(protocol::encode(&d));
-    }
-    out.extend(protocol::encode(&b));
-    out
 }
 
 /// Publishes to `[upstream] url` (`mqtt://` or `mqtts://`) on `[upstream] topic`.

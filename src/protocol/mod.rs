@@ -36,6 +36,7 @@
 //! [`DictDecoder::apply`] and turn [`Batch`] frames into outbox items with
 //! [`DictDecoder::decode_batch`].
 
+pub mod message;
 pub mod packed;
 use crate::model::aggregate::Aggregate;
 use crate::model::{Alert, AlertState, SeriesInfo};
