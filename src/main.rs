@@ -54,15 +54,50 @@ enum Command {
         #[arg(long, value_name = "PATTERN")]
         series: Option<String>,
     },
-    /// Run the central receiver: accept gateways over WebSocket(+TLS) and make their
-    /// batches durable in the sinks: DIR/out/<gateway>.jsonl by default, NATS JetStream
-    /// with --sink nats://host:port (docs/PROTOCOL.md, docs/CENTRAL.md).
+    /// Run the central receiver: accept gateways over WebSocket(+TLS), and/or subscribe to
+    /// the batches they publish to an MQTT broker (--mqtt), and make the batches durable in
+    /// the sinks: DIR/out/<gateway>.jsonl by default, NATS JetStream with --sink
+    /// nats://host:port (docs/PROTOCOL.md, docs/CENTRAL.md).
     #[cfg(feature = "central")]
     Collect {
-        /// Address to listen on, e.g. 0.0.0.0:9443 (port 0: ephemeral; the bound address is
-        /// written to DIR/collect.addr).
-        #[arg(long)]
-        listen: String,
+        /// Address to listen on for gateways over WebSocket, e.g. 0.0.0.0:9443 (port 0:
+        /// ephemeral; the bound address is written to DIR/collect.addr). Required unless
+        /// --mqtt is given.
+        #[arg(long, required_unless_present = "mqtt")]
+        listen: Option<String>,
+        /// Also receive the batches gateways publish to this MQTT broker
+        /// (mqtt[s]://[user@]host[:port]; [upstream] url = "mqtts://…" on the gateways):
+        /// QoS 1, persistent session, acknowledged once stored.
+        #[arg(long, value_name = "URL")]
+        mqtt: Option<String>,
+        /// Topic filter to subscribe to, repeatable; a shared subscription splits the
+        /// messages between the collectors of a group.
+        #[arg(
+            long = "topic",
+            value_name = "FILTER",
+            requires = "mqtt",
+            default_value = "$share/edgeferry-collect/edgeferry/+/batches"
+        )]
+        topics: Vec<String>,
+        /// MQTT client id of the persistent session, unique per collector and the same
+        /// across its restarts (default: made up once, kept in DIR/mqtt-client-id).
+        #[arg(long, requires = "mqtt")]
+        mqtt_client_id: Option<String>,
+        /// CA (PEM) for the broker's certificate (default: the system's roots).
+        #[arg(long, requires = "mqtt")]
+        mqtt_ca: Option<PathBuf>,
+        /// Client certificate (PEM) for brokers that require one.
+        #[arg(long, requires_all = ["mqtt", "mqtt_key"])]
+        mqtt_cert: Option<PathBuf>,
+        /// Private key (PEM) of --mqtt-cert.
+        #[arg(long, requires = "mqtt_cert")]
+        mqtt_key: Option<PathBuf>,
+        /// File with the password of the URL's user name.
+        #[arg(long, requires = "mqtt")]
+        mqtt_password_file: Option<PathBuf>,
+        /// Most MQTT messages received and not yet acknowledged (being stored).
+        #[arg(long, default_value_t = 256, requires = "mqtt")]
+        mqtt_max_in_flight: usize,
         /// Directory for collect.addr and metrics.addr, and for out/*.jsonl and the dedup
         /// marks when no --sink is given.
         #[arg(long)]
@@ -209,6 +244,14 @@ fn main() -> ExitCode {
         #[cfg(feature = "central")]
         Command::Collect {
             listen,
+            mqtt,
+            topics,
+            mqtt_client_id,
+            mqtt_ca,
+            mqtt_cert,
+            mqtt_key,
+            mqtt_password_file,
+            mqtt_max_in_flight,
             data_dir,
             sinks,
             token_file,
@@ -224,7 +267,18 @@ fn main() -> ExitCode {
             heartbeat,
             handshake_timeout,
         } => {
-            let mut cfg = edgeferry::collect::CollectConfig::new(listen, data_dir);
+            let mut cfg = edgeferry::collect::CollectConfig::new("", data_dir);
+            cfg.listen = listen;
+            cfg.mqtt = mqtt.map(|url| {
+                let mut m = edgeferry::collect::MqttSourceConfig::new(url, topics);
+                m.client_id = mqtt_client_id;
+                m.ca_file = mqtt_ca;
+                m.cert_file = mqtt_cert;
+                m.key_file = mqtt_key;
+                m.password_file = mqtt_password_file;
+                m.max_in_flight = mqtt_max_in_flight;
+                m
+            });
             cfg.sinks = sinks;
             cfg.token_file = token_file;
             cfg.tls_cert = tls_cert;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::nats::NatsServer;
+use common::nats::{NatsServer, stream_contents};
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -12,27 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const SERIES: usize = 6;
-
-/// Every aggregate line in the stream, and how many messages carried each batch id.
-async fn stream_contents(nats: &NatsServer) -> (Vec<serde_json::Value>, BTreeMap<String, usize>) {
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream("EDGEFERRY").await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
-    let (mut lines, mut ids) = (Vec::new(), BTreeMap::new());
-    for seq in state.first_sequence..=state.last_sequence {
-        let Ok(m) = stream.get_raw_message(seq).await else {
-            continue;
-        };
-        let h = |k: &str| m.headers.get(k).map(|v| v.to_string()).unwrap_or_default();
-        *ids.entry(format!("{}/{}", h("Edgeferry-Epoch"), h("Edgeferry-Batch")))
-            .or_default() += 1;
-        for l in std::str::from_utf8(&m.payload).unwrap().lines() {
-            lines.push(serde_json::from_str(l).unwrap());
-        }
-    }
-    (lines, ids)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_with_several_collectors_fails_over_and_every_reading_lands_once() {

@@ -4,8 +4,7 @@
 
 mod common;
 
-use common::certs::{Ca, ca, leaf, write};
-
+use common::cloud::Cloud;
 use common::*;
 use edgeferry::protocol::{self, DictDecoder, Frame, HEADER_LEN, OutboxItem};
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,78 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const TOPIC: &str = "edgeferry/gw-test/batches";
-
-/// The cloud: a broker with a plain listener (the test subscriber) and a TLS listener that
-/// requires a client certificate (the gateway).
-struct Cloud {
-    broker: Mosquitto,
-    tls_port: u16,
-    certs: tempfile::TempDir,
-    server_ca: Ca,
-    client_ca: Ca,
-}
-
-impl Cloud {
-    fn start() -> Cloud {
-        let server_ca = ca("cloud-server-ca");
-        let client_ca = ca("cloud-client-ca");
-        let certs = tempfile::tempdir().unwrap();
-        let (cert, key) = leaf(&server_ca, &["localhost"], false);
-        let cert = write(certs.path(), "server.pem", &cert);
-        let key = write(certs.path(), "server.key", &key);
-        let cafile = write(certs.path(), "client-ca.pem", &client_ca.pem);
-        let tls_port = free_port();
-        let broker = Mosquitto::start_with(&format!(
-            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
-            cafile.display(),
-            cert.display(),
-            key.display()
-        ));
-        let c = Cloud {
-            broker,
-            tls_port,
-            certs,
-            server_ca,
-            client_ca,
-        };
-        c.wait_tls();
-        c
-    }
-
-    fn wait_tls(&self) {
-        let port = self.tls_port;
-        wait_for("the cloud TLS listener", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-    }
-
-    /// `[upstream]` for the gateway: mqtts with the cloud's CA and a client certificate.
-    fn upstream_section(&self) -> String {
-        self.upstream_section_with(false, "")
-    }
-
-    /// (Re)writes the gateway's client certificate and key, `expired` or valid.
-    fn write_client_cert(&self, expired: bool) -> (std::path::PathBuf, std::path::PathBuf) {
-        let (cert, key) = leaf(&self.client_ca, &["gw-test"], expired);
-        (
-            write(self.certs.path(), "client.pem", &cert),
-            write(self.certs.path(), "client.key", &key),
-        )
-    }
-
-    /// `[upstream]` with the client certificate `expired` or not, plus `extra` keys.
-    fn upstream_section_with(&self, expired: bool, extra: &str) -> String {
-        let ca = write(self.certs.path(), "trust.pem", &self.server_ca.pem);
-        let (cert, key) = self.write_client_cert(expired);
-        format!(
-            "[upstream]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nlinger = \"200ms\"\n{extra}",
-            self.tls_port,
-            ca.display().to_string(),
-            cert.display().to_string(),
-            key.display().to_string()
-        )
-    }
-}
 
 fn gateway(local: &Mosquitto, cloud: &Cloud) -> Gateway {
     gateway_with(local, &cloud.upstream_section())

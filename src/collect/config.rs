@@ -7,9 +7,12 @@ use std::time::Duration;
 /// Everything `edgeferry collect` is configured with.
 #[derive(Debug, Clone)]
 pub struct CollectConfig {
-    /// Listen address, e.g. `0.0.0.0:9443` (port 0: ephemeral; the bound address is written
-    /// to `DIR/collect.addr`).
-    pub listen: String,
+    /// Listen address for gateways over WebSocket, e.g. `0.0.0.0:9443` (port 0: ephemeral;
+    /// the bound address is written to `DIR/collect.addr`); `None`: no listener (a collector
+    /// that only reads an MQTT broker, `mqtt`).
+    pub listen: Option<String>,
+    /// Batches of gateways whose upstream is an MQTT broker (`--mqtt`): subscribed there.
+    pub mqtt: Option<MqttSourceConfig>,
     /// `collect.addr`, `metrics.addr`, and the JSONL sink when no `sinks` are given.
     pub data_dir: PathBuf,
     /// Where batches are made durable (`--sink`, repeatable); empty: `jsonl:<data_dir>`.
@@ -59,7 +62,8 @@ impl CollectConfig {
     /// Defaults for everything but the addresses and files.
     pub fn new(listen: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         CollectConfig {
-            listen: listen.into(),
+            listen: Some(listen.into()),
+            mqtt: None,
             data_dir: data_dir.into(),
             sinks: Vec::new(),
             token_file: None,
@@ -77,6 +81,58 @@ impl CollectConfig {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// `edgeferry collect --mqtt URL`: where and how to subscribe to the batches that gateways
+/// publish to an MQTT broker (docs/PROTOCOL.md §10).
+#[derive(Debug, Clone)]
+pub struct MqttSourceConfig {
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`; a user name in the URL
+    /// (`mqtts://collector@host`) logs in with the password from `password_file`.
+    pub url: String,
+    /// Topic filters, subscribed with QoS 1. A shared subscription
+    /// (`$share/GROUP/edgeferry/+/batches`) splits the messages between the collectors of
+    /// the group, each message to one of them.
+    pub topics: Vec<String>,
+    /// The MQTT client id of the persistent session: unique per collector and the same
+    /// across its restarts, so that what it received and did not acknowledge is redelivered
+    /// to it. `None`: one made up once and kept in `DIR/mqtt-client-id`.
+    pub client_id: Option<String>,
+    /// CA (PEM) the broker's certificate must chain to; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM), for brokers that require one.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// File holding the password for the URL's user name (one line).
+    pub password_file: Option<PathBuf>,
+    /// Most messages received and not yet acknowledged (being stored, or waiting for an
+    /// earlier one: acknowledgements go in the order of arrival). At the limit the
+    /// subscription is not read until one is done (counted in
+    /// `edgeferry_collect_mqtt_in_flight_full_total`); the broker holds the rest.
+    pub max_in_flight: usize,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Longest wait between reconnection attempts (full-jitter backoff from 200 ms).
+    pub reconnect_max: Duration,
+}
+
+impl MqttSourceConfig {
+    /// Defaults for everything but the broker and the topics.
+    pub fn new(url: impl Into<String>, topics: Vec<String>) -> Self {
+        MqttSourceConfig {
+            url: url.into(),
+            topics,
+            client_id: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            password_file: None,
+            max_in_flight: 256,
+            keep_alive: Duration::from_secs(30),
+            reconnect_max: Duration::from_secs(30),
         }
     }
 }

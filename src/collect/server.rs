@@ -6,6 +6,7 @@
 //! after an [`ErrorFrame`](protocol::ErrorFrame) where the protocol allows one, and is logged
 //! through a rate limiter.
 
+use super::buffer::Buffer;
 use super::config::CollectConfig;
 use super::fleet::Fleet;
 use super::sink::{SinkSpec, Sinks};
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_rustls::TlsAcceptor;
@@ -57,70 +58,6 @@ struct Shared {
     buffer: Buffer,
     /// What the collector knows of each gateway (`/fleet`).
     fleet: Arc<Fleet>,
-}
-
-/// The bytes of batches handed to the sinks and not yet stored, in KiB (`max_buffered`):
-/// a session waits for room before it hands over another.
-#[derive(Clone)]
-struct Buffer {
-    room: Arc<Semaphore>,
-    kib: u32,
-}
-
-/// `bytes` in whole KiB, rounded up, at least 1 and at most `max`.
-fn kib(bytes: u64, max: u32) -> u32 {
-    u32::try_from(bytes.div_ceil(1024))
-        .unwrap_or(u32::MAX)
-        .clamp(1, max)
-}
-
-impl Buffer {
-    fn new(bytes: u64) -> Buffer {
-        let kib = kib(bytes, Semaphore::MAX_PERMITS as u32);
-        Buffer {
-            room: Arc::new(Semaphore::new(kib as usize)),
-            kib,
-        }
-    }
-
-    /// Room for `bytes` (a batch larger than all of it takes all of it); waits, counted,
-    /// while it is full. `None`: shut down while waiting.
-    async fn reserve(&self, bytes: usize, shutdown: &CancellationToken) -> Option<Reserved> {
-        let kib = kib(bytes as u64, self.kib);
-        let permit = match self.room.clone().try_acquire_many_owned(kib) {
-            Ok(p) => p,
-            Err(_) => {
-                metrics::counter!("edgeferry_collect_buffer_full_total").increment(1);
-                tokio::select! {
-                    () = shutdown.cancelled() => return None,
-                    p = self.room.clone().acquire_many_owned(kib) => p.ok()?,
-                }
-            }
-        };
-        self.report();
-        Some(Reserved {
-            permit: Some(permit),
-            buffer: self.clone(),
-        })
-    }
-
-    fn report(&self) {
-        let used = self.kib as usize - self.room.available_permits();
-        metrics::gauge!("edgeferry_collect_buffered_bytes").set((used * 1024) as f64);
-    }
-}
-
-/// A batch's room in the [`Buffer`], given back when dropped.
-struct Reserved {
-    permit: Option<OwnedSemaphorePermit>,
-    buffer: Buffer,
-}
-
-impl Drop for Reserved {
-    fn drop(&mut self) {
-        drop(self.permit.take());
-        self.buffer.report();
-    }
 }
 
 /// A batch the sinks finished with: what to acknowledge, or why not.
@@ -418,6 +355,17 @@ pub async fn run_with(
         }
     };
     let tls = tls_acceptor(&cfg)?;
+    let mqtt = match &cfg.mqtt {
+        Some(m) => Some(super::mqtt::MqttSource::new(
+            m.clone(),
+            &cfg.data_dir,
+            cfg.max_frame,
+        )?),
+        None => None,
+    };
+    if cfg.listen.is_none() && mqtt.is_none() {
+        bail!("nothing to receive from: give --listen, --mqtt or both");
+    }
     if cfg.heartbeat < Duration::from_secs(1) {
         bail!("the heartbeat interval must be at least one second");
     }
@@ -447,28 +395,38 @@ pub async fn run_with(
             }
         });
     }
-    let listener = TcpListener::bind(&cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let addr = listener.local_addr()?;
-    let addr_file = cfg.data_dir.join(ADDR_FILE);
-    let tmp = cfg.data_dir.join(format!("{ADDR_FILE}.tmp"));
-    std::fs::write(&tmp, format!("{addr}\n"))
-        .and_then(|()| std::fs::rename(&tmp, &addr_file))
-        .with_context(|| format!("cannot write {}", addr_file.display()))?;
-    tracing::info!(
-        %addr,
-        tls = tls.is_some(),
-        mutual_tls = cfg.client_ca.is_some(),
-        auth = tokens.is_some(),
-        data_dir = %cfg.data_dir.display(),
-        sinks = %specs.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
-        "collector listening"
-    );
+    let listener = match &cfg.listen {
+        Some(listen) => {
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let addr = listener.local_addr()?;
+            let addr_file = cfg.data_dir.join(ADDR_FILE);
+            std::fs::write(addr_file.with_extension("addr.tmp"), format!("{addr}\n"))
+                .and_then(|()| std::fs::rename(addr_file.with_extension("addr.tmp"), &addr_file))
+                .with_context(|| format!("cannot write {}", addr_file.display()))?;
+            tracing::info!(
+                %addr,
+                tls = tls.is_some(),
+                mutual_tls = cfg.client_ca.is_some(),
+                auth = tokens.is_some(),
+                data_dir = %cfg.data_dir.display(),
+                sinks = %specs.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+                "collector listening"
+            );
+            Some(listener)
+        }
+        None => None,
+    };
+    let buffer = Buffer::new(cfg.max_buffered);
+    let tracker = TaskTracker::new();
+    if let Some(source) = mqtt {
+        tracker.spawn(source.run(sinks.clone(), buffer.clone(), shutdown.clone()));
+    }
     let shared = Arc::new(Shared {
         pending: Pending::new(cfg.max_pending, cfg.max_pending_per_address),
         sessions: Arc::new(Semaphore::new(cfg.max_connections)),
-        buffer: Buffer::new(cfg.max_buffered),
+        buffer,
         fleet: health.fleet(),
         cfg,
         tokens,
@@ -477,12 +435,12 @@ pub async fn run_with(
         log: RateLimit::new(Duration::from_secs(5)),
         shutdown: shutdown.clone(),
     });
-    let tracker = TaskTracker::new();
+    let listening = listener.is_some();
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = async { listener.as_ref().expect("checked").accept().await }, if listening => match accepted {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
                     let sh = shared.clone();

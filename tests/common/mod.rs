@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod cloud;
 pub mod flash;
 pub mod loader;
 pub mod nats;

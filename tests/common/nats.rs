@@ -79,3 +79,29 @@ impl Drop for NatsServer {
         self.kill9();
     }
 }
+
+/// Every aggregate line in the stream, and how many messages carried each batch id.
+pub async fn stream_contents(
+    nats: &NatsServer,
+) -> (
+    Vec<serde_json::Value>,
+    std::collections::BTreeMap<String, usize>,
+) {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("EDGEFERRY").await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let (mut lines, mut ids) = (Vec::new(), std::collections::BTreeMap::new());
+    for seq in state.first_sequence..=state.last_sequence {
+        let Ok(m) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        let h = |k: &str| m.headers.get(k).map(|v| v.to_string()).unwrap_or_default();
+        *ids.entry(format!("{}/{}", h("Edgeferry-Epoch"), h("Edgeferry-Batch")))
+            .or_default() += 1;
+        for l in std::str::from_utf8(&m.payload).unwrap().lines() {
+            lines.push(serde_json::from_str(l).unwrap());
+        }
+    }
+    (lines, ids)
+}
