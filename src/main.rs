@@ -145,8 +145,9 @@ enum Command {
         /// Heartbeat interval (whole seconds).
         #[arg(long, hide = true, default_value = "15s", value_parser = humantime::parse_duration)]
         heartbeat: std::time::Duration,
-        /// Timeout of each of TLS handshake, WebSocket upgrade and Hello.
-        #[arg(long, hide = true, default_value = "10s", value_parser = humantime::parse_duration)]
+        /// Time a client may take for each of TLS handshake, WebSocket upgrade and Hello;
+        /// one that stalls is closed (counted in edgeferry_collect_handshake_timeouts_total).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         handshake_timeout: std::time::Duration,
     },
     /// Load what the collectors put into NATS JetStream into PostgreSQL: a durable pull

@@ -472,11 +472,18 @@ async fn a_gateways_whole_window_is_stored_at_once_and_a_full_buffer_makes_it_wa
         let held = |c: &Collector| c.metric("edgeferry_collect_buffered_bytes");
         if whole_window {
             let all = (window + 1) as f64 * one_batch;
-            wait_for("the whole window in flight", Duration::from_secs(3), || {
-                held(&c) >= all
-            });
+            wait_for(
+                "the whole window in flight",
+                Duration::from_secs(10),
+                || held(&c) >= all,
+            );
+            assert_eq!(
+                c.metric("edgeferry_collect_window_full_total"),
+                1.0,
+                "the gateway's window filled once, and the collector stopped reading it"
+            );
         } else {
-            wait_for("a batch waiting for room", Duration::from_secs(3), || {
+            wait_for("a batch waiting for room", Duration::from_secs(10), || {
                 c.metric("edgeferry_collect_buffer_full_total") >= 1.0
             });
             assert!(held(&c) <= 1024.0, "{max_buffered}: holds {}", held(&c));

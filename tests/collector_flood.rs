@@ -306,3 +306,76 @@ fn a_gateway_beyond_the_session_limit_is_told_503_and_gets_in_when_a_place_frees
     );
     assert!(second.stop().success());
 }
+
+#[test]
+fn clients_that_stall_their_handshake_are_closed_at_the_deadline_and_counted_by_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("tokens");
+    std::fs::write(&token, "stall-test-token\n").unwrap();
+    let mut c = Collector::new(&[
+        "--token-file",
+        token.to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--handshake-timeout",
+        "1s",
+    ]);
+    c.start();
+    wait_for("collector metrics", Duration::from_secs(10), || {
+        c.dir.path().join("metrics.addr").exists()
+    });
+    // Closed by the collector: a read returns end of stream (or the connection is reset).
+    let closed_within = |s: &mut std::net::TcpStream, limit: Duration| -> Duration {
+        use std::io::Read;
+        let t = Instant::now();
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) if t.elapsed() < limit => return t.elapsed(),
+                Ok(0) | Err(_) => panic!("not closed within {limit:?}"),
+                Ok(_) => {}
+            }
+        }
+    };
+    // Connects and sends nothing: the WebSocket upgrade never starts.
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", c.port)).unwrap();
+    let waited = closed_within(&mut silent, Duration::from_secs(5));
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed at the deadline, not before: {waited:?}"
+    );
+    // Upgrades with a valid token, then never says Hello.
+    let mut mute = std::net::TcpStream::connect(("127.0.0.1", c.port)).unwrap();
+    std::io::Write::write_all(
+        &mut mute,
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+          Authorization: Bearer stall-test-token\r\n\r\n",
+    )
+    .unwrap();
+    closed_within(&mut mute, Duration::from_secs(5));
+    wait_for("both counted", Duration::from_secs(5), || {
+        collector_metric(&c, "edgeferry_collect_handshake_timeouts_total") >= 2.0
+    });
+    let by_stage = |stage: &str| {
+        collector_metric(
+            &c,
+            &format!("edgeferry_collect_handshake_timeouts_total{{stage=\"{stage}\"}}"),
+        )
+    };
+    assert_eq!((by_stage("upgrade"), by_stage("hello")), (1.0, 1.0));
+    assert_eq!(
+        collector_metric(
+            &c,
+            "edgeferry_collect_connections_closed_total{reason=\"hello_timeout\"}"
+        ),
+        1.0
+    );
+    let log = c.log();
+    assert!(log.contains("WebSocket upgrade timed out"), "{log}");
+    assert!(
+        log.contains("no Hello within the handshake timeout"),
+        "{log}"
+    );
+}

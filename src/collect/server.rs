@@ -540,6 +540,13 @@ impl Shared {
             }
             None => self.websocket(tcp, peer, slot).await,
         };
+        metrics::counter!("edgeferry_collect_connections_closed_total", "reason" => end.key)
+            .increment(1);
+        if let Some(stage) = end.key.strip_suffix("_timeout") {
+            // tls, upgrade or hello: a client that connects and then stalls.
+            metrics::counter!("edgeferry_collect_handshake_timeouts_total", "stage" => stage)
+                .increment(1);
+        }
         if end.problem {
             self.warn(
                 end.key,
@@ -714,6 +721,7 @@ where
         let mut last_rx = Instant::now();
         let mut next_heartbeat = Instant::now() + hb;
         let max_in_flight = self.shared.cfg.max_in_flight.max(1) as usize;
+        let mut window_full = false;
         loop {
             let deadline = if self.gateway.is_none() {
                 hello_deadline
@@ -722,6 +730,11 @@ where
             };
             // With its window full the gateway waits for us: no reading, no idle check.
             let reading = self.stores.len() < max_in_flight;
+            if !reading && !window_full {
+                // The per-gateway limit bites: this gateway waits, the others do not.
+                metrics::counter!("edgeferry_collect_window_full_total").increment(1);
+            }
+            window_full = !reading;
             let msg = tokio::select! {
                 biased;
                 () = self.shared.shutdown.cancelled() => {
