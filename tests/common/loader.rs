@@ -20,10 +20,15 @@ impl Loader {
 
     /// The same with a database URL of the test's choosing (one nothing listens on yet).
     pub fn start_to(nats: &NatsServer, db_url: &str, extra: &[&str]) -> Loader {
+        Loader::start_urls(&nats.url(), db_url, extra)
+    }
+
+    /// `edgeferry load --from <from> --to <db_url> <extra…>` (e.g. a cluster's URL list).
+    pub fn start_urls(from: &str, db_url: &str, extra: &[&str]) -> Loader {
         let mut args = vec![
             "load".to_string(),
             "--from".into(),
-            nats.url(),
+            from.to_string(),
             "--to".into(),
             db_url.to_string(),
         ];

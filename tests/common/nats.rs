@@ -12,6 +12,8 @@ pub struct NatsServer {
     child: Option<Child>,
     pub dir: TempDir,
     pub port: u16,
+    /// Extra arguments (cluster membership).
+    args: Vec<String>,
 }
 
 impl NatsServer {
@@ -25,6 +27,7 @@ impl NatsServer {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             port,
+            args: Vec::new(),
         };
         n.start_again();
         n
@@ -45,6 +48,7 @@ impl NatsServer {
         let child = Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.dir.path().join("js"))
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -71,6 +75,68 @@ impl NatsServer {
 
     pub fn log(&self) -> String {
         super::read_all(&self.dir.path().join("nats.log"))
+    }
+}
+
+/// A JetStream cluster of `n` nodes on loopback (each its own store directory), for R3
+/// streams; nodes can be SIGKILLed and started again one by one.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub fn start(n: usize) -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for (i, cp) in cluster_ports.iter().enumerate() {
+            let mut node = NatsServer {
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+                port: free_port(),
+                args: vec![
+                    "--name".into(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "edgeferry-test".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{cp}"),
+                    "--routes".into(),
+                    routes.clone(),
+                ],
+            };
+            node.start_again();
+            nodes.push(node);
+        }
+        NatsCluster { nodes }
+    }
+
+    /// `nats://127.0.0.1:P1,127.0.0.1:P2,…`: every node, as collectors and loaders take it.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("nats://{}", hosts.join(","))
+    }
+
+    /// Waits until JetStream has a meta leader (the cluster can create streams).
+    pub async fn wait_ready(&self) {
+        wait_for(
+            "the NATS cluster to elect a JetStream leader",
+            Duration::from_secs(60),
+            || {
+                self.nodes
+                    .iter()
+                    .any(|n| n.log().contains("metadata leader"))
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
