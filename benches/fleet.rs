@@ -10,8 +10,9 @@
 //!   in-memory outbox with the real semantics: a batch is deleted only when acknowledged,
 //!   everything unacknowledged is sent again after a reconnect (minus what `Welcome` says is
 //!   stored), at most 16 in flight. Each closes one 10 s window of 100 series per window
-//!   (100 aggregates with their sketches, 10 readings each; real packed encoding), at its own
-//!   phase within the window, for `EDGEFERRY_FLEET_WINDOWS` (default 6) windows, over a real
+//!   (100 aggregates with their sketches, 10 readings each; real packed encoding; from the
+//!   second window on, also a late-data correction: version 2 of the previous window of 10
+//!   series, one reading more), at its own phase within the window, for `EDGEFERRY_FLEET_WINDOWS` (default 6) windows, over a real
 //!   WebSocket to the collector list (random start, the next one after a failure,
 //!   full-jitter backoff 100 ms … 2 s). The frames are encoded once and shared by every
 //!   gateway (their series names and values are the same; the gateway id and epoch that
@@ -26,8 +27,9 @@
 //! reconnect time (p50/p99) of the gateways whose collector was killed, and what reached
 //! PostgreSQL and when. Then it checks, and fails if not: every gateway's outbox emptied;
 //! the stream holds exactly one message per batch produced (one subject per batch id, so no
-//! batch id twice); by SQL, every aggregate produced is in `aggregates` once (row count and
-//! sum of `count` equal to what the simulator produced); every gateway of the killed
+//! batch id twice); by SQL, every aggregate produced is in `aggregates` once, at its highest
+//! version (row count, and sum of `count` equal to what the simulator produced with the
+//! corrections counted); every gateway of the killed
 //! collector reconnected to another one.
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it is the short version in the
@@ -45,7 +47,7 @@ use common::nats::NatsCluster;
 use common::postgres::Postgres;
 use common::wsclient::aggregate_batch;
 use edgeferry::backoff::Backoff;
-use edgeferry::protocol::{self, DictEncoder, Frame, Heartbeat, Hello};
+use edgeferry::protocol::{self, DictEncoder, Frame, Heartbeat, Hello, OutboxBatch, OutboxItem};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -68,12 +70,53 @@ struct Frames {
     batches: Vec<Bytes>,
 }
 
+/// Series whose previous window each batch corrects (a late reading: version 2, one
+/// reading more), so the central side's "highest version wins" is part of what is checked.
+const CORRECTED: usize = 10;
+
+/// Batch `seq`: window `seq` of every series (version 1, [`READINGS`] readings each) and,
+/// from the second on, version 2 of window `seq - 1` of the first [`CORRECTED`] series.
+fn batch(seq: u64) -> OutboxBatch {
+    let mut b = aggregate_batch(seq, SERIES);
+    if seq > 1 {
+        let previous = aggregate_batch(seq - 1, CORRECTED);
+        let start = b.created_ms;
+        b.items
+            .extend(previous.items.into_iter().map(|item| match item {
+                OutboxItem::Aggregate {
+                    series,
+                    window_start_ms,
+                    window_secs,
+                    mut agg,
+                    ..
+                } => {
+                    agg.add(25.0, window_start_ms + 9_999);
+                    OutboxItem::Aggregate {
+                        series,
+                        window_start_ms,
+                        window_secs,
+                        version: 2,
+                        agg,
+                    }
+                }
+                other => other,
+            }));
+        b.created_ms = start;
+    }
+    b
+}
+
+/// Aggregates in batch `seq`.
+fn items(seq: u64) -> u64 {
+    SERIES as u64 + if seq > 1 { CORRECTED as u64 } else { 0 }
+}
+
 fn frames(windows: u64) -> Frames {
     let mut enc = DictEncoder::new();
     let mut dict = None;
     let mut batches = Vec::new();
     for seq in 1..=windows {
-        let (d, b) = enc.encode_batch(seq, &aggregate_batch(seq, SERIES));
+        let (d, b) = enc.encode_batch(seq, &batch(seq));
         match (seq, d) {
             (1, Some(d)) => dict = Some(Bytes::from(protocol::encode(&d))),
             (1, None) => panic!("the first batch defines the series"),
@@ -108,6 +151,8 @@ struct Sim {
     connected_to: Vec<AtomicUsize>,
     /// Gateways whose every batch is acknowledged.
     finished: AtomicUsize,
+    /// Error frames received (each ends a session).
+    errors: AtomicUsize,
     /// Send → ack of every batch, ms.
     latencies: Mutex<Vec<f32>>,
     reconnects: Mutex<Vec<Reconnect>>,
@@ -160,7 +205,6 @@ async fn gateway(index: usize, sim: Arc<Sim>) {
             tokio::time::sleep(backoff.next_delay()).await;
             continue;
         };
-        backoff.reset();
         if let Some((from, lost_at)) = lost.take() {
             sim.reconnects.lock().unwrap().push(Reconnect {
                 from,
@@ -170,6 +214,7 @@ async fn gateway(index: usize, sim: Arc<Sim>) {
             });
         }
         sim.connected_to[url].fetch_add(1, Ordering::SeqCst);
+        let began = Instant::now();
         let end = session(
             &sim,
             &mut ws,
@@ -188,6 +233,11 @@ async fn gateway(index: usize, sim: Arc<Sim>) {
                 return;
             }
             End::Lost => {
+                // As the gateway's link: the backoff starts over only after a link that
+                // lived a while, so a collector that fails every session is not hammered.
+                if began.elapsed() >= Duration::from_secs(30) {
+                    backoff.reset();
+                }
                 lost = Some((url, Instant::now()));
                 url = (url + 1) % sim.urls.len();
                 tokio::time::sleep(backoff.next_delay()).await;
@@ -301,14 +351,19 @@ async fn session(
                         for seq in a.seqs {
                             if let Some(Some(sent)) = outbox.remove(&seq) {
                                 lat.push((now - sent).as_secs_f32() * 1000.0);
-                                sim.acked_by[collector].fetch_add(SERIES as u64, Ordering::Relaxed);
+                                sim.acked_by[collector].fetch_add(items(seq), Ordering::Relaxed);
                             }
                         }
                         sim.latencies.lock().unwrap().extend(lat);
                         *sim.last_ack.lock().unwrap() = Some(now);
                     }
                     Ok(Frame::Heartbeat(_)) => {}
-                    _ => return End::Lost, // an Error frame (or garbage): reconnect
+                    _ => {
+                        // An Error frame (a sink failed: the engine is electing a leader):
+                        // reconnect, as a gateway does.
+                        sim.errors.fetch_add(1, Ordering::Relaxed);
+                        return End::Lost;
+                    }
                 },
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => return End::Lost,
@@ -418,6 +473,7 @@ async fn run(n: usize, windows: u64, window: Duration, bench: bool) {
         acked_by: (0..3).map(|_| AtomicU64::new(0)).collect(),
         connected_to: (0..3).map(|_| AtomicUsize::new(0)).collect(),
         finished: AtomicUsize::new(0),
+        errors: AtomicUsize::new(0),
         latencies: Mutex::new(Vec::new()),
         reconnects: Mutex::new(Vec::new()),
         first_send: Mutex::new(None),
@@ -489,8 +545,10 @@ async fn run(n: usize, windows: u64, window: Duration, bench: bool) {
         .collect();
 
     // What reached PostgreSQL, by SQL.
+    // One row per (gateway, series, window); the corrected windows count one reading more.
     let expected_rows = (n as u64 * windows * SERIES as u64) as i64;
-    let expected_count = expected_rows * READINGS as i64;
+    let expected_count =
+        expected_rows * READINGS as i64 + (n as u64 * (windows - 1) * CORRECTED as u64) as i64;
     let db = pg.client().await;
     let pg_deadline = Instant::now() + Duration::from_secs(900);
     let (rows, count) = loop {
@@ -548,10 +606,10 @@ async fn run(n: usize, windows: u64, window: Duration, bench: bool) {
          p50 {:.1} ms, p99 {:.1} ms; collector CPU s per M aggregates {cpu_per_m:?} \
          (collector 0 until its kill); collector RSS per connected gateway {:?} KiB \
          (connected {connected:?}); reconnect of the killed collector's {on_killed} gateways \
-         p50 {:.2} s, p99 {:.2} s ({} reconnects, {} links lost in all); PostgreSQL: {rows} rows, \
+         p50 {:.2} s, p99 {:.2} s ({} reconnects, {} links lost in all, {} Error frames); PostgreSQL: {rows} rows, \
          sum(count) {count}, complete {pg_secs:.1} s after the last ack; stream: {} messages, \
          {} subjects",
-        acked as f64 / SERIES as f64 / secs,
+        sim.latencies.lock().unwrap().len() as f64 / secs,
         acked as f64 / secs,
         quantile(&mut lat, 0.5),
         quantile(&mut lat, 0.99),
@@ -560,6 +618,7 @@ async fn run(n: usize, windows: u64, window: Duration, bench: bool) {
         quantile(&mut failover, 0.99),
         failover.len(),
         reconnects.len(),
+        sim.errors.load(Ordering::SeqCst),
         state.messages,
         state.subjects_count,
     );
