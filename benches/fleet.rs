@@ -622,6 +622,28 @@ async fn run(n: usize, windows: u64, window: Duration, bench: bool) {
         state.messages,
         state.subjects_count,
     );
+    // Why sessions ended badly, as the surviving collectors logged it (first of each kind).
+    let mut seen = std::collections::BTreeSet::new();
+    for c in &collectors[1..] {
+        for l in c
+            .log()
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+        {
+            let kind: String = l
+                .split_whitespace()
+                .skip(2)
+                .take(8)
+                .collect::<Vec<_>>()
+                .join(" ")
+                .chars()
+                .filter(|ch| !ch.is_ascii_digit())
+                .collect();
+            if seen.insert(kind) && seen.len() <= 8 {
+                println!("fleet: collector log: {l}");
+            }
+        }
+    }
     assert_eq!(
         (rows, count),
         (expected_rows, expected_count),

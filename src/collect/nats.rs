@@ -264,6 +264,8 @@ pub struct NatsSink {
     /// The last operation against the engine failed (cleared by the next success, or by
     /// the monitor once the stream answers again).
     failing: Arc<AtomicBool>,
+    /// Room for publishes awaiting their ack ([`MAX_PUBLISHES_IN_FLIGHT`]).
+    publishes: Arc<tokio::sync::Semaphore>,
 }
 
 /// Connects to the servers of `spec` (waiting for them if none is up yet), with a
@@ -403,6 +405,19 @@ type Entry = (Marks, Option<u64>);
 /// Entries the mark writer remembers (as it wrote them) to skip the read before its next
 /// write; past it the memory starts over (each entry then costs one read again).
 const KNOWN_ENTRIES: usize = 50_000;
+
+/// Most publishes of one collector awaiting the stream's ack. An engine that is slower than
+/// the fleet (benches/fleet.rs: 10,000 gateways on two cores) would otherwise get every
+/// batch every gateway has in flight at once, answer each later than its 5 s ack timeout,
+/// and every timeout would close a gateway's connection (a storm of reconnects and Hellos on
+/// an engine that is already behind). Past the limit a batch waits here, counted, and its
+/// gateway waits with its window full: backpressure instead of failures. The bare
+/// publisher of `benches/central.rs` keeps 320 outstanding; 256 keep the collector's ratio.
+const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
+
+/// How long a batch's publish is tried again before it counts as not stored (a replicated
+/// stream elects a new leader within seconds of losing one).
+const PUBLISH_RETRY: Duration = Duration::from_secs(10);
 
 /// Most batch marks waiting to be written. Beyond it a mark is dropped and counted
 /// (`edgeferry_collect_nats_marks_dropped_total`): it would only have saved a resend.
@@ -598,6 +613,7 @@ impl NatsSink {
         let pending = Arc::new(PendingMarks::default());
         tokio::spawn(write_marks(marks.clone(), pending.clone()));
         Ok(NatsSink {
+            publishes: Arc::new(tokio::sync::Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
             spec,
             client,
             js,
@@ -638,18 +654,18 @@ impl NatsSink {
                     metrics::gauge!("edgeferry_collect_sink_up", "sink" => "nats").set(1.0);
                 }
             }
-            Err(e) => {
-                metrics::counter!("edgeferry_collect_sink_errors_total", "sink" => "nats")
-                    .increment(1);
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    tracing::error!(
-                        "NATS JetStream sink failing, batches are not acknowledged: {e:#}"
-                    );
-                    metrics::gauge!("edgeferry_collect_sink_up", "sink" => "nats").set(0.0);
-                }
-            }
+            Err(e) => self.failed(e),
         }
         r
+    }
+
+    /// Counts a failed operation and marks the sink failing (logged once until it recovers).
+    fn failed(&self, e: &anyhow::Error) {
+        metrics::counter!("edgeferry_collect_sink_errors_total", "sink" => "nats").increment(1);
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::error!("NATS JetStream sink failing, batches are not acknowledged: {e:#}");
+            metrics::gauge!("edgeferry_collect_sink_up", "sink" => "nats").set(0.0);
+        }
     }
 
     /// Records the gateway's floor and returns the ranges stored at or above `first_seq`,
@@ -722,19 +738,53 @@ impl NatsSink {
         headers.insert("Edgeferry-Items", items.to_string().as_str());
         headers.insert("Content-Type", "application/x-ndjson");
         let subject = batch_subject(gateway, epoch, seq);
-        let acked = self
-            .js
-            .publish_with_headers(subject.clone(), headers, lines)
-            .await
-            .context("publish")?
-            .await;
-        let outcome = match acked {
-            Ok(ack) if ack.duplicate => Stored::Duplicate,
-            Ok(_) => Stored::Written(items),
-            // The subject already holds this batch: stored before, by us or another
-            // collector, however long ago.
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Stored::Duplicate,
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("publish to {subject}"))),
+        // A failed publish is tried again for a while before the batch counts as not stored:
+        // a replicated stream is without a leader for a few seconds when a node dies, and a
+        // failure here closes the gateway's connection (with thousands of gateways, a storm of
+        // reconnects and Hellos on an engine that is busy electing). Trying again is harmless:
+        // the message id and the expected subject sequence make a second copy a duplicate.
+        let _room = match self.publishes.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                metrics::counter!("edgeferry_collect_nats_publish_waits_total").increment(1);
+                self.publishes
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .context("the publish limit is closed")?
+            }
+        };
+        let deadline = tokio::time::Instant::now() + PUBLISH_RETRY;
+        let mut pause = Duration::from_millis(50);
+        let outcome = loop {
+            let acked = match self
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), lines.clone())
+                .await
+            {
+                Ok(ack) => ack.await.map_err(anyhow::Error::new),
+                Err(e) => Err(anyhow::Error::new(e)),
+            };
+            match acked {
+                Ok(ack) if ack.duplicate => break Stored::Duplicate,
+                Ok(_) => break Stored::Written(items),
+                // The subject already holds this batch: stored before, by us or another
+                // collector, however long ago.
+                Err(e)
+                    if e.downcast_ref::<async_nats::jetstream::context::PublishError>()
+                        .is_some_and(|p| p.kind() == PublishErrorKind::WrongLastSequence) =>
+                {
+                    break Stored::Duplicate;
+                }
+                Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                    self.failed(&e);
+                    metrics::counter!("edgeferry_collect_nats_publish_retries_total").increment(1);
+                    tracing::debug!("publish to {subject} failed, trying again: {e:#}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e.context(format!("publish to {subject}"))),
+            }
         };
         self.pending.push(&Self::key(gateway, epoch), &[seq]);
         match outcome {
