@@ -43,14 +43,7 @@ struct Outcome {
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    common::proc_status_kib(pid, "VmHWM:").unwrap()
 }
 
 /// Subscribes to the local alerts and records arrival − the triggering reading's time (ms).

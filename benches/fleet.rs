@@ -385,14 +385,7 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
 }
 
 fn vm_rss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(f64::NAN)
+    common::proc_status_kib(pid, "VmRSS:").map_or(f64::NAN, |k| k as f64)
 }
 
 /// Room for N gateway sockets in this process (and in the collectors, which inherit it):

@@ -23,7 +23,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{Collector, Gateway, Mosquitto, wait_for};
+use common::{Collector, Gateway, Mosquitto, proc_status_kib, wait_for};
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
 use std::collections::HashSet;
 use std::path::Path;
@@ -451,12 +451,6 @@ struct RssSampler {
     stop: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<u64>,
     pid: u32,
-}
-
-fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let l = s.lines().find(|l| l.starts_with(key))?;
-    l.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl RssSampler {

@@ -189,6 +189,16 @@ impl RateLimit {
         }
     }
 
+    /// Logs `msg` as a warning unless one for `key` was logged within the interval; says how
+    /// many were suppressed since.
+    pub fn warn(&self, key: &'static str, msg: &str) {
+        match self.check(key) {
+            Some(0) => tracing::warn!("{msg}"),
+            Some(n) => tracing::warn!("{msg} ({n} similar messages suppressed)"),
+            None => {}
+        }
+    }
+
     /// Returns `Some(suppressed_since_last)` when a message for `key` may be logged now.
     pub fn check(&self, key: &'static str) -> Option<u64> {
         let now = Instant::now();

@@ -7,12 +7,12 @@
 mod common;
 
 use common::cloud::Cloud;
-use common::nats::{NatsServer, stream_contents};
+use common::nats::{NatsServer, wait_for_readings};
 use common::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SERIES: usize = 40;
 
@@ -78,25 +78,7 @@ async fn collectors_sharing_an_mqtt_subscription_store_every_reading_once_across
     gw.start();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let publisher = {
-        let (port, stop) = (local.port, stop.clone());
-        std::thread::spawn(move || {
-            let p = Publisher::connect(port, "pub-collect-mqtt");
-            let mut i = 0;
-            while !stop.load(Ordering::SeqCst) {
-                for _ in 0..4 {
-                    p.publish(
-                        &format!("sensors/site0/dev{}/temperature", i % SERIES),
-                        live_payload(i),
-                    );
-                    i += 1;
-                }
-                std::thread::sleep(Duration::from_millis(20)); // ~200 readings/s
-            }
-            p.wait_acked(i, Duration::from_secs(60));
-            i
-        })
-    };
+    let publisher = publish_until_stopped(local.port, "pub-collect-mqtt", SERIES, stop.clone());
 
     // Junk on a topic the collectors subscribe to: counted, acknowledged, nothing else.
     let cloud_port = cloud.broker.port;
@@ -133,15 +115,7 @@ async fn collectors_sharing_an_mqtt_subscription_store_every_reading_once_across
         .await
         .unwrap() as u64;
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (lines, ids) = loop {
-        let (lines, ids) = stream_contents(&nats).await;
-        let counts = central_counts(&lines);
-        if counts.values().all(|&c| c >= n) && counts.len() == 2 || Instant::now() > deadline {
-            break (lines, ids);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let (lines, ids) = wait_for_readings(&nats, n).await;
     let counts = central_counts(&lines);
     let per_collector: Vec<f64> = collectors
         .iter()

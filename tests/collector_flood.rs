@@ -90,12 +90,7 @@ fn collector_metric(c: &Collector, name: &str) -> f64 {
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    common::proc_status_kib(pid, "VmHWM:").unwrap()
 }
 
 fn upstream_connected(gw: &Gateway) -> bool {

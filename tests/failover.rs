@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::nats::{NatsServer, stream_contents};
+use common::nats::{NatsServer, wait_for_readings};
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -39,25 +39,7 @@ async fn a_gateway_with_several_collectors_fails_over_and_every_reading_lands_on
     gw.start();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let publisher = {
-        let (port, stop) = (broker.port, stop.clone());
-        std::thread::spawn(move || {
-            let p = Publisher::connect(port, "pub-failover");
-            let mut i = 0;
-            while !stop.load(Ordering::SeqCst) {
-                for _ in 0..4 {
-                    p.publish(
-                        &format!("sensors/site0/dev{}/temperature", i % SERIES),
-                        live_payload(i),
-                    );
-                    i += 1;
-                }
-                std::thread::sleep(Duration::from_millis(20)); // ~200 readings/s
-            }
-            p.wait_acked(i, Duration::from_secs(60));
-            i
-        })
-    };
+    let publisher = publish_until_stopped(broker.port, "pub-failover", SERIES, stop.clone());
 
     // Kill the collector the gateway is connected to, as soon as it is connected to one,
     // five times; bring it back a moment later on the same port.
@@ -95,15 +77,7 @@ async fn a_gateway_with_several_collectors_fails_over_and_every_reading_lands_on
         .unwrap() as u64;
 
     // Everything published reaches the stream (windows close, batches go), once.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (lines, ids) = loop {
-        let (lines, ids) = stream_contents(&nats).await;
-        let counts = central_counts(&lines);
-        if counts.values().all(|&c| c >= n) && counts.len() == 2 || Instant::now() > deadline {
-            break (lines, ids);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let (lines, ids) = wait_for_readings(&nats, n).await;
     let counts = central_counts(&lines);
     let switches = gw
         .metric("edgeferry_upstream_switches_total")

@@ -5,34 +5,10 @@ mod common;
 
 use common::certs::{Ca, ca, leaf, write};
 
+use common::cloud::tls_broker;
 use common::*;
 use std::path::Path;
 use std::time::Duration;
-
-/// A broker with a plain listener (for the test publisher) and a TLS listener that requires
-/// client certificates from `client_ca`.
-fn tls_broker(
-    server_ca: &Ca,
-    client_ca: &Ca,
-    expired: bool,
-) -> (Mosquitto, u16, tempfile::TempDir) {
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = leaf(server_ca, &["localhost"], expired);
-    let cert = write(certs.path(), "server.pem", &cert);
-    let key = write(certs.path(), "server.key", &key);
-    let cafile = write(certs.path(), "client-ca.pem", &client_ca.pem);
-    let tls_port = free_port();
-    let broker = Mosquitto::start_with(&format!(
-        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
-        cafile.display(),
-        cert.display(),
-        key.display()
-    ));
-    wait_for("the TLS listener", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
-    });
-    (broker, tls_port, certs)
-}
 
 fn tls_gateway(tls_port: u16, trust: &Ca, client: (String, String), certs: &Path) -> Gateway {
     let ca = write(certs, "trust.pem", &trust.pem);

@@ -184,13 +184,7 @@ impl MqttSource {
     }
 
     fn warn(&self, key: &'static str, msg: &str) {
-        if let Some(suppressed) = self.log.check(key) {
-            if suppressed > 0 {
-                tracing::warn!("{msg} ({suppressed} similar messages suppressed)");
-            } else {
-                tracing::warn!("{msg}");
-            }
-        }
+        self.log.warn(key, msg);
     }
 
     /// Receives, stores and acknowledges until `shutdown`; then acknowledges what the sinks

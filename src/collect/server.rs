@@ -481,13 +481,7 @@ pub async fn run_with(
 
 impl Shared {
     fn warn(&self, key: &'static str, msg: &str) {
-        if let Some(suppressed) = self.log.check(key) {
-            if suppressed > 0 {
-                tracing::warn!("{msg} ({suppressed} similar messages suppressed)");
-            } else {
-                tracing::warn!("{msg}");
-            }
-        }
+        self.log.warn(key, msg);
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {

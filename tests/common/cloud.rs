@@ -15,31 +15,43 @@ pub struct Cloud {
     pub client_ca: Ca,
 }
 
+/// A broker with a plain listener (for the test publisher) and a TLS listener that requires
+/// client certificates from `client_ca`.
+pub fn tls_broker(
+    server_ca: &Ca,
+    client_ca: &Ca,
+    expired: bool,
+) -> (Mosquitto, u16, tempfile::TempDir) {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = leaf(server_ca, &["localhost"], expired);
+    let cert = write(certs.path(), "server.pem", &cert);
+    let key = write(certs.path(), "server.key", &key);
+    let cafile = write(certs.path(), "client-ca.pem", &client_ca.pem);
+    let tls_port = free_port();
+    let broker = Mosquitto::start_with(&format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        cafile.display(),
+        cert.display(),
+        key.display()
+    ));
+    wait_for("the TLS listener", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
+    });
+    (broker, tls_port, certs)
+}
+
 impl Cloud {
     pub fn start() -> Cloud {
         let server_ca = ca("cloud-server-ca");
         let client_ca = ca("cloud-client-ca");
-        let certs = tempfile::tempdir().unwrap();
-        let (cert, key) = leaf(&server_ca, &["localhost"], false);
-        let cert = write(certs.path(), "server.pem", &cert);
-        let key = write(certs.path(), "server.key", &key);
-        let cafile = write(certs.path(), "client-ca.pem", &client_ca.pem);
-        let tls_port = free_port();
-        let broker = Mosquitto::start_with(&format!(
-            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
-            cafile.display(),
-            cert.display(),
-            key.display()
-        ));
-        let c = Cloud {
+        let (broker, tls_port, certs) = tls_broker(&server_ca, &client_ca, false);
+        Cloud {
             broker,
             tls_port,
             certs,
             server_ca,
             client_ca,
-        };
-        c.wait_tls();
-        c
+        }
     }
 
     pub fn wait_tls(&self) {

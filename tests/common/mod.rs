@@ -754,6 +754,40 @@ pub fn central_counts(lines: &[serde_json::Value]) -> BTreeMap<u64, u64> {
     per_len
 }
 
+/// A `/proc/PID/status` field in KiB (`"VmHWM:"`, `"VmRSS:"`); `None` once the process is gone.
+pub fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let l = s.lines().find(|l| l.starts_with(key))?;
+    l.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A publisher thread on the broker at `port`: four readings every 20 ms (~200/s) over
+/// `series` series (`sensors/site0/devN/temperature`) until `stop`, then waits for every
+/// PUBACK; joins to the number published.
+pub fn publish_until_stopped(
+    port: u16,
+    id: &'static str,
+    series: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let p = Publisher::connect(port, id);
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            for _ in 0..4 {
+                p.publish(
+                    &format!("sensors/site0/dev{}/temperature", i % series),
+                    live_payload(i),
+                );
+                i += 1;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p.wait_acked(i, Duration::from_secs(60));
+        i
+    })
+}
+
 /// Epoch milliseconds now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -171,3 +171,25 @@ pub async fn stream_contents(
     }
     (lines, ids)
 }
+
+/// Waits (up to 60 s) until the stream's aggregates count `n` readings in both window lengths
+/// of a `["1s", "2s"]` gateway; then [`stream_contents`].
+pub async fn wait_for_readings(
+    nats: &NatsServer,
+    n: u64,
+) -> (
+    Vec<serde_json::Value>,
+    std::collections::BTreeMap<String, usize>,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (lines, ids) = stream_contents(nats).await;
+        let counts = super::central_counts(&lines);
+        if counts.values().all(|&c| c >= n) && counts.len() == 2
+            || std::time::Instant::now() > deadline
+        {
+            return (lines, ids);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
