@@ -52,6 +52,9 @@ fn start_subscribed(c: &mut Collector) {
         Duration::from_secs(20),
         || subscribed(c) > before,
     );
+    wait_for("healthz 200", Duration::from_secs(10), || {
+        c.get("/healthz").is_some_and(|(code, _)| code == 200)
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,4 +183,31 @@ fn a_collector_without_a_source_or_with_bad_mqtt_settings_says_what_to_fix() {
     ]);
     assert_ne!(code, Some(0));
     assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}
+
+#[test]
+fn an_mqtt_collector_whose_broker_is_unreachable_is_unhealthy_and_says_why() {
+    let port = free_port(); // nothing listens here
+    let mut c = Collector::new(&[
+        "--mqtt",
+        &format!("mqtt://127.0.0.1:{port}"),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    c.start();
+    wait_for(
+        "healthz 503 naming the broker",
+        Duration::from_secs(10),
+        || {
+            c.get("/healthz").is_some_and(|(code, body)| {
+                code == 503
+                    && body.contains(&format!("MQTT broker mqtt://127.0.0.1:{port} unreachable"))
+            })
+        },
+    );
+    assert!(
+        c.log().contains("unreachable") && c.log().contains("retrying with backoff"),
+        "{}",
+        c.log()
+    );
 }

@@ -73,6 +73,29 @@ enum Step {
     Event(Result<Event, rumqttc::ConnectionError>),
 }
 
+/// Whether the subscription can receive now, for `/healthz`: why not, while it cannot.
+#[derive(Debug)]
+pub struct SourceState(std::sync::Mutex<Option<String>>);
+
+impl Default for SourceState {
+    fn default() -> Self {
+        SourceState(std::sync::Mutex::new(Some(
+            "connecting to the MQTT broker".into(),
+        )))
+    }
+}
+
+impl SourceState {
+    fn set(&self, down: Option<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = down;
+    }
+
+    /// Why the collector cannot receive over MQTT now, if it cannot.
+    pub fn down(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// The subscription: broker, topics, what it hands the sinks.
 pub struct MqttSource {
     cfg: MqttSourceConfig,
@@ -189,7 +212,13 @@ impl MqttSource {
 
     /// Receives, stores and acknowledges until `shutdown`; then acknowledges what the sinks
     /// finish within a moment, and disconnects (the session stays on the broker).
-    pub async fn run(self, sinks: Arc<Sinks>, buffer: Buffer, shutdown: CancellationToken) {
+    pub async fn run(
+        self,
+        sinks: Arc<Sinks>,
+        buffer: Buffer,
+        state: Arc<SourceState>,
+        shutdown: CancellationToken,
+    ) {
         let ctx = Ctx {
             sinks: &sinks,
             buffer: &buffer,
@@ -217,6 +246,9 @@ impl MqttSource {
                 in_flight.clear();
                 el.clean();
                 el.network = None;
+                state.set(Some(format!(
+                    "a batch received over MQTT was not stored: {e:#}"
+                )));
                 metrics::gauge!("edgeferry_collect_mqtt_connected").set(0.0);
                 let pause = backoff.next_delay();
                 tokio::select! {
@@ -272,6 +304,7 @@ impl MqttSource {
                     }
                     ever_connected = true;
                     down = None;
+                    state.set(None);
                     metrics::gauge!("edgeferry_collect_mqtt_connected").set(1.0);
                     tracing::info!(
                         session_present = ack.session_present,
@@ -319,6 +352,10 @@ impl MqttSource {
                     in_flight.clear();
                     metrics::gauge!("edgeferry_collect_mqtt_connected").set(0.0);
                     let msg = e.to_string();
+                    state.set(Some(format!(
+                        "MQTT broker {} unreachable: {msg}",
+                        self.cfg.url
+                    )));
                     let key = crate::telemetry::failure_key(&msg);
                     if down.as_deref() != Some(key.as_str()) {
                         tracing::warn!(

@@ -304,6 +304,8 @@ pub async fn run(cfg: CollectConfig, shutdown: CancellationToken) -> Result<()> 
 pub struct Health {
     sinks: Arc<std::sync::OnceLock<Arc<Sinks>>>,
     fleet: Arc<Fleet>,
+    /// The `--mqtt` subscription's state, when there is one.
+    mqtt: Arc<std::sync::OnceLock<Arc<super::mqtt::SourceState>>>,
 }
 
 impl Health {
@@ -315,7 +317,9 @@ impl Health {
     pub fn unhealthy(&self) -> Option<String> {
         match self.sinks.get() {
             None => Some("opening the sinks".to_string()),
-            Some(s) => s.unhealthy(),
+            Some(s) => s
+                .unhealthy()
+                .or_else(|| self.mqtt.get().and_then(|m| m.down())),
         }
     }
 
@@ -353,7 +357,9 @@ pub async fn run_with(
     let tokens = match &cfg.token_file {
         Some(p) => Some(load_tokens(p)?),
         None => {
-            tracing::warn!("no --token-file: every client is accepted without authentication");
+            if cfg.listen.is_some() {
+                tracing::warn!("no --token-file: every client is accepted without authentication");
+            }
             None
         }
     };
@@ -424,7 +430,9 @@ pub async fn run_with(
     let buffer = Buffer::new(cfg.max_buffered);
     let tracker = TaskTracker::new();
     if let Some(source) = mqtt {
-        tracker.spawn(source.run(sinks.clone(), buffer.clone(), shutdown.clone()));
+        let state = Arc::new(super::mqtt::SourceState::default());
+        let _ = health.mqtt.set(state.clone());
+        tracker.spawn(source.run(sinks.clone(), buffer.clone(), state, shutdown.clone()));
     }
     let shared = Arc::new(Shared {
         pending: Pending::new(cfg.max_pending, cfg.max_pending_per_address),
