@@ -34,6 +34,7 @@
 
 use super::fleet::FleetRecord;
 use super::store::Stored;
+use crate::backoff::Backoff;
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, context::PublishErrorKind, kv, stream};
 use bytes::Bytes;
@@ -738,11 +739,6 @@ impl NatsSink {
         headers.insert("Edgeferry-Items", items.to_string().as_str());
         headers.insert("Content-Type", "application/x-ndjson");
         let subject = batch_subject(gateway, epoch, seq);
-        // A failed publish is tried again for a while before the batch counts as not stored:
-        // a replicated stream is without a leader for a few seconds when a node dies, and a
-        // failure here closes the gateway's connection (with thousands of gateways, a storm of
-        // reconnects and Hellos on an engine that is busy electing). Trying again is harmless:
-        // the message id and the expected subject sequence make a second copy a duplicate.
         let _room = match self.publishes.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -754,36 +750,41 @@ impl NatsSink {
                     .context("the publish limit is closed")?
             }
         };
+        // A failed publish is tried again for a while before the batch counts as not stored:
+        // a replicated stream is without a leader for a few seconds when a node dies, and a
+        // failure here closes the gateway's connection (with thousands of gateways, a storm of
+        // reconnects and Hellos on an engine that is busy electing). Trying again is harmless:
+        // the message id and the expected subject sequence make a second copy a duplicate.
         let deadline = tokio::time::Instant::now() + PUBLISH_RETRY;
-        let mut pause = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         let outcome = loop {
             let acked = match self
                 .js
                 .publish_with_headers(subject.clone(), headers.clone(), lines.clone())
                 .await
             {
-                Ok(ack) => ack.await.map_err(anyhow::Error::new),
-                Err(e) => Err(anyhow::Error::new(e)),
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
             };
             match acked {
                 Ok(ack) if ack.duplicate => break Stored::Duplicate,
                 Ok(_) => break Stored::Written(items),
                 // The subject already holds this batch: stored before, by us or another
                 // collector, however long ago.
-                Err(e)
-                    if e.downcast_ref::<async_nats::jetstream::context::PublishError>()
-                        .is_some_and(|p| p.kind() == PublishErrorKind::WrongLastSequence) =>
-                {
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     break Stored::Duplicate;
                 }
-                Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                Err(e) => {
+                    let e = anyhow::Error::new(e).context(format!("publish to {subject}"));
+                    let pause = backoff.next_delay();
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        return Err(e);
+                    }
                     self.failed(&e);
                     metrics::counter!("edgeferry_collect_nats_publish_retries_total").increment(1);
-                    tracing::debug!("publish to {subject} failed, trying again: {e:#}");
+                    tracing::debug!("trying again: {e:#}");
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
-                Err(e) => return Err(e.context(format!("publish to {subject}"))),
             }
         };
         self.pending.push(&Self::key(gateway, epoch), &[seq]);
