@@ -57,15 +57,24 @@ fn journal_segment(gw: &Gateway) -> PathBuf {
 
 /// Byte offsets where the records of a segment file start (header 20 bytes, then frames of
 /// `len u32 | crc u32 | lsn u64 | payload`).
-fn frame_starts(bytes: &[u8]) -> Vec<usize> {
+/// Where each record's frame starts and ends in a segment file. Padding frames (lsn field all
+/// ones: the journal pads every sync to a page boundary) are no records and are skipped.
+fn record_frames(bytes: &[u8]) -> Vec<(usize, usize)> {
     let mut v = Vec::new();
     let mut pos = 20;
     while pos + 16 <= bytes.len() {
-        v.push(pos);
         let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        let lsn = u64::from_le_bytes(bytes[pos + 8..pos + 16].try_into().unwrap());
+        if lsn != u64::MAX {
+            v.push((pos, pos + 16 + len));
+        }
         pos += 16 + len;
     }
     v
+}
+
+fn frame_starts(bytes: &[u8]) -> Vec<usize> {
+    record_frames(bytes).into_iter().map(|f| f.0).collect()
 }
 
 fn verify_json(gw: &Gateway) -> (Option<i32>, serde_json::Value) {
@@ -167,9 +176,9 @@ fn flipped_bytes_in_the_journal_are_named_by_verify_salvaged_by_repair_and_the_d
     }
     std::fs::write(&seg, &bytes).unwrap();
     // The records that lie wholly before the damage.
-    let intact = frame_starts(&bytes)
-        .windows(2)
-        .take_while(|w| w[1] <= at)
+    let intact = record_frames(&bytes)
+        .iter()
+        .take_while(|f| f.1 <= at)
         .count();
 
     let (st, out, err) = gw.command(&["store", "verify"]);

@@ -211,6 +211,7 @@ pub fn repair(data_dir: &Path, segment_bytes: u64) -> Result<RepairReport, Check
                 } else {
                     0
                 },
+                pad_syncs: *part == "journal",
             },
         );
         let (log, rec) = match opened {

@@ -195,6 +195,8 @@ impl Outbox {
             segment_bytes,
             max_record: 64 * 1024 * 1024,
             payload_tag: 0,
+            // Synced once per checkpoint: too rarely for a rewritten page to matter.
+            pad_syncs: false,
         };
         let (agg, r0) = SegmentLog::open(&dir.join(Lane::Aggregates.as_str()), cfg.clone())?;
         let (alr, r1) = SegmentLog::open(&dir.join(Lane::Alerts.as_str()), cfg)?;

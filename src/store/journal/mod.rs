@@ -39,6 +39,9 @@ impl Journal {
                 segment_bytes,
                 max_record: 16 * 1024 * 1024,
                 payload_tag: PAYLOAD_TAG,
+                // Synced every commit group, a few kilobytes each: padded so that no page
+                // is written twice (see `LogConfig::pad_syncs`).
+                pad_syncs: true,
             },
         )?;
         Ok((
@@ -114,6 +117,18 @@ impl Journal {
     /// Oldest lsn still stored.
     pub fn first_lsn(&self) -> Lsn {
         self.log.first_lsn()
+    }
+
+    /// Bytes the records appended since open took (frames included, padding not): the
+    /// committer's measure of what a message costs in the journal.
+    pub fn appended_bytes(&self) -> u64 {
+        self.log.appended_bytes()
+    }
+
+    /// Bytes a group may take and still be written in one page write (every sync pads the
+    /// journal to a page boundary; see [`LogConfig::pad_syncs`]).
+    pub fn page_room(&self) -> u64 {
+        self.log.page_room()
     }
 
     /// Bytes the journal's segment files take on disk; counted against `store.max_disk`.
@@ -365,6 +380,7 @@ mod tests {
                     segment_bytes: 4096,
                     max_record: 1 << 20,
                     payload_tag: 0,
+                    pad_syncs: false,
                 },
             )
             .unwrap();

@@ -72,13 +72,14 @@ pub(super) fn create_segment(
     path: &Path,
     first_lsn: Lsn,
     payload_tag: u8,
+    padded: bool,
 ) -> Result<File, LogError> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .map_err(io_err("create segment", path))?;
-    file.write_all(&encode_header(first_lsn, payload_tag))
+    file.write_all(&encode_header(first_lsn, payload_tag, padded))
         .map_err(io_err("write header of", path))?;
     crate::util::sync_data(&file).map_err(io_err("fdatasync", path))?;
     Ok(file)

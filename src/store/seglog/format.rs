@@ -20,8 +20,19 @@ pub const HEADER_LEN: u64 = 20;
 pub const FRAME_OVERHEAD: u64 = 16;
 
 pub(super) const MAGIC: [u8; 6] = *b"EFLOG\0";
-/// The frame format (the low byte of the header's version field).
+/// The frame format (the low byte of the header's version field) of segments that hold only
+/// records.
 pub(super) const FORMAT_VERSION: u8 = 1;
+/// The frame format of segments that may also hold padding frames ([`PAD_LSN`]): a build
+/// that knows only format 1 refuses such a segment (quarantines it, loudly) instead of
+/// taking its first padding frame for damage and cutting the segment there.
+pub(super) const FORMAT_PADDED: u8 = 2;
+/// The lsn field of a padding frame: bytes written after a group's records so that the
+/// group ends on a page boundary (see [`super::LogConfig::pad_syncs`]). It is no record,
+/// takes no lsn, and its payload is zeros under the usual checksum.
+pub(super) const PAD_LSN: Lsn = u64::MAX;
+/// The page size padding aligns to: what the kernel writes back per dirty page.
+pub const PAGE: u64 = 4096;
 /// The highest payload tag this build knows (the journal's compact records: 1).
 pub(super) const MAX_PAYLOAD_TAG: u8 = 1;
 pub(super) const WRITE_BUFFER: usize = 64 * 1024;
@@ -100,10 +111,18 @@ pub(super) fn parse_segment_name(name: &str) -> Option<Lsn> {
 /// are encoded (see [`super::LogConfig::payload_tag`]), stored as the version field's high
 /// byte so that a build that does not know the tag refuses the segment loudly
 /// ([`Damage::UnsupportedVersion`]) instead of misreading its records.
-pub(super) fn encode_header(first_lsn: Lsn, payload_tag: u8) -> [u8; HEADER_LEN as usize] {
+pub(super) fn encode_header(
+    first_lsn: Lsn,
+    payload_tag: u8,
+    padded: bool,
+) -> [u8; HEADER_LEN as usize] {
     let mut h = [0u8; HEADER_LEN as usize];
     h[0..6].copy_from_slice(&MAGIC);
-    h[6] = FORMAT_VERSION;
+    h[6] = if padded {
+        FORMAT_PADDED
+    } else {
+        FORMAT_VERSION
+    };
     h[7] = payload_tag;
     h[8..16].copy_from_slice(&first_lsn.to_le_bytes());
     let crc = crc32fast::hash(&h[0..16]);
@@ -111,11 +130,20 @@ pub(super) fn encode_header(first_lsn: Lsn, payload_tag: u8) -> [u8; HEADER_LEN 
     h
 }
 
-/// Checks a header and returns its first lsn and payload tag.
+/// What a valid segment header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Header {
+    pub(super) first_lsn: Lsn,
+    pub(super) tag: u8,
+    /// Frame format [`FORMAT_PADDED`]: padding frames may follow a group of records.
+    pub(super) padded: bool,
+}
+
+/// Checks a header and returns what it says.
 pub(super) fn decode_header(
     h: &[u8; HEADER_LEN as usize],
     name_lsn: Lsn,
-) -> Result<(Lsn, u8), Damage> {
+) -> Result<Header, Damage> {
     if h[0..6] != MAGIC {
         return Err(Damage::BadMagic);
     }
@@ -123,7 +151,7 @@ pub(super) fn decode_header(
     if crc32fast::hash(&h[0..16]) != crc {
         return Err(Damage::HeaderChecksum);
     }
-    if h[6] != FORMAT_VERSION || h[7] > MAX_PAYLOAD_TAG {
+    if !(h[6] == FORMAT_VERSION || h[6] == FORMAT_PADDED) || h[7] > MAX_PAYLOAD_TAG {
         return Err(Damage::UnsupportedVersion(u16::from_le_bytes([h[6], h[7]])));
     }
     let mut lsn = [0u8; 8];
@@ -135,7 +163,11 @@ pub(super) fn decode_header(
             header,
         });
     }
-    Ok((header, h[7]))
+    Ok(Header {
+        first_lsn: header,
+        tag: h[7],
+        padded: h[6] == FORMAT_PADDED,
+    })
 }
 
 pub(super) fn frame_crc(lsn: Lsn, payload: &[u8]) -> u32 {
@@ -153,17 +185,27 @@ pub(super) fn read_damage(e: io::Error) -> Damage {
     }
 }
 
+/// A good frame as [`read_frame`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Frame {
+    /// The record at the expected lsn; the frame's bytes on disk.
+    Record(u64),
+    /// Padding of this many bytes (frame included): no record, no lsn.
+    Pad(u64),
+}
+
 /// Reads one frame. `remaining` is the number of bytes left in the file from the current
 /// position; it bounds the length field so garbage can never cause a huge allocation.
-/// Returns `Ok(None)` at a clean end of file, `Ok(Some(frame_bytes))` for a good frame
-/// (payload in `buf` when `want_payload`, else skipped after checking only the lsn).
+/// Returns `Ok(None)` at a clean end of file, `Ok(Some(frame))` for a good frame (a
+/// record's payload in `buf` when `want_payload`, else skipped after checking only the lsn).
+/// Padding is always checksummed: a stray lsn field of all ones must not hide a record.
 pub(super) fn read_frame<R: Read + Seek>(
     r: &mut BufReader<R>,
     remaining: u64,
     expected: Lsn,
     buf: &mut Vec<u8>,
     want_payload: bool,
-) -> Result<Option<u64>, Damage> {
+) -> Result<Option<Frame>, Damage> {
     if remaining == 0 {
         return Ok(None);
     }
@@ -179,6 +221,15 @@ pub(super) fn read_frame<R: Read + Seek>(
     let lsn = u64::from_le_bytes(lsn);
     if len > remaining - FRAME_OVERHEAD {
         return Err(Damage::TornFrame);
+    }
+    if lsn == PAD_LSN {
+        buf.clear();
+        buf.resize(len as usize, 0);
+        r.read_exact(buf).map_err(read_damage)?;
+        if frame_crc(lsn, buf) != crc {
+            return Err(Damage::Checksum { lsn });
+        }
+        return Ok(Some(Frame::Pad(FRAME_OVERHEAD + len)));
     }
     if want_payload {
         buf.clear();
@@ -202,5 +253,24 @@ pub(super) fn read_frame<R: Read + Seek>(
         }
         r.seek_relative(len as i64).map_err(read_damage)?;
     }
-    Ok(Some(FRAME_OVERHEAD + len))
+    Ok(Some(Frame::Record(FRAME_OVERHEAD + len)))
+}
+
+/// The padding frame that fills the page `file_len` is in, or `None` when `file_len` is
+/// already on a page boundary or the page has less room left than a frame needs. (Filling
+/// that page and the whole next one would cost a page write of nothing but padding; leaving
+/// it costs the same one page write, when the next sync writes this page again, and no
+/// disk space.)
+pub(super) fn padding_for(file_len: u64) -> Option<Vec<u8>> {
+    let room = (PAGE - file_len % PAGE) % PAGE;
+    if room < FRAME_OVERHEAD {
+        return None;
+    }
+    let zeros = (room - FRAME_OVERHEAD) as usize;
+    let mut f = vec![0u8; room as usize];
+    f[0..4].copy_from_slice(&(zeros as u32).to_le_bytes());
+    let crc = frame_crc(PAD_LSN, &f[16..]);
+    f[4..8].copy_from_slice(&crc.to_le_bytes());
+    f[8..16].copy_from_slice(&PAD_LSN.to_le_bytes());
+    Some(f)
 }

@@ -14,7 +14,7 @@
 //! Each segment starts with a 20-byte header:
 //!
 //! ```text
-//! magic b"EFLOG\0" (6) | frame format u8 = 1 | payload tag u8 | first_lsn u64 LE (8) | crc32 of the previous 16 bytes, u32 LE (4)
+//! magic b"EFLOG\0" (6) | frame format u8 = 1 or 2 | payload tag u8 | first_lsn u64 LE (8) | crc32 of the previous 16 bytes, u32 LE (4)
 //! ```
 //!
 //! The payload tag says how the log's user encoded the segment's payloads
@@ -29,6 +29,14 @@
 //! ```text
 //! len u32 | crc32 over (lsn bytes ++ payload) u32 | lsn u64 | payload (len bytes)
 //! ```
+//!
+//! A log opened with [`LogConfig::pad_syncs`] writes frame format 2: before each sync it
+//! fills the rest of the 4 KiB page it ends in with a *padding frame* (lsn field all ones,
+//! payload zeros, the usual checksum), so that the next group starts on a fresh page and no
+//! page is written twice. Padding is no record and takes no lsn; readers and recovery skip
+//! it, checksum included. A log opened with the other format than its active segment's
+//! starts a new segment, as for a new payload tag; a build that knows only format 1 refuses
+//! a format 2 segment (quarantine) rather than cutting it at the first padding frame.
 //!
 //! Record sequence numbers ([`Lsn`]) are contiguous inside a segment, starting at the
 //! header's `first_lsn`, and continue across segments. The lsn is stored (and checksummed)
@@ -82,7 +90,9 @@ mod testkit;
 mod verify;
 
 pub use error::LogError;
-pub use format::{Damage, FRAME_OVERHEAD, HEADER_LEN, LOCK_FILE, Lsn, QUARANTINE_DIR, SEGMENT_EXT};
+pub use format::{
+    Damage, FRAME_OVERHEAD, HEADER_LEN, LOCK_FILE, Lsn, PAGE, QUARANTINE_DIR, SEGMENT_EXT,
+};
 pub use log::{LogConfig, SegmentInfo, SegmentLog};
 pub use reader::LogReader;
 pub use recovery::Recovery;

@@ -124,7 +124,8 @@ impl LogReader {
             let want = cur.next >= self.from;
             let remaining = cur.file_len.saturating_sub(cur.pos);
             match read_frame(&mut cur.r, remaining, cur.next, &mut self.buf, want) {
-                Ok(Some(n)) => {
+                Ok(Some(Frame::Pad(n))) => cur.pos += n,
+                Ok(Some(Frame::Record(n))) => {
                     let lsn = cur.next;
                     cur.pos += n;
                     cur.next += 1;

@@ -43,6 +43,8 @@ pub(super) struct Scan {
     pub(super) header_ok: bool,
     /// The header's payload tag (0 when the header is bad).
     pub(super) tag: u8,
+    /// The header's frame format is 2 (padding frames).
+    pub(super) padded: bool,
     pub(super) records: u64,
     /// Offset just past the last valid frame (or the header).
     pub(super) valid_end: u64,
@@ -53,6 +55,7 @@ pub(super) fn scan_segment(file: &File, file_len: u64, name_lsn: Lsn) -> Scan {
     let bad_header = |d| Scan {
         header_ok: false,
         tag: 0,
+        padded: false,
         records: 0,
         valid_end: 0,
         damage: Some((0, d)),
@@ -69,10 +72,11 @@ pub(super) fn scan_segment(file: &File, file_len: u64, name_lsn: Lsn) -> Scan {
     if let Err(e) = r.read_exact(&mut h) {
         return bad_header(read_damage(e));
     }
-    let (first, tag) = match decode_header(&h, name_lsn) {
+    let header = match decode_header(&h, name_lsn) {
         Ok(header) => header,
         Err(d) => return bad_header(d),
     };
+    let first = header.first_lsn;
     let mut pos = HEADER_LEN;
     let mut expected = first;
     let mut buf = Vec::new();
@@ -80,10 +84,11 @@ pub(super) fn scan_segment(file: &File, file_len: u64, name_lsn: Lsn) -> Scan {
     loop {
         match read_frame(&mut r, file_len - pos, expected, &mut buf, true) {
             Ok(None) => break,
-            Ok(Some(n)) => {
+            Ok(Some(Frame::Record(n))) => {
                 pos += n;
                 expected += 1;
             }
+            Ok(Some(Frame::Pad(n))) => pos += n,
             Err(d) => {
                 damage = Some((pos, d));
                 break;
@@ -92,7 +97,8 @@ pub(super) fn scan_segment(file: &File, file_len: u64, name_lsn: Lsn) -> Scan {
     }
     Scan {
         header_ok: true,
-        tag,
+        tag: header.tag,
+        padded: header.padded,
         records: expected - first,
         valid_end: pos,
         damage,
@@ -261,6 +267,7 @@ impl SegmentLog {
                     end_lsn: name_lsn,
                     bytes: HEADER_LEN,
                     tag: cfg.payload_tag,
+                    padded: cfg.pad_syncs,
                 });
                 continue;
             }
@@ -350,6 +357,7 @@ impl SegmentLog {
                 end_lsn: name_lsn + scan.records,
                 bytes: scan.valid_end,
                 tag: scan.tag,
+                padded: scan.padded,
             });
         }
 
@@ -357,24 +365,34 @@ impl SegmentLog {
         let next_lsn = last_end.max(floor);
         let (active, file) = match kept.pop_back() {
             // The last segment goes on being appended to, unless its payloads are encoded
-            // otherwise than this log's user now writes them (an upgrade): then it is closed
-            // as it is and a new segment starts, so no segment mixes two encodings.
+            // otherwise than this log's user now writes them, or its frame format is not
+            // the one this log writes (an upgrade): then it is closed as it is and a new
+            // segment starts, so no segment mixes two encodings or two frame formats.
             Some(last)
                 if last.end_lsn == next_lsn
-                    && (last.tag == cfg.payload_tag || last.end_lsn == last.first_lsn) =>
+                    && ((last.tag == cfg.payload_tag && last.padded == cfg.pad_syncs)
+                        || last.end_lsn == last.first_lsn) =>
             {
                 let mut last = last;
                 let mut file = OpenOptions::new()
                     .write(true)
                     .open(&last.path)
                     .map_err(io_err("open segment", &last.path))?;
-                if rewrite_header == Some(last.first_lsn) || last.tag != cfg.payload_tag {
+                if rewrite_header == Some(last.first_lsn)
+                    || last.tag != cfg.payload_tag
+                    || last.padded != cfg.pad_syncs
+                {
                     file.set_len(0)
                         .map_err(io_err("truncate torn segment", &last.path))?;
-                    file.write_all(&encode_header(last.first_lsn, cfg.payload_tag))
-                        .map_err(io_err("write header of", &last.path))?;
+                    file.write_all(&encode_header(
+                        last.first_lsn,
+                        cfg.payload_tag,
+                        cfg.pad_syncs,
+                    ))
+                    .map_err(io_err("write header of", &last.path))?;
                     file.sync_data().map_err(io_err("fdatasync", &last.path))?;
                     last.tag = cfg.payload_tag;
+                    last.padded = cfg.pad_syncs;
                     last.bytes = HEADER_LEN;
                 }
                 file.seek(SeekFrom::Start(last.bytes))
@@ -392,7 +410,7 @@ impl SegmentLog {
                     }
                 }
                 let path = dir.join(segment_file_name(next_lsn));
-                let file = create_segment(&path, next_lsn, cfg.payload_tag)?;
+                let file = create_segment(&path, next_lsn, cfg.payload_tag, cfg.pad_syncs)?;
                 dir_changed = true;
                 (
                     SegMeta {
@@ -401,6 +419,7 @@ impl SegmentLog {
                         end_lsn: next_lsn,
                         bytes: HEADER_LEN,
                         tag: cfg.payload_tag,
+                        padded: cfg.pad_syncs,
                     },
                     file,
                 )
@@ -422,6 +441,7 @@ impl SegmentLog {
             synced_lsn: next_lsn,
             dir_dirty: false,
             poisoned: false,
+            appended_bytes: 0,
         };
         rec.segments = log.closed.len() + 1;
         rec.first_lsn = log.first_lsn();
@@ -509,6 +529,151 @@ mod tests {
         assert_eq!(rec.quarantined.len(), 1);
         assert!(read_all(&log, 0).is_empty());
         assert!(log.next_lsn() >= 1, "its lsns are never issued again");
+    }
+
+    fn padded() -> LogConfig {
+        LogConfig {
+            pad_syncs: true,
+            ..cfg(1 << 20)
+        }
+    }
+
+    fn frame_format(seg: &Path) -> u8 {
+        fs::read(seg).unwrap()[6]
+    }
+
+    #[test]
+    fn padded_syncs_end_every_group_on_a_page_and_the_records_read_back_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, _) = SegmentLog::open(tmp.path(), padded()).unwrap();
+        let seg = segment_files(tmp.path()).pop().unwrap();
+        let mut want = Vec::new();
+        let mut frames = 0;
+        // Groups of 1 to 120 records of 0 to 90 bytes: some end inside their page, some
+        // cross one or two page boundaries.
+        for group in [1u64, 3, 40, 120, 7, 64, 1] {
+            for _ in 0..group {
+                let lsn = want.len() as u64;
+                assert_eq!(log.append(&payload(lsn)).unwrap(), lsn);
+                frames += FRAME_OVERHEAD + payload(lsn).len() as u64;
+                want.push((lsn, payload(lsn)));
+            }
+            log.sync().unwrap();
+            let len = fs::metadata(&seg).unwrap().len();
+            assert!(
+                len.is_multiple_of(PAGE) || PAGE - len % PAGE < FRAME_OVERHEAD,
+                "a sync leaves the segment at a page boundary (or too close to one for a frame): {len} bytes"
+            );
+            assert_eq!(log.disk_bytes(), len, "padding counts as disk use");
+            assert_eq!(log.page_room(), PAGE - len % PAGE);
+        }
+        assert_eq!(
+            log.appended_bytes(),
+            frames,
+            "padding is not a record's bytes"
+        );
+        let len = fs::metadata(&seg).unwrap().len();
+        log.sync().unwrap();
+        assert_eq!(
+            fs::metadata(&seg).unwrap().len(),
+            len,
+            "nothing new: no padding either"
+        );
+        assert_eq!(
+            read_all(&log, 0),
+            want,
+            "padding is skipped, lsns stay contiguous"
+        );
+        assert_eq!(read_all(&log, 50), want[50..].to_vec());
+        assert_eq!(frame_format(&seg), 2);
+        drop(log);
+        assert!(verify(tmp.path()).unwrap().is_clean());
+        let (mut log, rec) = SegmentLog::open(tmp.path(), padded()).unwrap();
+        assert!(!rec.repaired(), "{rec:?}");
+        assert_eq!(rec.next_lsn, want.len() as u64);
+        assert_eq!(log.append(b"after").unwrap(), want.len() as u64);
+        log.sync().unwrap();
+        assert_eq!(read_all(&log, 0).len(), want.len() + 1);
+        assert_eq!(
+            segment_files(tmp.path()).len(),
+            1,
+            "appends continue in the same segment"
+        );
+    }
+
+    #[test]
+    fn a_torn_or_damaged_padding_frame_is_treated_like_any_other_frame() {
+        let tmp = tempfile::tempdir().unwrap();
+        let seg;
+        let records_end;
+        {
+            let (mut log, _) = SegmentLog::open(tmp.path(), padded()).unwrap();
+            seg = segment_files(tmp.path()).pop().unwrap();
+            for lsn in 0..10 {
+                log.append(&payload(lsn)).unwrap();
+            }
+            log.sync().unwrap();
+            for lsn in 10..20 {
+                log.append(&payload(lsn)).unwrap();
+            }
+            records_end = log.disk_bytes();
+            log.sync().unwrap();
+        }
+        // A crash while the second group's padding was being written: cut inside it.
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(records_end + 10).unwrap();
+        drop(f);
+        let (log, rec) = SegmentLog::open(tmp.path(), padded()).unwrap();
+        assert_eq!(
+            rec.truncated_bytes, 10,
+            "the torn padding goes, like a torn record"
+        );
+        assert!(rec.quarantined.is_empty());
+        assert_eq!(rec.next_lsn, 20);
+        assert_eq!(read_all(&log, 0).len(), 20);
+        drop(log);
+        // A flipped byte inside the first group's padding, with records after it: damage
+        // to synced data (the padding is checksummed like a record), not a torn tail.
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[PAGE as usize - 100] ^= 0x40;
+        fs::write(&seg, &bytes).unwrap();
+        let report = verify(tmp.path()).unwrap();
+        let damage = report.segments[0].damage.as_ref().unwrap();
+        assert!(!damage.torn_tail, "{report}");
+        assert_eq!(report.segments[0].records, 10);
+    }
+
+    #[test]
+    fn a_log_opened_with_the_other_frame_format_starts_a_segment_of_its_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (mut log, _) = SegmentLog::open(tmp.path(), cfg(1 << 20)).unwrap();
+            log.append(b"plain").unwrap();
+            log.sync().unwrap();
+        }
+        {
+            // An upgrade: the old segment is closed as it is.
+            let (mut log, rec) = SegmentLog::open(tmp.path(), padded()).unwrap();
+            assert!(!rec.repaired());
+            log.append(b"padded").unwrap();
+            log.sync().unwrap();
+        }
+        let segs = segment_files(tmp.path());
+        assert_eq!(
+            segs.iter().map(|s| frame_format(s)).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        // And back (a log user that stops padding): a third segment, format 1 again.
+        let (log, _) = SegmentLog::open(tmp.path(), cfg(1 << 20)).unwrap();
+        let segs = segment_files(tmp.path());
+        assert_eq!(
+            segs.iter().map(|s| frame_format(s)).collect::<Vec<_>>(),
+            [1, 2, 1]
+        );
+        assert_eq!(
+            read_all(&log, 0),
+            vec![(0, b"plain".to_vec()), (1, b"padded".to_vec())]
+        );
     }
 
     #[test]
@@ -714,7 +879,7 @@ mod tests {
         // A header torn half way is rewritten too.
         fs::write(
             tmp.path().join(segment_file_name(11)),
-            &encode_header(11, 0)[..7],
+            &encode_header(11, 0, false)[..7],
         )
         .unwrap();
         let (log, rec) = SegmentLog::open(tmp.path(), cfg(1 << 20)).unwrap();

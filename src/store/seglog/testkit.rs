@@ -12,6 +12,7 @@ pub(crate) fn cfg(segment_bytes: u64) -> LogConfig {
         segment_bytes,
         max_record: 4096,
         payload_tag: 0,
+        pad_syncs: false,
     }
 }
 

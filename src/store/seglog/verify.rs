@@ -120,6 +120,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, LogError> {
             scan = Scan {
                 header_ok: false,
                 tag: 0,
+                padded: false,
                 records: 0,
                 valid_end: 0,
                 damage: Some((
