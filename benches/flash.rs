@@ -84,7 +84,12 @@ fn watch_alerts(port: u16, into: Arc<Mutex<Vec<i64>>>, stop: Arc<std::sync::atom
 }
 
 fn run(sensors: usize, secs: u64) -> Outcome {
-    let broker = Mosquitto::start();
+    // Mosquitto as README tells operators to configure it; `EDGEFERRY_FLASH_BROKER` replaces
+    // the extra lines (`EDGEFERRY_FLASH_BROKER=` for Mosquitto's stock inflight window of 20).
+    let broker = Mosquitto::start_with(
+        &std::env::var("EDGEFERRY_FLASH_BROKER")
+            .unwrap_or_else(|_| "max_inflight_messages 1000".into()),
+    );
     let mut collector = Collector::new(&[]);
     collector.start();
     let mut gw = Gateway::new(&broker.url());
@@ -166,10 +171,12 @@ fn run(sensors: usize, secs: u64) -> Outcome {
         ] {
             eprintln!("{sensors} sensors: {name} p99 {:?}", quantile(name));
         }
-        for l in text
-            .lines()
-            .filter(|l| l.starts_with("edgeferry_checkpoints_total"))
-        {
+        for l in text.lines().filter(|l| {
+            l.starts_with("edgeferry_checkpoints_total")
+                || l.starts_with("edgeferry_ingest_commit_groups_total")
+                || l.starts_with("edgeferry_disk_padding_bytes_total")
+                || l.starts_with("edgeferry_disk_syncs_total")
+        }) {
             eprintln!("{sensors} sensors: {l}");
         }
         let state = gw.dir.path().join("data").join("state");

@@ -97,24 +97,64 @@ pub const INGEST_REASONS: &[&str] = &[
     "no_subscription",
 ];
 
-/// A commit group closes once it holds about this many bytes of journal records, whatever
-/// `commit_interval` says: two pages. Every `fdatasync` makes the disk write the journal's
-/// last, partly filled page again, so a sync costs its records' bytes plus up to a page; with
-/// two pages of records in a group, that is at most 1.5 times what the records take, where
-/// a sync every few records at a high rate would write a page for each few dozen bytes (the
-/// flash wear issue 11 measured: 16 bytes written per payload byte). At 10,000 readings/s a
-/// group fills in about 10 ms, so the interval is the bound only at lower rates.
-pub const GROUP_BYTES: usize = 8 << 10;
-
 /// Messages already queued when a group starts that make it a backlog drain (see
-/// [`GROUP_BYTES`]): more than a group of two pages holds.
+/// [`GroupSize`]): more than a page of records holds.
 const BACKLOG_MESSAGES: usize = 128;
 
-/// What the journal record of a message will take, estimated before decoding it: its series
-/// key comes from the topic and its value and time from the payload, and a record of a
-/// 52-byte JSON reading on a 30-byte topic measured 88 bytes.
-fn estimated_record_bytes(m: &Incoming) -> usize {
-    m.topic.len() + m.payload.len()
+/// When a commit group is full enough, in journal bytes, whatever `commit_interval` says: the
+/// room left in the journal's current page. Why: the disk writes whole pages, every sync pads
+/// the journal to a page boundary (`LogConfig::pad_syncs`), and a group that ends just before
+/// the boundary is written in exactly one page write: every byte written once. A group a
+/// little larger costs a second page that is mostly padding, so the estimate aims one message
+/// short. Before (a group closed at 8 KiB estimated from topic and payload sizes, no padding)
+/// every sync also rewrote the previous sync's last page. At 10,000 readings/s a page fills
+/// in about 10 ms, at 1,000/s in about 100 ms; below that `commit_interval` is the bound.
+struct GroupSize {
+    /// Journal bytes per message, learnt from the groups written (rejected and duplicate
+    /// messages included, which take none): a moving average, so a segment's first group
+    /// (its series definitions) moves it only a little.
+    per_message: f64,
+}
+
+impl GroupSize {
+    fn new() -> Self {
+        GroupSize { per_message: 0.0 }
+    }
+
+    /// Until the first group was measured: topic plus payload, more than a compact record
+    /// takes (so the first group ends short of the page, never past it).
+    fn estimate(&self, m: &Incoming) -> f64 {
+        // Never below a byte: the group loop divides by it.
+        if self.per_message > 0.0 {
+            self.per_message.max(1.0)
+        } else {
+            (m.topic.len() + m.payload.len()).max(1) as f64
+        }
+    }
+
+    /// The journal bytes a group may take: the rest of the current page, or that and the next
+    /// page when less than a quarter of it is left (a group of a few messages would sync
+    /// too often for the bytes it saves).
+    fn room(page_room: u64) -> f64 {
+        let page = crate::store::seglog::PAGE;
+        (if page_room < page / 4 {
+            page_room + page
+        } else {
+            page_room
+        }) as f64
+    }
+
+    fn learn(&mut self, messages: usize, bytes: u64) {
+        if messages == 0 {
+            return;
+        }
+        let sample = bytes as f64 / messages as f64;
+        self.per_message = if self.per_message > 0.0 {
+            0.875 * self.per_message + 0.125 * sample
+        } else {
+            sample
+        };
+    }
 }
 
 impl Committer {
@@ -131,6 +171,7 @@ impl Committer {
         let mut committed: Vec<Committed> = Vec::with_capacity(cfg.commit_max);
         let mut readings: Vec<Reading> = Vec::new();
         let mut permits: Vec<OwnedSemaphorePermit> = Vec::with_capacity(cfg.commit_max);
+        let mut size = GroupSize::new();
         let mut closed = false;
         while !closed {
             progress.store(crate::clock::mono_ms() as u64, Ordering::Relaxed);
@@ -159,38 +200,52 @@ impl Committer {
             // Gather the group: take whatever is queued at once (`recv_many`), one timer for
             // the whole group rather than one per message. It closes when `commit_interval`
             // has passed since its first message (the latency bound at low rates), or when
-            // it holds `GROUP_BYTES` of records (at high rates: the wear bound), or
-            // `commit_max` messages (the memory bound). Draining a backlog (messages already
-            // queued when the group starts) it fills to `commit_max`: they have waited anyway,
-            // and fewer, larger syncs drain faster.
+            // its records would fill the journal's page (at high rates: the wear bound, see
+            // `GroupSize`), or at `commit_max` messages (the memory bound). Draining a
+            // backlog (messages already queued when the group starts) it fills to
+            // `commit_max`: they have waited anyway, and fewer, larger syncs drain faster.
             let deadline = tokio::time::sleep(cfg.commit_interval);
             tokio::pin!(deadline);
+            let per_message = size.estimate(&group[0]);
+            // One message short of the room: better a little padding than a second page.
             let group_bytes = if rx.len() >= BACKLOG_MESSAGES {
-                usize::MAX
+                f64::INFINITY
             } else {
-                GROUP_BYTES
+                GroupSize::room(self.journal.page_room()) - per_message
             };
-            let mut pending = estimated_record_bytes(&group[0]);
+            let mut pending = per_message;
             // A quota block closes the group too: what it holds is committed, nothing more
             // is taken until the block lifts.
-            while group.len() < cfg.commit_max
-                && pending < group_bytes
-                && !self.blocked.load(Ordering::Relaxed)
-            {
-                let room = cfg.commit_max - group.len();
+            let closed_by = loop {
+                if group.len() >= cfg.commit_max {
+                    break "commit_max";
+                }
+                if pending >= group_bytes {
+                    break "page";
+                }
+                if self.blocked.load(Ordering::Relaxed) {
+                    break "quota";
+                }
+                // Take no more than the page holds: a burst taken whole would spill into
+                // a second page of mostly padding.
+                let fits = ((group_bytes - pending) / per_message).ceil();
+                let room = (cfg.commit_max - group.len()).min(fits.clamp(1.0, 1e9) as usize);
                 let had = group.len();
                 tokio::select! {
-                    n = rx.recv_many(&mut group, room) => if n == 0 { closed = true; break; },
-                    _ = &mut deadline => break,
+                    n = rx.recv_many(&mut group, room) => if n == 0 {
+                        closed = true;
+                        break "shutdown";
+                    },
+                    _ = &mut deadline => break "interval",
                 }
-                pending += group[had..]
-                    .iter()
-                    .map(estimated_record_bytes)
-                    .sum::<usize>();
-            }
+                pending += (group.len() - had) as f64 * per_message;
+            };
+            metrics::counter!("edgeferry_ingest_commit_groups_total", "closed_by" => closed_by)
+                .increment(1);
             // Decode, append and sync the whole group in one `block_in_place`: each call
             // hands this worker's core to another thread, which is far too dear per message.
             let oldest = group.first().map(|m| m.received_at);
+            let (messages, appended) = (group.len(), self.journal.appended_bytes());
             let failed = tokio::task::block_in_place(|| {
                 self.commit_group(
                     &mut group,
@@ -200,6 +255,7 @@ impl Committer {
                     &mut permits,
                 )
             })?;
+            size.learn(messages, self.journal.appended_bytes() - appended);
             if let Some(e) = failed
                 && !self
                     .retry_until_written(e, &mut committed, &rx, progress)
@@ -613,5 +669,31 @@ mod tests {
         assert!(!g.admit("c"));
         assert!(g.admit("a"));
         assert!(g.admit("b"));
+    }
+
+    #[test]
+    fn a_group_may_take_the_rest_of_its_page_or_one_more_page_when_little_is_left() {
+        assert_eq!(GroupSize::room(4096), 4096.0);
+        assert_eq!(GroupSize::room(4076), 4076.0, "after a segment header");
+        assert_eq!(GroupSize::room(1024), 1024.0);
+        assert_eq!(GroupSize::room(1023), 1023.0 + 4096.0);
+        assert_eq!(GroupSize::room(10), 10.0 + 4096.0);
+    }
+
+    #[test]
+    fn bytes_per_message_are_learnt_from_what_the_journal_took() {
+        let mut g = GroupSize::new();
+        assert_eq!(g.per_message, 0.0);
+        g.learn(0, 0);
+        assert_eq!(g.per_message, 0.0, "an empty group teaches nothing");
+        g.learn(100, 4000);
+        assert_eq!(g.per_message, 40.0, "the first group is taken as it is");
+        // A segment's first group (its series definitions) moves the average only a little.
+        g.learn(100, 12_000);
+        assert_eq!(g.per_message, 50.0);
+        for _ in 0..60 {
+            g.learn(100, 4000);
+        }
+        assert!((g.per_message - 40.0).abs() < 0.01, "{}", g.per_message);
     }
 }
