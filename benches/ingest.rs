@@ -882,7 +882,13 @@ fn main() {
         }
     );
 
-    let broker = Mosquitto::start();
+    // Mosquitto as README tells operators to configure it (the bare subscriber gets the same
+    // window); `EDGEFERRY_BENCH_BROKER` replaces the extra lines (empty: the stock window of
+    // 20, with which edgeferry's commit groups wait for `commit_interval`).
+    let broker = Mosquitto::start_with(
+        &std::env::var("EDGEFERRY_BENCH_BROKER")
+            .unwrap_or_else(|_| "max_inflight_messages 1000".into()),
+    );
     let port = broker.port;
     // The upstream every edgeferry phase forwards to (the example config's shape).
     let mut collector = Collector::new(&[]);

@@ -24,6 +24,7 @@ allow_anonymous true
 persistence true
 persistence_location $work/
 max_queued_messages 0
+max_inflight_messages 1000
 $( [ "$(id -u)" = 0 ] && echo "user root" )
 CONF
 /usr/sbin/mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 & pids+=($!)

@@ -41,9 +41,9 @@ pub struct MqttConfig {
     #[serde(default = "default_max_payload")]
     pub max_payload: ByteSize,
     /// Group commit: the longest a received reading waits before its journal batch is synced
-    /// (a group also closes once it holds two pages of records; see
-    /// `ingest::commit::GROUP_BYTES`). The main flash-wear knob at low and medium rates: each
-    /// sync rewrites the journal's last page (docs/DECISIONS.md has the measurements).
+    /// (a group also closes once its records fill the journal's page; see
+    /// `ingest::commit`). The main flash-wear knob at low rates: each sync writes at least
+    /// one 4 KiB page (docs/DECISIONS.md has the measurements).
     #[serde(default = "default_commit_interval", with = "humantime_serde")]
     pub commit_interval: Duration,
     /// Group commit: sync as soon as this many messages are pending.
@@ -101,7 +101,7 @@ fn default_max_payload() -> ByteSize {
     ByteSize::kib(64)
 }
 fn default_commit_interval() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(350)
 }
 fn default_commit_max() -> usize {
     1000
