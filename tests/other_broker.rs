@@ -97,6 +97,10 @@ fn kills_during_a_stream(url: &str, port: u16, n: usize, cycles: usize, label: &
             gw.spawn_with_env(&[(edgeferry::ingest::session::FAILPOINT_ENV, after)]);
             if gw.wait_exit(Duration::from_secs(5)) {
                 failpoints += 1;
+            } else {
+                // Nothing left to commit (the publisher was done): the failpoint cannot fire.
+                gw.kill9();
+                sigkills += 1;
             }
         } else {
             std::thread::sleep(Duration::from_millis(rng.random_range(50..400)));

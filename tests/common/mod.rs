@@ -83,15 +83,34 @@ impl Mosquitto {
     /// Starts with extra configuration lines (written after the plain listener).
     pub fn start_with(extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let mut m = Mosquitto {
             child: None,
-            port,
+            port: free_port(),
             dir,
             extra: extra.to_string(),
         };
-        m.spawn();
-        m
+        // A free port can be taken between `free_port` and Mosquitto's bind (other tests run
+        // at once and open connections, whose local ports come from the same range); then
+        // Mosquitto exits at once and whatever holds the port answers the probe. So the
+        // broker must still be running once its port answers, else: another port.
+        for _ in 0..5 {
+            m.spawn();
+            std::thread::sleep(Duration::from_millis(100));
+            match m.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) => {
+                    eprintln!(
+                        "mosquitto on port {} exited at start ({status}); trying another port:\n{}",
+                        m.port,
+                        std::fs::read_to_string(m.dir.path().join("mosquitto.log"))
+                            .unwrap_or_default()
+                    );
+                    m.child = None;
+                    m.port = free_port();
+                }
+                _ => return m,
+            }
+        }
+        panic!("mosquitto would not stay up on five ports");
     }
 
     fn spawn(&mut self) {
@@ -128,9 +147,18 @@ impl Mosquitto {
             .expect("cannot start mosquitto (the test command installs it: see README)");
         self.child = Some(child);
         let port = self.port;
-        wait_for("mosquitto to listen", Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            // Exited (its port taken): the caller decides.
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "mosquitto did not listen on {port} within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn url(&self) -> String {
@@ -141,6 +169,17 @@ impl Mosquitto {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+        self.assert_running();
+    }
+
+    /// After a restart on the same port there is no other port to try.
+    fn assert_running(&mut self) {
+        if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+            panic!(
+                "mosquitto exited on restart ({status}):\n{}",
+                std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+            );
+        }
     }
 
     pub fn stop(&mut self) {
@@ -162,6 +201,7 @@ impl Mosquitto {
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "the broker is still running");
         self.spawn();
+        self.assert_running();
     }
 }
 
