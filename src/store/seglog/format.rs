@@ -222,21 +222,15 @@ pub(super) fn read_frame<R: Read + Seek>(
     if len > remaining - FRAME_OVERHEAD {
         return Err(Damage::TornFrame);
     }
-    if lsn == PAD_LSN {
+    if want_payload || lsn == PAD_LSN {
         buf.clear();
         buf.resize(len as usize, 0);
         r.read_exact(buf).map_err(read_damage)?;
         if frame_crc(lsn, buf) != crc {
             return Err(Damage::Checksum { lsn });
         }
-        return Ok(Some(Frame::Pad(FRAME_OVERHEAD + len)));
-    }
-    if want_payload {
-        buf.clear();
-        buf.resize(len as usize, 0);
-        r.read_exact(buf).map_err(read_damage)?;
-        if frame_crc(lsn, buf) != crc {
-            return Err(Damage::Checksum { lsn });
+        if lsn == PAD_LSN {
+            return Ok(Some(Frame::Pad(FRAME_OVERHEAD + len)));
         }
         if lsn != expected {
             return Err(Damage::LsnMismatch {

@@ -161,8 +161,9 @@ impl SegmentLog {
         {
             return Ok(());
         }
-        if self.cfg.pad_syncs
-            && self.active.padded
+        // The segment's frame format decides (recovery and `roll` give the active segment
+        // the format `cfg.pad_syncs` asks for).
+        if self.active.padded
             && self.active_synced_bytes != self.active.bytes
             && let Some(pad) = padding_for(self.active.bytes)
         {
