@@ -87,8 +87,7 @@ fn run(sensors: usize, secs: u64) -> Outcome {
     // Mosquitto as README tells operators to configure it; `EDGEFERRY_FLASH_BROKER` replaces
     // the extra lines (`EDGEFERRY_FLASH_BROKER=` for Mosquitto's stock inflight window of 20).
     let broker = Mosquitto::start_with(
-        &std::env::var("EDGEFERRY_FLASH_BROKER")
-            .unwrap_or_else(|_| "max_inflight_messages 1000".into()),
+        &std::env::var("EDGEFERRY_FLASH_BROKER").unwrap_or_else(|_| common::README_BROKER.into()),
     );
     let mut collector = Collector::new(&[]);
     collector.start();

@@ -886,8 +886,7 @@ fn main() {
     // window); `EDGEFERRY_BENCH_BROKER` replaces the extra lines (empty: the stock window of
     // 20, with which edgeferry's commit groups wait for `commit_interval`).
     let broker = Mosquitto::start_with(
-        &std::env::var("EDGEFERRY_BENCH_BROKER")
-            .unwrap_or_else(|_| "max_inflight_messages 1000".into()),
+        &std::env::var("EDGEFERRY_BENCH_BROKER").unwrap_or_else(|_| common::README_BROKER.into()),
     );
     let port = broker.port;
     // The upstream every edgeferry phase forwards to (the example config's shape).
