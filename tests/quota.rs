@@ -132,6 +132,17 @@ fn publish_load(
     published: Arc<AtomicUsize>,
     max_secs: u64,
 ) -> std::thread::JoinHandle<usize> {
+    publish_load_of(port, stop, published, max_secs, DEVICES)
+}
+
+/// [`publish_load`] with `devices` sensors.
+fn publish_load_of(
+    port: u16,
+    stop: Arc<AtomicBool>,
+    published: Arc<AtomicUsize>,
+    max_secs: u64,
+    devices: usize,
+) -> std::thread::JoinHandle<usize> {
     std::thread::spawn(move || {
         let p = Publisher::connect(port, "pub-quota");
         let start = Instant::now();
@@ -140,7 +151,7 @@ fn publish_load(
             if stop.load(Ordering::SeqCst) {
                 break;
             }
-            for d in 0..DEVICES {
+            for d in 0..devices {
                 let value = if d == 0 { 90 } else { 20 };
                 p.publish(
                     &format!("sensors/s/d{d}/temperature"),
@@ -406,12 +417,28 @@ fn a_checkpoint_taking_over_a_third_of_max_disk_is_reported_with_what_to_change(
     let broker = Mosquitto::start();
     let collector = Collector::new(&[]);
     let mut gw = quota_gateway_of(&broker, &collector.url(), "drop_oldest", "1MiB");
+    // Checkpoints are compressed (about a fifth): 1,000 series with a 2 s correction horizon
+    // no longer fill a third of 1 MiB; 4,000 with one of 30 s do within seconds.
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    let needle = "correction_horizon = \"2s\"";
+    assert!(text.contains(needle), "quota_gateway_of changed: {text}");
+    std::fs::write(
+        &gw.config,
+        text.replace(needle, "correction_horizon = \"30s\""),
+    )
+    .unwrap();
     gw.start();
     let stop = Arc::new(AtomicBool::new(false));
-    let load = publish_load(broker.port, stop.clone(), Arc::new(AtomicUsize::new(0)), 4);
+    let load = publish_load_of(
+        broker.port,
+        stop.clone(),
+        Arc::new(AtomicUsize::new(0)),
+        20,
+        4000,
+    );
     wait_for(
         "the warning about the checkpoint's share",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         || {
             gw.current_log().contains(
                 "takes more than a third of store.max_disk (1.0 MiB): raise store.max_disk or \

@@ -3,8 +3,10 @@
 //!
 //! The parts of a store (`<data_dir>/`): the journal (`journal/`, a segment log), the two
 //! outbox lanes (`outbox/aggregates/`, `outbox/alerts/`, segment logs), the processing
-//! checkpoint (`state/checkpoint.bin`, envelope `EFCK` v4, v3 read too), the outbox acknowledgement state
-//! (`outbox/acked.bin`, envelope `EFAK` v1) and the store epoch (`epoch`, 16 hex digits).
+//! checkpoint (`state/checkpoint.bin`, envelope `EFCK` v6 with its deltas
+//! `state/checkpoint-delta-NNNNNN.bin`, envelope `EFCD` v2, both compressed; the versions
+//! before are read too), the outbox acknowledgement state (`outbox/acked.bin`, envelope `EFAK`
+//! v1) and the store epoch (`epoch`, 16 hex digits).
 //!
 //! * [`verify`] reads everything and changes nothing. It takes no lock, but says when a
 //!   daemon holds one (its results may then be stale: the daemon keeps writing).

@@ -19,6 +19,14 @@
 //! checkpoint could not be written, and as the first of every process (so that no delta ever
 //! follows a chain that loading cut short); after it, the old deltas are removed (any left by
 //! a crash belong to another id and are ignored).
+//!
+//! # Compressed
+//! Both kinds are postcard compressed with DEFLATE ([`crate::util::to_deflated`]; whole
+//! version 6, delta version 2). Series names, tags and aggregates of similar values compress
+//! about five-fold: with 1,000 series in the example config's windows a whole checkpoint is
+//! 0.35 MB instead of 1.58 MB and a delta 10 s after it 0.09 MB instead of 0.40 MB (unit test
+//! `in_the_example_shape_a_delta_of_ten_seconds_is_a_fraction_of_the_whole`). The versions
+//! before (whole 3 to 5, delta 1) are still read, so an upgrade keeps its chain.
 
 use super::error::ProcessError;
 use super::rules;
@@ -90,10 +98,12 @@ impl From<CheckpointV3> for Checkpoint {
 }
 
 const CHECKPOINT_MAGIC: &[u8; 4] = b"EFCK";
-/// Version 5: the whole checkpoint's id, then the state (version 4: the state alone).
-const CHECKPOINT_VERSION: u16 = 5;
+/// Version 6: version 5 compressed ([`crate::util::to_deflated`]). Version 5: the whole
+/// checkpoint's id, then the state (version 4: the state alone).
+const CHECKPOINT_VERSION: u16 = 6;
 const DELTA_MAGIC: &[u8; 4] = b"EFCD";
-const DELTA_VERSION: u16 = 1;
+/// Version 2: version 1 compressed, as whole checkpoints from version 6 on.
+const DELTA_VERSION: u16 = 2;
 
 /// A chain of deltas is ended by a new whole checkpoint once the deltas written since the
 /// last whole one add up to this many times its size. Each delta costs its changed slots plus
@@ -253,7 +263,7 @@ impl Checkpoint {
         let mut taken = None;
         let encoded = match kind {
             Kind::Whole { id } => {
-                let r = postcard::to_io(&WholeRef { id, state: self }, &mut out).map(|_| ());
+                let r = crate::util::to_deflated(&WholeRef { id, state: self }, &mut out);
                 self.windows.mark_written();
                 r
             }
@@ -272,14 +282,12 @@ impl Checkpoint {
                     watermark_ms: self.watermark_ms,
                     windows: self.windows.delta(&t),
                 };
-                let r = postcard::to_io(&d, &mut out).map(|_| ());
+                let r = crate::util::to_deflated(&d, &mut out);
                 taken = Some(t);
                 r
             }
         };
-        let staged = encoded
-            .map_err(|e| io(std::io::Error::other(e)))
-            .and_then(|()| out.finish().map_err(io));
+        let staged = encoded.and_then(|()| out.finish()).map_err(io);
         let (staged, bytes) = match staged {
             Ok(s) => s,
             Err(e) => {
@@ -371,7 +379,7 @@ fn apply_deltas(
                 break;
             }
         };
-        let d: Delta = match crate::util::decode_framed(&bytes, DELTA_MAGIC, DELTA_VERSION) {
+        let d = match decode_delta(&bytes) {
             Ok(d) => d,
             Err(why) if !set_aside => {
                 tracing::warn!("checkpoint delta {} is damaged ({why})", path.display());
@@ -534,8 +542,13 @@ fn summary(c: &Checkpoint, deltas: u32) -> CheckpointSummary {
 /// state.
 pub(super) fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Checkpoint), CheckpointError> {
     use crate::util::FrameError::Version;
-    match crate::util::decode_framed::<Whole>(bytes, CHECKPOINT_MAGIC, CHECKPOINT_VERSION) {
+    let current =
+        crate::util::decode_framed_deflated::<Whole>(bytes, CHECKPOINT_MAGIC, CHECKPOINT_VERSION);
+    match current {
         Ok(w) => Ok((w.id, w.state)),
+        Err(CheckpointError::Frame(Version { found: 5, .. })) => {
+            crate::util::decode_framed::<Whole>(bytes, CHECKPOINT_MAGIC, 5).map(|w| (w.id, w.state))
+        }
         Err(CheckpointError::Frame(Version { found: 4, .. })) => {
             crate::util::decode_framed::<Checkpoint>(bytes, CHECKPOINT_MAGIC, 4).map(|c| (0, c))
         }
@@ -544,6 +557,18 @@ pub(super) fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, Checkpoint), Check
                 .map(|c| (0, c.into()))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Decodes the bytes of a delta file (this version's, or version 1's: the same contents
+/// uncompressed, as the build before compression wrote them).
+fn decode_delta(bytes: &[u8]) -> Result<Delta, CheckpointError> {
+    use crate::util::FrameError::Version;
+    match crate::util::decode_framed_deflated(bytes, DELTA_MAGIC, DELTA_VERSION) {
+        Err(CheckpointError::Frame(Version { found: 1, .. })) => {
+            crate::util::decode_framed(bytes, DELTA_MAGIC, 1)
+        }
+        other => other,
     }
 }
 
@@ -650,7 +675,77 @@ mod tests {
         // Other versions are still refused, with the version named.
         crate::util::write_framed(&path, CHECKPOINT_MAGIC, 2, &body).unwrap();
         let err = decode_checkpoint(&std::fs::read(&path).unwrap()).unwrap_err();
-        assert_eq!(err.to_string(), "unknown format version 2 (expected 5)");
+        assert_eq!(err.to_string(), "unknown format version 2 (expected 6)");
+    }
+
+    #[test]
+    fn a_chain_written_before_compression_loads_and_the_next_checkpoint_is_compressed() {
+        // What the build before compression wrote: a version 5 whole checkpoint and version 1
+        // deltas, plain postcard, and the state they describe after an upgrade.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        let mut c = busy(0, 100);
+        let whole = postcard::to_stdvec(&WholeRef { id: 4, state: &c }).unwrap();
+        crate::util::write_framed(&path, CHECKPOINT_MAGIC, 5, &whole).unwrap();
+        c.windows.mark_written();
+        more(&mut c, 100, 110);
+        let taken = c.windows.take_changed();
+        let delta = DeltaRef {
+            base_id: 4,
+            seq: 1,
+            applied_lsn: c.applied_lsn,
+            clock_ms: c.clock_ms,
+            rules: &c.rules,
+            series: &c.series,
+            pending: &c.pending,
+            pending_since_ms: c.pending_since_ms,
+            outbox_next: c.outbox_next,
+            watermark_ms: c.watermark_ms,
+            windows: c.windows.delta(&taken),
+        };
+        let delta = postcard::to_stdvec(&delta).unwrap();
+        crate::util::write_framed(&delta_path(dir.path(), 1), DELTA_MAGIC, 1, &delta).unwrap();
+        let loaded = load_chain(dir.path(), &std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!((loaded.deltas, loaded.state.applied_lsn), (1, 110));
+        assert_eq!(loaded.state.windows, c.windows);
+
+        // The first checkpoint of the new build is whole, compressed, and far smaller.
+        let mut state = loaded.state;
+        let written = state
+            .stage(&path, Kind::Whole { id: 5 })
+            .unwrap()
+            .write()
+            .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(u16::from_le_bytes([bytes[4], bytes[5]]), CHECKPOINT_VERSION);
+        assert!(
+            written.bytes * 3 < whole.len() as u64,
+            "compressed {} bytes, plain {}",
+            written.bytes,
+            whole.len()
+        );
+        let (id, back) = decode_checkpoint(&bytes).unwrap();
+        assert_eq!((id, back.windows), (5, c.windows));
+    }
+
+    #[test]
+    fn a_body_that_passes_its_checksum_but_does_not_inflate_is_refused_as_such() {
+        // Only a bug or a crafted file gets here (damage fails the checksum first).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        crate::util::write_framed(&path, CHECKPOINT_MAGIC, CHECKPOINT_VERSION, &[0xff; 64])
+            .unwrap();
+        let err = decode_checkpoint(&std::fs::read(&path).unwrap()).unwrap_err();
+        assert!(matches!(err, StateFileError::Inflate(_)), "{err}");
+        assert!(err.to_string().contains("do not inflate"), "{err}");
+        // Plain postcard under the compressed version is refused too, not misread.
+        let plain = postcard::to_stdvec(&WholeRef {
+            id: 1,
+            state: &state(3),
+        })
+        .unwrap();
+        crate::util::write_framed(&path, CHECKPOINT_MAGIC, CHECKPOINT_VERSION, &plain).unwrap();
+        assert!(decode_checkpoint(&std::fs::read(&path).unwrap()).is_err());
     }
 
     /// A state whose windows hold `n` readings of 50 series, one per second from t = 0.

@@ -88,9 +88,10 @@ fn default_budget() -> Duration {
     Duration::from_secs(2)
 }
 fn default_checkpoint_interval() -> Duration {
-    // Each checkpoint writes the window slots changed since the last one (a delta, 0.5 MB
-    // 10 s after the last with 1,000 series in the example config's windows) or, every few,
-    // the whole state (1.8 MB): on SD cards this interval is a main flash-wear knob. Aggregate batches reach the forwarder at the next checkpoint, alert
+    // Each checkpoint writes the window slots changed since the last one (a delta, 0.1 MB
+    // compressed 10 s after the last with 1,000 series in the example config's windows) or,
+    // every few, the whole state (0.35 MB compressed): on SD cards this interval is a
+    // flash-wear knob. Aggregate batches reach the forwarder at the next checkpoint, alert
     // batches within `ALERTS_CHECKPOINT_WITHIN` (5 s); the journal keeps every reading since
     // the last one for replay after a crash.
     Duration::from_secs(30)

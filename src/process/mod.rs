@@ -113,8 +113,8 @@ macro_rules! flush_of {
 const CLOSE_EVERY_MS: i64 = 250;
 
 /// Alert batches reach the forwarder at most this long after they were appended: a checkpoint
-/// (most often a delta of the windows changed since the last one, 0.5 MB with 1,000 series in
-/// the example config's windows) is taken for them this soon, and alerts raised meanwhile share it. Aggregates wait for
+/// (most often a delta of the windows changed since the last one, 0.1 MB compressed with
+/// 1,000 series in the example config's windows) is taken for them this soon, and alerts raised meanwhile share it. Aggregates wait for
 /// `checkpoint_interval`.
 pub const ALERTS_CHECKPOINT_WITHIN: Duration = Duration::from_secs(5);
 
