@@ -684,6 +684,53 @@ filter = "sensors/#"
     }
 
     #[test]
+    fn line_protocol_takes_a_precision_and_options_that_do_not_fit_the_format_are_refused() {
+        let c = parse(&MINIMAL.replace(
+            "filter = \"sensors/#\"",
+            "filter = \"telegraf/#\"\nformat = \"line\"\nprecision = \"ms\"",
+        ))
+        .unwrap();
+        let d = c.mqtt.subscribe[0].decoder().unwrap();
+        let mut out = Vec::new();
+        d.decode(
+            "telegraf/h1",
+            b"cpu,host=h1 usage=12.5 1700000000123",
+            0,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            (out[0].metric.as_str(), out[0].time_ms),
+            ("cpu.usage", 1_700_000_000_123)
+        );
+        // check-config names the subscription and the option, for every format it misfits.
+        let p = problems(&MINIMAL.replace(
+            "filter = \"sensors/#\"",
+            "filter = \"sensors/#\"\nprecision = \"s\"",
+        ));
+        assert_eq!(
+            p,
+            [
+                "mqtt.subscribe[0]: precision cannot be used with format json: only line protocol \
+              timestamps have a configurable unit"
+            ]
+        );
+        let p = problems(&MINIMAL.replace(
+            "filter = \"sensors/#\"",
+            "filter = \"sensors/#\"\nformat = \"senml\"\nvalue = \"v\"",
+        ));
+        assert!(
+            p[0].starts_with("mqtt.subscribe[0]: value cannot be used with format senml"),
+            "{p:?}"
+        );
+        let p = problems(&MINIMAL.replace(
+            "filter = \"sensors/#\"",
+            "filter = \"sensors/#\"\nformat = \"line\"\nprecision = \"h\"",
+        ));
+        assert!(p[0].contains("precision"), "{p:?}");
+    }
+
+    #[test]
     fn rules_need_a_condition_and_consistent_hysteresis() {
         let p = problems(&with("[[rules]]\nname = \"r\"\nmetric = \"t\""));
         assert!(

@@ -1,6 +1,6 @@
 //! Configuration of the MQTT ingest stage (`[mqtt]` and `[[mqtt.subscribe]]`).
 
-use super::decode::{Format, Template};
+use super::decode::{Decoder, Format, Precision, Template, TemplateError};
 use crate::validate::Problems;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
@@ -86,7 +86,7 @@ pub struct SubscribeConfig {
     /// Topic template mapping levels to tags, e.g. `sensors/{site}/{device}/{metric}`.
     #[serde(default)]
     pub template: Option<String>,
-    /// Payload format: `json`, `number` or `senml`.
+    /// Payload format: `json`, `number`, `senml` or `line`.
     #[serde(default)]
     pub format: Format,
     /// JSON: dotted path of the value field; absent = every numeric field is a reading.
@@ -95,6 +95,27 @@ pub struct SubscribeConfig {
     /// JSON: dotted path of the event-time field; absent = arrival time.
     #[serde(default)]
     pub timestamp: Option<String>,
+    /// Line protocol: the unit of the lines' timestamps (`ns`, `us`, `ms`, `s`); absent =
+    /// `ns`, as InfluxDB and Telegraf default to.
+    #[serde(default)]
+    pub precision: Option<Precision>,
+}
+
+impl SubscribeConfig {
+    /// The decoder this subscription configures, or why its options do not fit together
+    /// (checked by `check-config` too, so the daemon never starts with one it cannot build).
+    pub fn decoder(&self) -> Result<Decoder, TemplateError> {
+        let d = Decoder::new(
+            self.template.as_deref(),
+            self.format,
+            self.value.as_deref(),
+            self.timestamp.as_deref(),
+        )?;
+        match self.precision {
+            Some(p) => d.with_precision(p),
+            None => Ok(d),
+        }
+    }
 }
 
 fn default_max_payload() -> ByteSize {
@@ -169,6 +190,8 @@ impl MqttConfig {
                 && let Err(e) = Template::parse(t)
             {
                 p.push(format!("mqtt.subscribe[{i}].template = {t:?}: {e}"));
+            } else if let Err(e) = s.decoder() {
+                p.push(format!("mqtt.subscribe[{i}]: {e}"));
             }
         }
     }

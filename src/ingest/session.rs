@@ -62,14 +62,7 @@ pub async fn run(
     let decoders = cfg
         .subscribe
         .iter()
-        .map(|s| {
-            Decoder::new(
-                s.template.as_deref(),
-                s.format,
-                s.value.as_deref(),
-                s.timestamp.as_deref(),
-            )
-        })
+        .map(|s| s.decoder())
         .collect::<Result<Vec<_>, _>>()?;
     let options = mqtt_options(&cfg, &client_id)?;
     let (client, mut eventloop) = AsyncClient::new(options, cfg.max_unacked + 1024);

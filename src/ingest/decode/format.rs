@@ -14,15 +14,18 @@ pub enum Format {
     Number,
     /// An RFC 8428 SenML pack in JSON.
     Senml,
+    /// InfluxDB line protocol (Telegraf's native output), one or more lines.
+    Line,
 }
 
 impl Format {
-    /// The configuration spelling (`json`, `number`, `senml`).
+    /// The configuration spelling (`json`, `number`, `senml`, `line`).
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Json => "json",
             Format::Number => "number",
             Format::Senml => "senml",
+            Format::Line => "line",
         }
     }
 }
@@ -44,6 +47,7 @@ mod tests {
             ("\"json\"", Format::Json),
             ("\"number\"", Format::Number),
             ("\"senml\"", Format::Senml),
+            ("\"line\"", Format::Line),
         ] {
             assert_eq!(serde_json::from_str::<Format>(text).unwrap(), f);
             assert_eq!(serde_json::to_string(&f).unwrap(), text);

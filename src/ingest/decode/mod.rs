@@ -19,6 +19,8 @@
 //!   sends strings is usually sending something else too (units, `"n/a"`), and silently
 //!   guessing hides that; such values are rejected as `wrong_type`.
 //! * [`Format::Senml`]: RFC 8428 SenML in its JSON representation.
+//! * [`Format::Line`]: InfluxDB line protocol, one reading per numeric or boolean field of
+//!   each line (see the `line` module).
 //!
 //! # Time
 //! Every reading carries an event time in ms since the Unix epoch. Without a timestamp
@@ -29,6 +31,7 @@
 
 mod format;
 mod json;
+mod line;
 mod number;
 mod reject;
 mod senml;
@@ -38,6 +41,7 @@ mod testkit;
 mod time;
 
 pub use format::Format;
+pub use line::Precision;
 pub use reject::{ALL_REASONS, Reject};
 pub use senml::SENML_RELATIVE_LIMIT;
 pub use template::{Template, TemplateError};
@@ -45,6 +49,7 @@ pub use time::{MAX_TIME_MS, MS_THRESHOLD};
 
 use crate::model::Reading;
 use json::{FieldPath, json_scalar, parse_json, pick_json};
+use line::{LineOptions, decode_line_protocol};
 use number::parse_number;
 use reject::snippet;
 use senml::decode_senml;
@@ -75,6 +80,8 @@ pub struct Decoder {
     format: Format,
     value: Option<FieldPath>,
     timestamp: Option<FieldPath>,
+    /// For [`Format::Line`]: the field `value` names and the timestamps' unit.
+    line: LineOptions,
 }
 
 impl Decoder {
@@ -112,12 +119,32 @@ impl Decoder {
                 why: "only JSON payloads have fields to read a timestamp from",
             });
         }
+        let line = LineOptions {
+            field: value.as_ref().map(|p| p.text.clone()),
+            precision: Precision::default(),
+        };
         Ok(Decoder {
             template,
             format,
             value,
             timestamp,
+            line,
         })
+    }
+
+    /// Sets the unit of line protocol timestamps (nanoseconds unless set); only for
+    /// `format = "line"`, whose payloads are the only ones with integer timestamps of a
+    /// configurable unit.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Decoder, TemplateError> {
+        if self.format != Format::Line {
+            return Err(TemplateError::NotApplicable {
+                option: "precision",
+                format: self.format,
+                why: "only line protocol timestamps have a configurable unit",
+            });
+        }
+        self.line.precision = precision;
+        Ok(self)
     }
 
     /// Whether payloads carry their readings' timestamps (JSON with a `timestamp` path,
@@ -175,6 +202,7 @@ impl Decoder {
             Format::Number => self.decode_number(text, &mut msg, out),
             Format::Json => self.decode_json(text, &mut msg, out),
             Format::Senml => decode_senml(text, &msg.tags, msg.arrival_ms, out),
+            Format::Line => decode_line_protocol(text, &self.line, &msg.tags, msg.arrival_ms, out),
         };
         if result.is_err() {
             out.truncate(start);
@@ -486,6 +514,7 @@ mod tests {
             ),
             (Format::Number, None, None, "t", b"12abc", "bad_number"),
             (Format::Senml, None, None, "t", b"{}", "bad_senml"),
+            (Format::Line, None, None, "t", b"cpu usage=high", "bad_line"),
         ];
         let mut produced = BTreeSet::new();
         for (format, template, value, topic, payload, reason) in rows {

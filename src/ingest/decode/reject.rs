@@ -18,6 +18,7 @@ pub const ALL_REASONS: &[&str] = &[
     "bad_timestamp",
     "bad_number",
     "bad_senml",
+    "bad_line",
 ];
 
 /// Why a message produced no readings. `Display` is a human explanation with the detail
@@ -96,6 +97,14 @@ pub enum Reject {
         /// Which rule is broken, e.g. a field of the wrong JSON type or an empty resolved name.
         detail: String,
     },
+    /// A line of an InfluxDB line protocol payload that breaks its syntax.
+    #[error("invalid line protocol: line {line}: {detail}")]
+    BadLine {
+        /// 1-based number of the offending line in the payload.
+        line: usize,
+        /// Which rule is broken.
+        detail: String,
+    },
 }
 
 pub(super) fn describe_path(path: &str) -> String {
@@ -125,6 +134,7 @@ impl Reject {
             Reject::BadTimestamp { .. } => "bad_timestamp",
             Reject::BadNumber { .. } => "bad_number",
             Reject::BadSenml { .. } => "bad_senml",
+            Reject::BadLine { .. } => "bad_line",
         }
     }
 }

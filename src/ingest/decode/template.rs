@@ -92,7 +92,7 @@ pub enum TemplateError {
     /// misconfiguration is noticed at startup, not as wrong data later.
     #[error("{option} cannot be used with format {format}: {why}")]
     NotApplicable {
-        /// `value` or `timestamp`.
+        /// `value`, `timestamp` or `precision`.
         option: &'static str,
         /// The configured format.
         format: Format,
