@@ -19,6 +19,8 @@ ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
 { command -v node && command -v npm; } >/dev/null || need+=(nodejs npm)
 /usr/bin/python3 -c 'import fusepy' 2>/dev/null || need+=(python3-fusepy)
 command -v nats-server >/dev/null || need+=(nats-server)
+command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
+command -v lintian >/dev/null || need+=(lintian)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -46,3 +48,14 @@ cargo test --doc
 echo "test.sh: the gateway-only build (--no-default-features)"
 cargo clippy --no-default-features --lib --bins -- -D warnings
 cargo test --no-default-features --lib
+# The Debian package: built with cargo-deb (crates.io, pinned), then checked by
+# tests/packaging.rs (control fields, contents, conffiles, unpacked into a throwaway root with
+# dpkg, its postinst run against stand-ins for systemd's helpers).
+echo "test.sh: the Debian package (cargo deb)"
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "test.sh: installing cargo-deb (crates.io)"
+  cargo install cargo-deb --locked --version 3.8.0 --quiet
+fi
+rm -rf target/debian-test
+cargo deb --output target/debian-test/
+EDGEFERRY_TEST_DEB="$(ls target/debian-test/edgeferry_*.deb)" cargo test --test packaging debian_package

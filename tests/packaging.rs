@@ -373,3 +373,279 @@ fn release_profile_is_tuned_for_size() {
     // journal and checkpoints survive; no unwinding tables on the gateways.
     assert_eq!(get("panic"), "\"abort\"");
 }
+
+/// Runs `prog` with `args`, panicking with its output unless it succeeds; returns stdout.
+fn run_ok(prog: &str, args: &[&str]) -> String {
+    let o = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+    assert!(
+        o.status.success(),
+        "{prog} {args:?}: {}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The `.deb` under test: `EDGEFERRY_TEST_DEB`, which scripts/test.sh sets after building the
+/// package with cargo-deb (a release build: too slow to repeat inside every `cargo test`).
+fn deb_under_test() -> Option<PathBuf> {
+    let Some(path) = std::env::var_os("EDGEFERRY_TEST_DEB") else {
+        eprintln!(
+            "NOTICE: EDGEFERRY_TEST_DEB is not set; skipping the Debian package test \
+             (scripts/test.sh builds the package with `cargo deb` and runs it)"
+        );
+        return None;
+    };
+    Some(PathBuf::from(path))
+}
+
+#[test]
+fn the_debian_package_holds_the_daemon_unit_conffile_and_mosquitto_drop_in() {
+    let Some(deb) = deb_under_test() else { return };
+    let deb = deb.to_str().unwrap();
+    let info = run_ok("dpkg-deb", &["--info", deb]);
+    for field in [
+        "Package: edgeferry",
+        "Section: net",
+        "Recommends: mosquitto",
+        "Depends: libc6",
+        "Architecture: ",
+    ] {
+        assert!(info.contains(field), "control lacks {field:?}:\n{info}");
+    }
+    // The Debian changelog (lintian requires one) names this version: it cannot rot silently.
+    let version = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Version: "))
+        .expect("a Version field")
+        .to_string();
+    let changelog = read("packaging/debian/changelog");
+    assert!(
+        changelog.starts_with(&format!("edgeferry ({version})")),
+        "packaging/debian/changelog must start with this version ({version}): add an entry"
+    );
+    let contents = run_ok("dpkg-deb", &["--contents", deb]);
+    for path in [
+        "./usr/bin/edgeferry",
+        "./usr/lib/systemd/system/edgeferry.service",
+        "./etc/edgeferry/config.toml",
+        "./usr/share/doc/edgeferry/examples/mosquitto-edgeferry.conf",
+        "./usr/share/doc/edgeferry/README.md",
+        "./usr/share/doc/edgeferry/copyright",
+        "./usr/share/doc/edgeferry/changelog.Debian.gz",
+    ] {
+        assert!(
+            contents.contains(path),
+            "the package lacks {path}:\n{contents}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control");
+    run_ok("dpkg-deb", &["-e", deb, control.to_str().unwrap()]);
+    assert_eq!(
+        fs::read_to_string(control.join("conffiles"))
+            .unwrap()
+            .trim(),
+        "/etc/edgeferry/config.toml",
+        "the config is a conffile: an upgrade never overwrites the operator's edits"
+    );
+    // The unit and the example config shipped are the repository's own.
+    let x = dir.path().join("x");
+    run_ok("dpkg-deb", &["-x", deb, x.to_str().unwrap()]);
+    assert_eq!(
+        fs::read_to_string(x.join("usr/lib/systemd/system/edgeferry.service")).unwrap(),
+        read("systemd/edgeferry.service")
+    );
+    assert_eq!(
+        fs::read_to_string(x.join("etc/edgeferry/config.toml")).unwrap(),
+        read("config.toml.example")
+    );
+    // The gateway-only build, which runs.
+    let bin = x.join("usr/bin/edgeferry");
+    let help = run_ok(bin.to_str().unwrap(), &["--help"]);
+    assert!(
+        !help.contains("collect"),
+        "the package ships the gateway-only build:\n{help}"
+    );
+    // The Mosquitto drop-in is a configuration Mosquitto accepts, as it stands.
+    if tool_available("mosquitto", "-h").is_some() {
+        let data = dir.path().join("mosq");
+        fs::create_dir(&data).unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nuser root\npersistence_location {}/\n{}",
+                data.display(),
+                fs::read_to_string(
+                    x.join("usr/share/doc/edgeferry/examples/mosquitto-edgeferry.conf")
+                )
+                .unwrap()
+            ),
+        )
+        .unwrap();
+        let mut m = Command::new("mosquitto")
+            .args(["-c", conf.to_str().unwrap()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let exited = m.try_wait().unwrap();
+        let _ = m.kill();
+        let out = m.wait_with_output().unwrap();
+        assert!(
+            exited.is_none(),
+            "Mosquitto refuses the drop-in: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("NOTICE: mosquitto not installed; the drop-in is not started");
+    }
+    if tool_available("lintian", "--version").is_some() {
+        let o = Command::new("lintian")
+            .args(["--fail-on", "error", deb])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "lintian: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    } else {
+        eprintln!("NOTICE: lintian not installed; the package is not linted");
+    }
+}
+
+/// Unpacks the package into a throwaway root with dpkg, then runs its postinst as dpkg would on
+/// configure, with stand-ins for systemd's helpers that record their calls and, in a mount
+/// namespace of its own, a `/run/systemd/system` so the script believes systemd runs.
+#[test]
+fn the_debian_package_unpacks_and_its_postinst_starts_only_a_config_that_checks() {
+    let Some(deb) = deb_under_test() else { return };
+    let deb = deb.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    for d in [
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    let root_s = root.to_str().unwrap();
+    run_ok(
+        "dpkg",
+        &[
+            "--root",
+            root_s,
+            "--force-depends",
+            "--force-not-root",
+            "--unpack",
+            deb,
+        ],
+    );
+    assert!(root.join("usr/bin/edgeferry").exists());
+    let status = fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+    assert!(
+        status.contains("Package: edgeferry") && status.contains("/etc/edgeferry/config.toml"),
+        "dpkg records the package and its conffile:\n{status}"
+    );
+
+    // Stand-ins on PATH: edgeferry runs the unpacked binary's check-config on a config of the
+    // test's choice; the systemd helpers log their arguments.
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let log = dir.path().join("calls.log");
+    let config = dir.path().join("config.toml");
+    let stand_in = |name: &str, body: String| {
+        let p = bin.join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        run_ok("chmod", &["755", p.to_str().unwrap()]);
+    };
+    stand_in(
+        "edgeferry",
+        format!(
+            "echo \"edgeferry $*\" >> {log}\nexec {} check-config -c {}",
+            root.join("usr/bin/edgeferry").display(),
+            config.display(),
+            log = log.display()
+        ),
+    );
+    for helper in ["deb-systemd-helper", "deb-systemd-invoke", "systemctl"] {
+        stand_in(helper, format!("echo \"{helper} $*\" >> {}", log.display()));
+    }
+    let postinst = root.join("var/lib/dpkg/info/edgeferry.postinst");
+    assert!(postinst.exists(), "dpkg keeps the postinst for configure");
+    let path = format!("{}:/usr/bin:/bin:/usr/sbin:/sbin", bin.display());
+    let configure = |old_version: &str| -> (bool, String, String) {
+        let _ = fs::remove_file(&log);
+        let script = format!(
+            "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system && \
+             sh {} configure {old_version}",
+            postinst.display()
+        );
+        let o = Command::new("unshare")
+            .args(["--mount", "sh", "-c", &script])
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            fs::read_to_string(&log).unwrap_or_default(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+
+    // A config that passes: enabled and started on a first install, try-restarted on upgrade.
+    fs::copy(repo_file("config.toml.example"), &config).unwrap();
+    let (ok, calls, stderr) = configure("");
+    if !ok && stderr.contains("unshare") {
+        eprintln!("NOTICE: no mount namespace here ({stderr}); skipping the postinst run");
+        return;
+    }
+    assert!(ok, "postinst failed: {stderr}");
+    assert!(
+        calls.contains("deb-systemd-helper enable edgeferry.service"),
+        "{calls}"
+    );
+    assert!(
+        calls.contains("deb-systemd-invoke start edgeferry.service"),
+        "{calls}"
+    );
+    let (ok, calls, _) = configure("0.0.9-1");
+    assert!(ok);
+    assert!(
+        calls.contains("deb-systemd-invoke try-restart edgeferry.service"),
+        "{calls}"
+    );
+    assert!(!calls.contains("invoke start"), "{calls}");
+
+    // A config that does not pass: enabled, not started, and the operator told what to do.
+    fs::write(&config, "[gateway]\nid = \"x\"\nbogus = 1\n").unwrap();
+    let (ok, calls, stderr) = configure("");
+    assert!(ok, "a bad config does not fail the installation: {stderr}");
+    assert!(
+        calls.contains("deb-systemd-helper enable edgeferry.service"),
+        "{calls}"
+    );
+    assert!(
+        !calls.contains("deb-systemd-invoke"),
+        "not started: {calls}"
+    );
+    assert!(stderr.contains("unknown key `gateway.bogus`"), "{stderr}");
+    assert!(
+        stderr.contains("does not pass check-config")
+            && stderr.contains("systemctl restart edgeferry"),
+        "{stderr}"
+    );
+}
