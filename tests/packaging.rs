@@ -3,6 +3,8 @@
 //! These tests only read files and run `systemd-analyze` / `bash`; they build nothing for other
 //! targets and download nothing. A tool that is not installed skips its test with a notice.
 
+mod common;
+
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -470,45 +472,12 @@ fn the_debian_package_holds_the_daemon_unit_conffile_and_mosquitto_drop_in() {
         !help.contains("collect"),
         "the package ships the gateway-only build:\n{help}"
     );
-    // The Mosquitto drop-in is a configuration Mosquitto accepts, as it stands.
-    if tool_available("mosquitto", "-h").is_some() {
-        let data = dir.path().join("mosq");
-        fs::create_dir(&data).unwrap();
-        let conf = dir.path().join("mosquitto.conf");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nuser root\npersistence_location {}/\n{}",
-                data.display(),
-                fs::read_to_string(
-                    x.join("usr/share/doc/edgeferry/examples/mosquitto-edgeferry.conf")
-                )
-                .unwrap()
-            ),
-        )
-        .unwrap();
-        let mut m = Command::new("mosquitto")
-            .args(["-c", conf.to_str().unwrap()])
-            .stderr(std::process::Stdio::piped())
-            .spawn()
+    // The Mosquitto drop-in is a configuration Mosquitto accepts, as it stands: the tests'
+    // broker with it appended starts and stays up (else it panics with Mosquitto's log).
+    let drop_in =
+        fs::read_to_string(x.join("usr/share/doc/edgeferry/examples/mosquitto-edgeferry.conf"))
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(700));
-        let exited = m.try_wait().unwrap();
-        let _ = m.kill();
-        let out = m.wait_with_output().unwrap();
-        assert!(
-            exited.is_none(),
-            "Mosquitto refuses the drop-in: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
-        eprintln!("NOTICE: mosquitto not installed; the drop-in is not started");
-    }
+    drop(common::Mosquitto::start_with(&drop_in));
     if tool_available("lintian", "--version").is_some() {
         let o = Command::new("lintian")
             .args(["--fail-on", "error", deb])

@@ -99,8 +99,8 @@ pub(super) fn decode_line_protocol(
 }
 
 /// Reads characters up to the first unescaped character of `stops`, unescaping those of
-/// `escapes`. Returns the text and the rest of
-/// the input starting at the stop character (empty at the end).
+/// `escapes`. Returns the text and the rest of the input from the stop character on (empty
+/// at the end).
 fn take_until<'a>(s: &'a str, stops: &[char], escapes: &[char]) -> (String, &'a str) {
     let mut out = String::new();
     let mut chars = s.char_indices().peekable();

@@ -68,7 +68,8 @@ struct Msg<'a> {
 /// Decodes messages of one subscription into readings.
 ///
 /// Metric naming, in order of precedence:
-/// 1. the template's `{metric}` capture (not for SenML, whose names come from the pack);
+/// 1. the template's `{metric}` capture (not for SenML and line protocol, whose names come
+///    from the payload: see the `line` module for its naming);
 /// 2. JSON multi-field mode: the field name, or `<captured metric>.<field>`;
 /// 3. the last segment of the configured `value` path (json and number);
 /// 4. with a template: the last topic level; without a template: the full topic (there is
@@ -90,8 +91,8 @@ impl Decoder {
     /// * `template` — topic template ([`Template`]); `None` = topic not parsed into tags;
     ///   metric then defaults to the full topic.
     /// * `value` — dotted path of the value in a JSON payload. With `number` it only names
-    ///   the metric (its last segment). Not allowed with `senml` (values come from the
-    ///   pack).
+    ///   the metric (its last segment); with `line` it names the one field taken. Not
+    ///   allowed with `senml` (values come from the pack).
     /// * `timestamp` — dotted path of the event time in a JSON payload. Only allowed with
     ///   `json` (a number payload has no room for one; SenML carries its own times).
     pub fn new(
