@@ -93,8 +93,9 @@ pub struct Admin {
     pub process: Arc<crate::process::ProcessStatus>,
     /// The outbox, for the backlog figures.
     pub outbox: Arc<std::sync::Mutex<crate::store::outbox::Outbox>>,
-    /// Upstream URL and link state, when configured.
-    pub upstream: Option<(String, Arc<crate::forward::ForwardStatus>)>,
+    /// Upstream URL and link state, when configured (a configuration reload can add, change
+    /// or remove it).
+    pub upstream: watch::Receiver<Option<(String, Arc<crate::forward::ForwardStatus>)>>,
     /// The live feed behind `/live`.
     pub live: LiveFeed,
     /// The gateway's clock: trusted or not, steps seen.
@@ -254,7 +255,8 @@ impl Admin {
             problems.push("disk quota reached (store.max_disk): ingest is blocked until the upstream drains the outbox".into());
         }
         let backlog = self.backlog();
-        let upstream = self.upstream.as_ref().map(|(urls, f)| UpstreamStatus {
+        let upstream = self.upstream.borrow().clone();
+        let upstream = upstream.as_ref().map(|(urls, f)| UpstreamStatus {
             url: f.url().unwrap_or_else(|| urls.clone()),
             switches: f.switches.load(Ordering::Relaxed),
             connected: f.connected.load(Ordering::Relaxed),

@@ -98,10 +98,14 @@ where
     }
 }
 
-/// `edgeferry run`: the daemon in the foreground until SIGTERM/SIGINT.
-pub fn run_daemon(cfg: Config) -> Exit {
+/// `edgeferry run`: the daemon in the foreground until SIGTERM/SIGINT; SIGHUP reloads
+/// `path` (the file `cfg` came from).
+pub fn run_daemon(cfg: Config, path: &Path) -> Exit {
     crate::telemetry::init(&cfg.log);
-    until_signalled("edgeferry", |shutdown| crate::daemon::run(cfg, shutdown))
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    until_signalled("edgeferry", |shutdown| {
+        crate::daemon::run(cfg, Some(path), shutdown)
+    })
 }
 
 /// `edgeferry collect`: the reference central receiver until SIGTERM/SIGINT.

@@ -237,7 +237,7 @@ fn main() -> ExitCode {
     };
     let exit = match cli.command {
         Command::CheckConfig { config } => cli::check_config(&config),
-        Command::Run { config } => with_config(&config, &cli::run_daemon),
+        Command::Run { config } => with_config(&config, &|c| cli::run_daemon(c, &config)),
         Command::Status { config, json } => with_config(&config, &|c| cli::status(&c, json)),
         Command::Tail { config, series } => {
             with_config(&config, &|c| cli::tail(&c, series.as_deref()))

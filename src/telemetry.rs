@@ -82,12 +82,19 @@ pub struct FilterError(String);
 /// The filter in effect: `RUST_LOG` when it is set and valid, else `[log] level`, else `info`;
 /// never more verbose than [`SECRET_SAFE`] allows for the libraries that would print secrets.
 pub fn effective_filter(cfg: &LogConfig) -> Targets {
-    let from_env = std::env::var("RUST_LOG").ok().and_then(|v| filter(&v).ok());
     secret_safe(quiet_embedded_broker(
-        from_env
+        env_filter()
             .or_else(|| filter(&cfg.level).ok())
             .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO)),
     ))
+}
+
+/// `RUST_LOG`'s filter, when it is set to something valid (an empty value counts as unset).
+fn env_filter() -> Option<Targets> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| filter(&v).ok())
 }
 
 /// Libraries whose most verbose level prints credentials, and the most they may log: tungstenite
@@ -116,14 +123,22 @@ pub fn secret_safe(filter: Targets) -> Targets {
     out
 }
 
+/// The running subscriber's filter, swapped by [`set_level`] (configuration reload).
+type LevelHandle = tracing_subscriber::reload::Handle<Targets, tracing_subscriber::Registry>;
+
+static LEVEL: std::sync::OnceLock<LevelHandle> = std::sync::OnceLock::new();
+
 /// Installs the global subscriber. Safe to call more than once (later calls are ignored),
 /// which keeps tests that run several daemons in one process simple.
+///
+/// The filter sits in a reload layer so that `[log] level` can change while the daemon runs
+/// ([`set_level`]); the format cannot (it is the layer's type).
 pub fn init(cfg: &LogConfig) {
-    let filter = effective_filter(cfg);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(effective_filter(cfg));
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
-    let _ = match cfg.format {
+    let installed = match cfg.format {
         LogFormat::Text => tracing_subscriber::registry()
             .with(
                 layer
@@ -135,6 +150,34 @@ pub fn init(cfg: &LogConfig) {
             .with(layer.json().flatten_event(true).with_filter(filter))
             .try_init(),
     };
+    if installed.is_ok() {
+        let _ = LEVEL.set(handle);
+    }
+}
+
+/// What [`set_level`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelChange {
+    /// The new `[log] level` is in effect.
+    Applied,
+    /// `RUST_LOG` is set and wins over the file, as at start: nothing changed.
+    EnvironmentWins,
+    /// No subscriber of ours is installed (a library user's own, or none): nothing changed.
+    NotInstalled,
+}
+
+/// Puts `cfg.level` into effect in the running subscriber (configuration reload).
+pub fn set_level(cfg: &LogConfig) -> LevelChange {
+    if env_filter().is_some() {
+        return LevelChange::EnvironmentWins;
+    }
+    let Some(handle) = LEVEL.get() else {
+        return LevelChange::NotInstalled;
+    };
+    match handle.reload(effective_filter(cfg)) {
+        Ok(()) => LevelChange::Applied,
+        Err(_) => LevelChange::NotInstalled,
+    }
 }
 
 impl LogConfig {

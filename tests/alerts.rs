@@ -15,52 +15,12 @@ clear_below = 75.0
 publish = "alerts/{site}/{device}/{rule}"
 "#;
 
-/// Subscribes to `filter` on the broker and collects (topic, payload, arrival ms).
-fn subscriber(
-    port: u16,
-    filter: &str,
-) -> std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value, u64)>>> {
-    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let g = got.clone();
-    let filter = filter.to_string();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let o = rumqttc::MqttOptions::new("alert-watcher", "127.0.0.1", port);
-            let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
-            client
-                .subscribe(filter, rumqttc::QoS::AtLeastOnce)
-                .await
-                .unwrap();
-            loop {
-                match el.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
-                        let _ = ready_tx.send(());
-                    }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        let v = serde_json::from_slice(&p.payload).unwrap();
-                        g.lock().unwrap().push((p.topic.clone(), v, now_ms()));
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-    });
-    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    got
-}
-
 #[test]
 fn a_value_over_the_limit_raises_exactly_one_alert_and_hysteresis_clears_it_once() {
     let broker = Mosquitto::start();
     let mut gw = Gateway::with_config(&broker.url(), "", RULES);
     gw.start();
-    let alerts = subscriber(broker.port, "alerts/#");
+    let alerts = subscriber(broker.port, "alerts/#", "alert-watcher");
     let p = Publisher::connect(broker.port, "pub-alerts");
     // Hovering around the limit must not produce a storm of alerts.
     let values = [

@@ -58,6 +58,20 @@ fn ready_is_sent_after_subscription_and_watchdog_pings_follow_progress() {
     let pings = later.iter().filter(|m| m.contains("WATCHDOG=1")).count();
     assert!(pings >= 3, "watchdog pings in 3 s: {later:?}");
     assert!(later.iter().any(|m| m.contains("STATUS=")), "{later:?}");
+    // `systemctl reload` (ExecReload= sends SIGHUP): RELOADING=1 with the monotonic time
+    // systemd asks for, then READY=1 with the outcome.
+    signal(child.id(), "HUP");
+    let reload = notifications(&sock, Duration::from_secs(5), "READY=1");
+    let reloading = reload
+        .iter()
+        .position(|m| m.contains("RELOADING=1") && m.contains("MONOTONIC_USEC="));
+    let ready = reload
+        .iter()
+        .position(|m| m.contains("READY=1") && m.contains("configuration reload: unchanged"));
+    assert!(
+        matches!((reloading, ready), (Some(a), Some(b)) if a < b),
+        "{reload:?}"
+    );
     signal(child.id(), "TERM");
     let stopping = notifications(&sock, Duration::from_secs(5), "STOPPING=1");
     assert!(

@@ -182,7 +182,7 @@ async fn run_async(duration: Duration, dir: &Path) -> Result<bool> {
     let cfg = crate::Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let daemon_stop = CancellationToken::new();
     let mut daemon: JoinHandle<Result<(), crate::daemon::DaemonError>> =
-        tokio::spawn(crate::daemon::run(cfg, daemon_stop.clone()));
+        tokio::spawn(crate::daemon::run(cfg, None, daemon_stop.clone()));
 
     // Wait until edgeferry recovered its state and the broker acknowledged its subscription.
     let admin = wait_ready(&gateway_dir, &mut daemon).await?;

@@ -159,6 +159,11 @@ pub struct LinkParts {
     pub status: Arc<ForwardStatus>,
     /// The broker and uptime part of the health reports.
     pub health: HealthSource,
+    /// Cancelled to end this link at once, without the drain (a configuration reload
+    /// replaces it with one for the new `[upstream]`): batches in flight stay in the outbox
+    /// and the next link sends them again under the same ids, which the central side
+    /// deduplicates.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// The upstream link over transport `T`.
@@ -234,14 +239,18 @@ impl<T: Transport> Link<T> {
     }
 
     /// Runs until the watermark channel closes (processing stopped), then drains for at most
-    /// [`DRAIN_FOR`].
+    /// [`DRAIN_FOR`]; or until [`LinkParts::stop`] is cancelled, at once.
     pub async fn run(mut self) {
         let p = &self.parts;
         let mut backoff = Backoff::new(Duration::from_millis(500), p.cfg.reconnect_max);
         let mut last_logged: Option<String> = None;
+        let stop = self.parts.stop.clone();
         while !self.closed {
             let started = Instant::now();
-            let r = self.session().await;
+            let r = tokio::select! {
+                r = self.session() => r,
+                _ = stop.cancelled() => break,
+            };
             self.persist_acks();
             let (msg, elsewhere) = match r {
                 Ok(End::Drained) => break,
@@ -278,6 +287,10 @@ impl<T: Transport> Link<T> {
                         self.closed = true;
                         break;
                     },
+                    _ = stop.cancelled() => {
+                        self.closed = true;
+                        break;
+                    }
                 }
             }
         }

@@ -2,11 +2,12 @@
 //! releases its acknowledgements and hands the committed readings to processing.
 
 use super::config::MqttConfig;
-use super::decode::{Decoder, Reject};
+use super::decode::Reject;
 use super::dedup::RecentCommits;
 use super::error::IngestError;
 use super::poll::{AckRequest, Incoming};
 use super::status::IngestStatus;
+use super::subscriptions::Subscriptions;
 use crate::clock::now_ms;
 use crate::model::Reading;
 use crate::model::{Committed, RejectedMessage};
@@ -51,7 +52,9 @@ impl SeriesGuard {
 
 pub(super) struct Committer {
     pub(super) journal: Journal,
-    pub(super) decoders: Vec<Decoder>,
+    /// The subscriptions the messages being committed were matched with (replaced, in the
+    /// order of the messages, when a reload changes them: see [`super::subscriptions`]).
+    pub(super) subs: Arc<Subscriptions>,
     pub(super) recent: RecentCommits,
     /// Identities of the readings of the most recent commits (see [`super::dedup`]); `None`
     /// when `mqtt.dedup_by_identity` is off.
@@ -68,9 +71,6 @@ pub(super) struct Committer {
     /// Whether a timestamp from the future may be rejected (only by a synchronised clock).
     pub(super) clock: Arc<crate::clock::GatewayClock>,
     pub(super) max_payload: usize,
-    /// Per-subscription counters, registered once (a registry lookup per message is not free
-    /// at 100k+ messages/s).
-    pub(super) readings_counters: Vec<metrics::Counter>,
     pub(super) log_limit: RateLimit,
     pub(super) trim_to: Arc<AtomicU64>,
     pub(super) journal_bytes: Arc<AtomicU64>,
@@ -323,7 +323,10 @@ impl Committer {
     ) -> Result<Option<StoreError>, IngestError> {
         let first = self.journal.next_lsn();
         self.group_identities.clear();
-        for m in group.drain(..) {
+        for mut m in group.drain(..) {
+            if let Some(table) = m.table.take() {
+                self.subs = table;
+            }
             if let Some(entry) = self.accept(&m, readings) {
                 committed.push(Committed {
                     lsn: first + committed.len() as u64,
@@ -360,10 +363,7 @@ impl Committer {
         }
         if let Some(ids) = self.identities.as_mut() {
             for c in committed {
-                let timed = self
-                    .decoders
-                    .get(c.entry.subscription as usize)
-                    .is_some_and(|d| d.reads_timestamps());
+                let timed = self.subs.reads_timestamps(c.entry.subscription as usize);
                 if let Some(id) = c.entry.identity(timed, &mut self.key_buf) {
                     ids.insert(id);
                 }
@@ -484,7 +484,9 @@ impl Committer {
             return None;
         }
         readings.clear();
-        if let Err(r) = self.decoders[sub].decode(&m.topic, &m.payload, m.received_ms, readings) {
+        if let Err(r) =
+            self.subs.decoders[sub].decode(&m.topic, &m.payload, m.received_ms, readings)
+        {
             self.reject_decode(m, &r);
             return None;
         }
@@ -526,7 +528,7 @@ impl Committer {
             self.duplicate("identity");
             return None;
         }
-        self.readings_counters[sub].increment(entry.readings.len() as u64);
+        self.subs.readings[sub].increment(entry.readings.len() as u64);
         Some(entry)
     }
 
@@ -549,10 +551,7 @@ impl Committer {
             return false;
         }
         *left -= 1;
-        let timed = self
-            .decoders
-            .get(entry.subscription as usize)
-            .is_some_and(|d| d.reads_timestamps());
+        let timed = self.subs.reads_timestamps(entry.subscription as usize);
         let Some(id) = entry.identity(timed, &mut self.key_buf) else {
             return false;
         };

@@ -31,6 +31,7 @@ mod error;
 mod poll;
 pub mod session;
 pub mod status;
+pub mod subscriptions;
 
 pub use config::{MqttConfig, SubscribeConfig, validate_filter};
 pub use session::{IngestError, run};

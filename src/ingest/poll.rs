@@ -3,6 +3,7 @@
 
 use super::config::MqttConfig;
 use super::status::IngestStatus;
+use super::subscriptions::{Resubscribed, SubscriptionChange, Subscriptions, filter_diff};
 use crate::backoff::Backoff;
 use crate::clock::now_ms;
 use crate::telemetry::RateLimit;
@@ -11,10 +12,11 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, EventLoop, Packet, QoS, SubscribeFilter,
     SubscribeReasonCode,
 };
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 /// One message received from the broker, on its way to the journal.
@@ -31,6 +33,9 @@ pub(super) struct Incoming {
     pub(super) received_ms: i64,
     pub(super) received_at: Instant,
     pub(super) subscription: Option<usize>,
+    /// A new subscription table (after a reload), carried by the first message matched with
+    /// it: from this message on the committer decodes with it.
+    pub(super) table: Option<Arc<Subscriptions>>,
     pub(super) permit: OwnedSemaphorePermit,
 }
 
@@ -67,12 +72,11 @@ pub(super) async fn poll_loop(
     mut acks: mpsc::UnboundedReceiver<Vec<AckRequest>>,
     clock: &crate::clock::GatewayClock,
     blocked: &AtomicBool,
+    mut subs: SubscriptionState,
 ) {
-    let filters: Vec<String> = cfg.subscribe.iter().map(|s| s.filter.clone()).collect();
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.reconnect_max);
     let mut state = LinkState::Connecting;
     let mut in_tx = Some(in_tx);
-    let mut pending_sub: Option<u16> = None;
     let mut ever_connected = false;
     let mut connection = 0u64;
     let stalls = RateLimit::new(Duration::from_secs(10));
@@ -90,6 +94,10 @@ pub(super) async fn poll_loop(
                 let since = Instant::now();
                 write_acks(eventloop, group, &generation).await;
                 slow_wait(&stalls, (&status, blocked), Wait::AckWrite, since);
+                continue;
+            }
+            Some(change) = subs.next_change() => {
+                subs.change(change, &client, state == LinkState::Up);
                 continue;
             }
             ev = eventloop.poll() => ev,
@@ -142,34 +150,42 @@ pub(super) async fn poll_loop(
                 }
                 // Subscribe on every connect: rumqttc does not resubscribe when the broker
                 // lost the session, and re-subscribing a live session is harmless.
-                let subs = filters
-                    .iter()
-                    .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                match client.try_subscribe_many(subs) {
-                    Ok(()) => pending_sub = Some(0),
-                    Err(e) => tracing::error!("cannot queue subscription: {e}"),
-                }
+                subs.on_connect(&client);
             }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Subscribe(pkid))) => subs.sent(pkid),
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let Some(request) = subs.acknowledged(ack.pkid) else {
+                    continue;
+                };
                 let refused: Vec<_> = ack
                     .return_codes
                     .iter()
-                    .zip(&filters)
+                    .zip(&request.filters)
                     .filter(|(c, _)| matches!(c, SubscribeReasonCode::Failure))
                     .map(|(_, f)| f.as_str())
                     .collect();
+                let reload = request.done.is_some();
                 if refused.is_empty() {
-                    status.subscribed.store(true, Ordering::Relaxed);
-                    if pending_sub.take().is_some() {
-                        tracing::info!(filters = ?filters, "subscribed with QoS 1");
+                    if !reload {
+                        status.subscribed.store(true, Ordering::Relaxed);
+                        let _ = ready.send(true);
                     }
-                    let _ = ready.send(true);
+                    tracing::info!(filters = ?request.filters, "subscribed with QoS 1");
+                    if let Some(done) = request.done {
+                        let _ = done.send(Ok(Resubscribed::Acknowledged));
+                    }
                 } else {
                     tracing::error!(
                         ?refused,
                         "the broker refused these subscriptions; check its ACLs for this user"
                     );
                     status.set_error(Some(format!("subscription refused: {refused:?}")));
+                    if let Some(done) = request.done {
+                        let _ = done.send(Err(format!(
+                            "the broker refused the subscriptions {refused:?}; check its ACLs \
+                             for this user"
+                        )));
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -186,15 +202,12 @@ pub(super) async fn poll_loop(
                         in_tx = None;
                         continue;
                     };
-                    forward(
-                        &mut in_tx,
-                        &shutdown,
-                        retained_marker(&p, &generation, connection, permit),
-                    )
-                    .await;
+                    let mut marker = retained_marker(&p, &generation, connection, permit);
+                    marker.table = subs.handover.take();
+                    forward(&mut in_tx, &shutdown, marker).await;
                     continue;
                 }
-                let subscription = filters.iter().position(|f| topic_matches(f, &p.topic));
+                let subscription = subs.table.matching(&p.topic);
                 let since = Instant::now();
                 let permit = acquire(&permits, &shutdown).await;
                 slow_wait(&stalls, (&status, blocked), Wait::Permits, since);
@@ -213,6 +226,7 @@ pub(super) async fn poll_loop(
                     received_ms: clock.arrival_ms(),
                     received_at: Instant::now(),
                     subscription,
+                    table: subs.handover.take(),
                     permit,
                 };
                 let since = Instant::now();
@@ -223,6 +237,7 @@ pub(super) async fn poll_loop(
             Err(e) => {
                 status.connected.store(false, Ordering::Relaxed);
                 status.subscribed.store(false, Ordering::Relaxed);
+                subs.disconnected();
                 let mut msg = e.to_string();
                 if matches!(
                     e,
@@ -285,6 +300,137 @@ pub(super) async fn poll_loop(
     .await;
 }
 
+/// One SUBSCRIBE the poll task sent: its filters (the SUBACK's codes are in their order) and,
+/// for a reload's, who waits for the answer.
+pub(super) struct SubscribeRequest {
+    filters: Vec<String>,
+    done: Option<oneshot::Sender<Result<Resubscribed, String>>>,
+}
+
+/// The poll task's side of the subscriptions: the table it matches topics with, the one to
+/// hand to the committer, and the SUBSCRIBEs waiting for their SUBACK.
+pub(super) struct SubscriptionState {
+    table: Arc<Subscriptions>,
+    /// Set when a reload replaced `table`; taken by the next message forwarded.
+    handover: Option<Arc<Subscriptions>>,
+    changes: Option<mpsc::Receiver<SubscriptionChange>>,
+    /// Queued in rumqttc, not yet sent (rumqttc gives the packet id when it sends).
+    queued: VecDeque<SubscribeRequest>,
+    /// Sent, waiting for the SUBACK with this packet id.
+    sent: HashMap<u16, SubscribeRequest>,
+    /// Filters removed while the broker was away: the persistent session still holds them,
+    /// so they are unsubscribed at the next connect.
+    unsubscribe_owed: Vec<String>,
+}
+
+impl SubscriptionState {
+    pub(super) fn new(
+        table: Arc<Subscriptions>,
+        changes: Option<mpsc::Receiver<SubscriptionChange>>,
+    ) -> Self {
+        SubscriptionState {
+            table,
+            handover: None,
+            changes,
+            queued: VecDeque::new(),
+            sent: HashMap::new(),
+            unsubscribe_owed: Vec::new(),
+        }
+    }
+
+    /// The next reload's change; pending for ever once nobody can send one.
+    async fn next_change(&mut self) -> Option<SubscriptionChange> {
+        if let Some(rx) = self.changes.as_mut() {
+            if let Some(change) = rx.recv().await {
+                return Some(change);
+            }
+            self.changes = None;
+        }
+        std::future::pending().await
+    }
+
+    fn subscribe(
+        &mut self,
+        client: &AsyncClient,
+        filters: Vec<String>,
+        done: Option<oneshot::Sender<Result<Resubscribed, String>>>,
+    ) {
+        let packet = filters
+            .iter()
+            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+        match client.try_subscribe_many(packet) {
+            Ok(()) => self.queued.push_back(SubscribeRequest { filters, done }),
+            Err(e) => {
+                tracing::error!("cannot queue subscription: {e}");
+                if let Some(done) = done {
+                    let _ = done.send(Err(format!("cannot queue the subscription: {e}")));
+                }
+            }
+        }
+    }
+
+    fn unsubscribe(client: &AsyncClient, filters: &[String]) {
+        for f in filters {
+            match client.try_unsubscribe(f.clone()) {
+                Ok(()) => tracing::info!(filter = %f, "unsubscribed"),
+                Err(e) => tracing::error!(filter = %f, "cannot queue unsubscription: {e}"),
+            }
+        }
+    }
+
+    /// Connected: subscribe every filter in effect, unsubscribe those a reload removed while
+    /// the broker was away.
+    fn on_connect(&mut self, client: &AsyncClient) {
+        self.subscribe(client, self.table.filters.clone(), None);
+        let owed = std::mem::take(&mut self.unsubscribe_owed);
+        Self::unsubscribe(client, &owed);
+    }
+
+    /// The connection broke: SUBSCRIBEs in flight are answered by the next connect's.
+    fn disconnected(&mut self) {
+        self.queued.clear();
+        self.sent.clear();
+    }
+
+    fn sent(&mut self, pkid: u16) {
+        if let Some(r) = self.queued.pop_front() {
+            self.sent.insert(pkid, r);
+        }
+    }
+
+    fn acknowledged(&mut self, pkid: u16) -> Option<SubscribeRequest> {
+        self.sent.remove(&pkid)
+    }
+
+    /// A reload's new subscriptions: swap the table (handed to the committer with the next
+    /// message), then subscribe what is new and unsubscribe what is gone, now if `connected`,
+    /// else at the next connect.
+    fn change(&mut self, change: SubscriptionChange, client: &AsyncClient, connected: bool) {
+        let table = match self.table.reloaded(&change.subscribe) {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                let _ = change.done.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let (added, removed) = filter_diff(&self.table.filters, &table.filters);
+        self.unsubscribe_owed.retain(|f| !table.filters.contains(f));
+        self.table = table.clone();
+        self.handover = Some(table);
+        if !connected {
+            self.unsubscribe_owed.extend(removed);
+            let _ = change.done.send(Ok(Resubscribed::AtReconnect));
+            return;
+        }
+        Self::unsubscribe(client, &removed);
+        if added.is_empty() {
+            let _ = change.done.send(Ok(Resubscribed::Acknowledged));
+        } else {
+            self.subscribe(client, added, Some(change.done));
+        }
+    }
+}
+
 /// A retained delivery only needs its acknowledgement, in order with the rest.
 pub(super) fn retained_marker(
     p: &rumqttc::Publish,
@@ -304,6 +450,7 @@ pub(super) fn retained_marker(
         received_ms: now_ms(),
         received_at: Instant::now(),
         subscription: None,
+        table: None,
         permit,
     }
 }
@@ -416,21 +563,6 @@ pub(super) async fn forward(
     }
 }
 
-/// MQTT topic filter matching (`+` one level, `#` the rest).
-pub fn topic_matches(filter: &str, topic: &str) -> bool {
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 /// Publishes alerts on the local broker (QoS 1). A separate task because `publish` can wait
 /// for room in rumqttc's request queue, which must never stall the poll loop.
 pub(super) async fn publish_loop(
@@ -486,16 +618,6 @@ pub(super) async fn write_acks(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topic_filter_matching_follows_mqtt_rules() {
-        assert!(topic_matches("sensors/#", "sensors/a/b"));
-        assert!(topic_matches("sensors/#", "sensors"));
-        assert!(topic_matches("sensors/+/t", "sensors/a/t"));
-        assert!(!topic_matches("sensors/+/t", "sensors/a/b/t"));
-        assert!(!topic_matches("sensors/a", "sensors/b"));
-        assert!(topic_matches("#", "x/y"));
-    }
 
     #[test]
     fn a_stall_names_its_cause() {

@@ -3,11 +3,11 @@
 use super::commit::{Committer, SeriesGuard};
 pub use super::commit::{FAILPOINT_ENV, INGEST_REASONS};
 use super::config::MqttConfig;
-use super::decode::Decoder;
 use super::dedup::RecentCommits;
 pub use super::error::IngestError;
-use super::poll::{AckRequest, Incoming, poll_loop, publish_loop};
+use super::poll::{AckRequest, Incoming, SubscriptionState, poll_loop, publish_loop};
 use super::status::IngestStatus;
+use super::subscriptions::{SubscriptionChange, Subscriptions};
 use crate::model::Committed;
 use crate::store::journal::Journal;
 use crate::telemetry::RateLimit;
@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Tuning that is not part of the configuration file.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct IngestParams {
     /// Readings of new series beyond this are rejected (`[process] max_series`).
     pub max_series: usize,
@@ -37,6 +37,8 @@ pub struct IngestParams {
     pub live: Option<crate::live::LiveFeed>,
     /// Arrival times, and whether the wall clock may judge a sensor's timestamp.
     pub clock: Arc<crate::clock::GatewayClock>,
+    /// Configuration reloads send new `[[mqtt.subscribe]]` lists here (none: fixed).
+    pub subscription_changes: Option<mpsc::Receiver<SubscriptionChange>>,
 }
 
 /// Runs ingest until `shutdown` is cancelled (then drains and commits what was received)
@@ -46,7 +48,7 @@ pub struct IngestParams {
 pub async fn run(
     cfg: MqttConfig,
     client_id: String,
-    params: IngestParams,
+    mut params: IngestParams,
     journal: Journal,
     out: mpsc::Sender<Vec<Committed>>,
     publications: mpsc::Receiver<crate::model::Publication>,
@@ -59,11 +61,7 @@ pub async fn run(
     status
         .expect_session
         .store(journal.next_lsn() > 0, std::sync::atomic::Ordering::Relaxed);
-    let decoders = cfg
-        .subscribe
-        .iter()
-        .map(|s| s.decoder())
-        .collect::<Result<Vec<_>, _>>()?;
+    let table = Arc::new(Subscriptions::new(&cfg.subscribe)?);
     let options = mqtt_options(&cfg, &client_id)?;
     let (client, mut eventloop) = AsyncClient::new(options, cfg.max_unacked + 1024);
     let mut net = NetworkOptions::new();
@@ -84,7 +82,9 @@ pub async fn run(
 
     let recent_cap = cfg.max_unacked * 2 + cfg.commit_max;
     let mut recent = RecentCommits::new(recent_cap);
-    let timed: Vec<bool> = decoders.iter().map(Decoder::reads_timestamps).collect();
+    let timed: Vec<bool> = (0..table.filters.len())
+        .map(|i| table.reads_timestamps(i))
+        .collect();
     let tail = journal.tail_keys(recent_cap as u64, &timed)?;
     let identities = cfg.dedup_by_identity.then(|| {
         let mut ids = RecentCommits::new(recent_cap);
@@ -95,10 +95,12 @@ pub async fn run(
 
     let publish_task = tokio::spawn(publish_loop(client.clone(), publications));
     let params_clock = params.clock.clone();
+    let subscription_changes = params.subscription_changes.take();
     let params_blocked = params.blocked.clone();
     // The poll loop stops on shutdown, or when the committer dies (a journal error): then
     // nothing more can be made durable, so nothing more may be read or acknowledged.
     let stop = shutdown.child_token();
+    let committer_table = table.clone();
     let committer = tokio::spawn({
         let stop = stop.clone();
         let status = status.clone();
@@ -106,7 +108,7 @@ pub async fn run(
         async move {
             let mut c = Committer {
                 journal,
-                decoders,
+                subs: committer_table,
                 recent,
                 identities,
                 identity_window: (u64::MAX, 0),
@@ -116,13 +118,6 @@ pub async fn run(
                 future_skew_ms: cfg.future_skew.as_millis() as i64,
                 clock: params.clock.clone(),
                 max_payload: cfg.max_payload.as_u64() as usize,
-                readings_counters: cfg
-                    .subscribe
-                    .iter()
-                    .map(|s| {
-                        metrics::counter!("edgeferry_ingest_readings_total", "subscription" => s.filter.clone())
-                    })
-                    .collect(),
                 log_limit: RateLimit::new(Duration::from_secs(5)),
                 trim_to: params.trim_to,
                 journal_bytes: params.journal_bytes,
@@ -159,6 +154,7 @@ pub async fn run(
         ack_rx,
         &params_clock,
         &params_blocked,
+        SubscriptionState::new(table, subscription_changes),
     )
     .await;
     drop(eventloop);

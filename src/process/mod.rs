@@ -175,6 +175,24 @@ pub struct Processor {
     disk_bound: u64,
     /// The checkpoint's share of `max_disk` was reported as too large (once per process).
     checkpoint_share_warned: bool,
+    /// Configuration reloads: new rules and batching limits, applied between records.
+    changes: Option<mpsc::Receiver<ProcessChange>>,
+}
+
+/// What a configuration reload changes in processing while it runs: the rules and the
+/// batching limits (`[upstream] batch_max` and `linger`). Windows cannot change in place
+/// (their slots are the checkpoint's shape); the reload refuses that.
+#[derive(Debug)]
+pub struct ProcessChange {
+    /// The `[[rules]]` now configured. Rules whose name stays keep their state (a raised
+    /// alert stays raised); alerts of rules that are gone are cleared, as at a restart.
+    pub rules: Vec<RuleConfig>,
+    /// Aggregates per outbox batch.
+    pub batch_max: usize,
+    /// How long the oldest pending aggregate may wait for a batch.
+    pub linger: Duration,
+    /// Answered once the change is in effect: the next record applied sees the new rules.
+    pub done: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Processor {
@@ -274,6 +292,7 @@ impl Processor {
             acks_owed: false,
             checkpoint_bytes: [checkpoint_on_disk, 0],
             checkpoint_share_warned: false,
+            changes: None,
             quota_held: None,
             in_flight: None,
             disk_bound,
@@ -332,6 +351,34 @@ impl Processor {
     /// Where alerts are published on the local broker (none in replay-only uses).
     pub fn set_publications(&mut self, tx: mpsc::Sender<Publication>) {
         self.publications = Some(tx);
+    }
+
+    /// Where configuration reloads send their changes (none: the configuration is fixed).
+    pub fn set_changes(&mut self, rx: mpsc::Receiver<ProcessChange>) {
+        self.changes = Some(rx);
+    }
+
+    /// Puts a reloaded configuration's rules and batching limits into effect. The rules'
+    /// states are carried over by name ([`rules::Rules::reconfigure`]); alerts this clears
+    /// are published and forwarded like any alert, and the state is checkpointed as changed.
+    fn reconfigure(&mut self, change: ProcessChange) {
+        let ProcessChange {
+            rules,
+            batch_max,
+            linger,
+            done,
+        } = change;
+        self.rule_cfgs = rules;
+        let clock = self.state.clock_ms;
+        self.state
+            .rules
+            .reconfigure(&self.rule_cfgs, clock, &mut self.alerts);
+        self.emit_alerts(None);
+        self.limits.batch_max = batch_max;
+        self.limits.linger = linger;
+        self.dirty = true;
+        tracing::info!(rules = self.rule_cfgs.len(), "rules reconfigured");
+        let _ = done.send(());
     }
 
     /// The journal position the checkpoint reflects.
@@ -785,6 +832,14 @@ impl Processor {
                     Some(group) => self.on_committed(group, rx.len()),
                     None => break,
                 },
+                c = async { self.changes.as_mut().expect("guarded by the condition").recv().await },
+                    if self.changes.is_some() =>
+                {
+                    match c {
+                        Some(change) => self.reconfigure(change),
+                        None => self.changes = None,
+                    }
+                }
                 done = async { writing.as_mut().expect("guarded by the condition").await },
                     if writing.is_some() =>
                 {

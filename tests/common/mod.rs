@@ -836,6 +836,49 @@ pub fn publish_until_stopped(
     })
 }
 
+/// Subscribes to `filter` on the broker as `client_id` and collects (topic, payload, arrival
+/// ms) of every JSON message.
+pub fn subscriber(
+    port: u16,
+    filter: &str,
+    client_id: &str,
+) -> std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value, u64)>>> {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let filter = filter.to_string();
+    let client_id = client_id.to_string();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+            let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+            client
+                .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let v = serde_json::from_slice(&p.payload).unwrap();
+                        g.lock().unwrap().push((p.topic.clone(), v, now_ms()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    got
+}
+
 /// Epoch milliseconds now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

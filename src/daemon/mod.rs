@@ -10,14 +10,14 @@
 //! A second signal, or the deadline passing, exits at once with code 2: everything is
 //! crash-safe anyway, the orderly path only saves replay work.
 
+pub mod reload;
+
 use crate::config::Config;
-use crate::forward::link::{Link, LinkParts};
-use crate::forward::mqtt::MqttTransport;
-use crate::forward::ws::WsTransport;
 use crate::ingest::{self, IngestStatus};
 use crate::process::{ProcessLimits, ProcessShared, ProcessStatus, Processor};
 use crate::store::journal::Journal;
 use crate::store::outbox::Outbox;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,6 +58,9 @@ pub enum DaemonError {
     #[error(transparent)]
     #[cfg(feature = "embedded-broker")]
     EmbeddedBroker(#[from] crate::ingest::embedded::EmbeddedError),
+    /// The SIGHUP handler (configuration reload) could not be installed.
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(std::io::Error),
     /// The admin endpoint could not listen.
     #[error("admin.listen {addr}: {source}")]
     Admin {
@@ -260,7 +263,22 @@ async fn open_stores_patiently(
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
-pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+///
+/// With `reload_from`, a SIGHUP reads that file again and applies what can change while the
+/// daemon runs ([`reload`]); its handler is installed first thing, so that a reload asked for
+/// during start-up waits instead of killing the process (SIGHUP's default action).
+pub async fn run(
+    cfg: Config,
+    reload_from: Option<PathBuf>,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let hangups = match &reload_from {
+        Some(_) => Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(DaemonError::Signal)?,
+        ),
+        None => None,
+    };
     let prometheus = crate::admin::prometheus();
     for w in cfg.warnings() {
         tracing::warn!("{w}");
@@ -285,10 +303,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     tracing::info!(
         "admin listening on {bound} (/ dashboard, /live, /metrics, /status, /healthz, /readyz)"
     );
+    let admin_stop = shutdown.child_token();
     let addr_task = tokio::spawn(crate::admin::record_addr_until_done(
         data_dir.clone(),
         bound,
-        shutdown.clone(),
+        admin_stop.clone(),
     ));
     let (waiting_tx, waiting_rx) = watch::channel(None);
     let stop_waiting = shutdown.child_token();
@@ -371,6 +390,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     )?;
     let (pub_tx, pub_rx) = mpsc::channel(1024);
     processor.set_publications(pub_tx);
+    // Configuration reloads: a change at a time, each answered before the next is sent.
+    let (process_changes, process_changes_rx) = mpsc::channel(1);
+    processor.set_changes(process_changes_rx);
+    let (subscription_changes, subscription_changes_rx) = mpsc::channel(1);
     let replayed = processor.replay(&journal)?;
     tracing::info!(replayed, checkpoint_lsn = processor.checkpoint_lsn(), epoch = %format!("{epoch:016x}"), "state recovered");
     let known_series = processor.known_series();
@@ -413,6 +436,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             blocked: pstatus.blocked.clone(),
             live: Some(live.clone()),
             clock: clock.clone(),
+            subscription_changes: Some(subscription_changes_rx),
         },
         journal,
         tx,
@@ -431,66 +455,70 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         disk_writes.clone(),
         shutdown.clone(),
     ));
+    let (shown_upstream, shown_upstream_rx) = watch::channel(None);
+    let admin = crate::admin::Admin {
+        gateway: cfg.gateway.id.clone(),
+        broker_url: cfg.mqtt.url.clone(),
+        ingest: status.clone(),
+        ready: ready_rx.clone(),
+        started,
+        prometheus,
+        process: pstatus.clone(),
+        outbox: outbox.clone(),
+        upstream: shown_upstream_rx,
+        live: live.clone(),
+        clock: clock.clone(),
+        disk_writes: disk_writes.clone(),
+        endurance: cfg.store.endurance.map(|e| e.as_u64()),
+    };
     tasks.spawn(crate::admin::serve(
         tokio::net::TcpListener::from_std(admin_listener).map_err(admin_err)?,
-        crate::admin::Admin {
-            gateway: cfg.gateway.id.clone(),
-            broker_url: cfg.mqtt.url.clone(),
-            ingest: status.clone(),
-            ready: ready_rx.clone(),
-            started,
-            prometheus,
-            process: pstatus.clone(),
-            outbox: outbox.clone(),
-            upstream: cfg
-                .upstream
-                .as_ref()
-                .map(|u| (u.url.to_string(), forward_status.clone())),
-            live: live.clone(),
-            clock: clock.clone(),
-            disk_writes: disk_writes.clone(),
-            endurance: cfg.store.endurance.map(|e| e.as_u64()),
-        },
-        shutdown.clone(),
+        admin.clone(),
+        admin_stop.clone(),
     ));
+    let admin_slot = reload::AdminSlot {
+        admin,
+        data_dir: data_dir.clone(),
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+        stop: admin_stop,
+    };
 
-    // The upstream link stops when processing has stopped (its watermark channel closes).
-    match cfg.upstream.clone() {
-        Some(up) => {
-            let parts = LinkParts {
-                cfg: up.clone(),
-                gateway: cfg.gateway.id.clone(),
-                epoch,
-                data_dir: data_dir.clone(),
-                outbox: outbox.clone(),
-                watermark: watermark_rx,
-                status: forward_status.clone(),
-                health: {
-                    let broker = status.clone();
-                    Arc::new(move || crate::protocol::Health {
-                        time_ms: crate::clock::now_ms(),
-                        uptime_secs: started.elapsed().as_secs(),
-                        backlog_batches: 0,
-                        backlog_bytes: 0,
-                        oldest_secs: None,
-                        broker_connected: broker.connected.load(Ordering::Relaxed),
-                        software: format!("edgeferry/{}", env!("CARGO_PKG_VERSION")),
-                    })
-                },
-            };
-            if up.url.is_mqtt() {
-                let transport = MqttTransport::new(up, &cfg.gateway.id);
-                tasks.spawn(Link::new(parts, transport).run());
-            } else {
-                tasks.spawn(Link::new(parts, WsTransport::new(up)).run());
-            }
-        }
-        None => {
-            drop(watermark_rx);
-            tracing::warn!(
-                "no [upstream] configured: batches stay in the outbox (bounded by store.max_disk)"
-            );
-        }
+    // The upstream link stops when processing has stopped (its watermark channel closes),
+    // or when a reload replaces it.
+    let mut upstream = reload::UpstreamSlot {
+        gateway: cfg.gateway.id.clone(),
+        data_dir: data_dir.clone(),
+        outbox: outbox.clone(),
+        watermark: watermark_rx,
+        status: forward_status.clone(),
+        health: {
+            let broker = status.clone();
+            Arc::new(move || crate::protocol::Health {
+                time_ms: crate::clock::now_ms(),
+                uptime_secs: started.elapsed().as_secs(),
+                backlog_batches: 0,
+                backlog_bytes: 0,
+                oldest_secs: None,
+                broker_connected: broker.connected.load(Ordering::Relaxed),
+                software: format!("edgeferry/{}", env!("CARGO_PKG_VERSION")),
+            })
+        },
+        shown: shown_upstream,
+        tasks: tasks.clone(),
+        running: None,
+    };
+    upstream.start(cfg.upstream.clone(), epoch);
+    if let (Some(path), Some(hangups)) = (reload_from, hangups) {
+        let reloader = reload::Reloader {
+            path,
+            current: cfg.clone(),
+            process: process_changes,
+            subscriptions: subscription_changes,
+            admin: admin_slot,
+            upstream,
+        };
+        tasks.spawn(reloader.run(hangups, ready_rx.clone(), shutdown.clone()));
     }
 
     tasks.spawn(systemd_loop(status.clone(), progress, shutdown.clone()));
