@@ -4,7 +4,8 @@
 # Chromium (the dashboard is checked in a real headless browser), libfaketime (tests/clock.rs
 # steps the daemon's wall clock with it), Node.js with the aedes broker from npm (a second,
 # independent MQTT broker: tests/other_broker.rs) and Python's paho-mqtt (a second,
-# independent MQTT client for the interoperability test), python3-fusepy (tests/faultfs.py, a
+# independent MQTT client for the interoperability test), pysparkplug (Sparkplug B payloads
+# for tests/sparkplug.rs), python3-fusepy (tests/faultfs.py, a
 # FUSE file system that fails writes with EIO/ENOSPC/EROFS on demand: tests/disk_faults.rs),
 # nats-server and PostgreSQL (the central side's engine and database: tests/central_nats.rs,
 # tests/central_load.rs start their own on ephemeral loopback ports).
@@ -39,6 +40,12 @@ fi
 if ! python3 -c 'import paho.mqtt' 2>/dev/null; then
   echo "test.sh: installing paho-mqtt (PyPI)"
   python3 -m pip install -q --disable-pip-version-check paho-mqtt
+fi
+# A Sparkplug B implementation edgeferry did not write, encoding the payloads of
+# tests/sparkplug.rs (it pins paho-mqtt below 2, whose publish API the tests also use).
+if ! python3 -c 'import pysparkplug' 2>/dev/null; then
+  echo "test.sh: installing pysparkplug (PyPI)"
+  python3 -m pip install -q --disable-pip-version-check pysparkplug==0.6.1
 fi
 
 cargo test --all-targets

@@ -731,6 +731,53 @@ filter = "sensors/#"
     }
 
     #[test]
+    fn sparkplug_takes_tag_names_and_rebirth_and_refuses_what_its_fixed_structure_cannot_use() {
+        let c = parse(&MINIMAL.replace(
+            "filter = \"sensors/#\"",
+            "filter = \"spBv1.0/#\"\nformat = \"sparkplug_b\"\nrebirth = false\n\
+             tag_names = { group = \"site\", edge_node = \"gateway\" }",
+        ))
+        .unwrap();
+        let d = c.mqtt.subscribe[0].decoder().unwrap();
+        assert!(!d.sparkplug().rebirth);
+        assert_eq!(d.sparkplug().names.group, "site");
+        assert_eq!(d.sparkplug().names.device, "device", "the default stays");
+        for (extra, named) in [
+            (
+                "template = \"spBv1.0/{a}/{b}/{c}\"",
+                "template cannot be used with format sparkplug_b",
+            ),
+            (
+                "value = \"v\"",
+                "value cannot be used with format sparkplug_b",
+            ),
+            (
+                "timestamp = \"t\"",
+                "timestamp cannot be used with format sparkplug_b",
+            ),
+            (
+                "tag_names = { group = \"x\", edge_node = \"x\" }",
+                "tag_names: the names must differ",
+            ),
+            ("tag_names = { site = \"x\" }", "unknown key"),
+        ] {
+            let p = problems(&MINIMAL.replace(
+                "filter = \"sensors/#\"",
+                &format!("filter = \"spBv1.0/#\"\nformat = \"sparkplug_b\"\n{extra}"),
+            ));
+            assert!(p.len() == 1 && p[0].contains(named), "{extra}: {p:?}");
+        }
+        let p = problems(&MINIMAL.replace(
+            "filter = \"sensors/#\"",
+            "filter = \"sensors/#\"\nrebirth = true",
+        ));
+        assert!(
+            p[0].contains("rebirth and tag_names cannot be used with format json"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
     fn rules_need_a_condition_and_consistent_hysteresis() {
         let p = problems(&with("[[rules]]\nname = \"r\"\nmetric = \"t\""));
         assert!(

@@ -396,6 +396,17 @@ pub async fn run(
     let (subscription_changes, subscription_changes_rx) = mpsc::channel(1);
     let replayed = processor.replay(&journal)?;
     tracing::info!(replayed, checkpoint_lsn = processor.checkpoint_lsn(), epoch = %format!("{epoch:016x}"), "state recovered");
+    // Sources the Sparkplug B decoder holds as dead (its state file is written before a
+    // death is acknowledged): their silence alerts, should replay not have raised them.
+    let sparkplug = crate::ingest::decode::sparkplug::SparkplugState::load(
+        &data_dir
+            .join("state")
+            .join(crate::ingest::decode::sparkplug::STATE_FILE),
+        cfg.process.max_series,
+    );
+    for tags in sparkplug.offline_sources() {
+        processor.mark_offline(&crate::model::Offline { tags, after: 0 });
+    }
     let known_series = processor.known_series();
     // Arrival times go on from the latest one recorded, even if the wall clock is behind it.
     clock.raise_floor(processor.arrival_clock_ms());
@@ -436,6 +447,7 @@ pub async fn run(
             blocked: pstatus.blocked.clone(),
             live: Some(live.clone()),
             clock: clock.clone(),
+            state_dir: Some(data_dir.join("state")),
             subscription_changes: Some(subscription_changes_rx),
         },
         journal,

@@ -2,7 +2,8 @@
 //! releases its acknowledgements and hands the committed readings to processing.
 
 use super::config::MqttConfig;
-use super::decode::Reject;
+use super::decode::sparkplug::SparkplugState;
+use super::decode::{Format, Reject};
 use super::dedup::RecentCommits;
 use super::error::IngestError;
 use super::poll::{AckRequest, Incoming};
@@ -10,7 +11,7 @@ use super::status::IngestStatus;
 use super::subscriptions::Subscriptions;
 use crate::clock::now_ms;
 use crate::model::Reading;
-use crate::model::{Committed, RejectedMessage};
+use crate::model::{CommitGroup, Committed, Offline, RejectedMessage};
 use crate::model::{DedupKey, JournalEntry};
 use crate::store::StoreError;
 use crate::store::journal::Journal;
@@ -82,6 +83,14 @@ pub(super) struct Committer {
     pub(super) crash_after_commits: Option<u64>,
     /// Scratch buffer for series keys.
     pub(super) key_buf: String,
+    /// Sparkplug B's per-node state (aliases, seq), shared by every `sparkplug_b`
+    /// subscription, and the file it is kept in (none: in memory only).
+    pub(super) sparkplug: SparkplugState,
+    pub(super) sparkplug_file: Option<std::path::PathBuf>,
+    /// Where Sparkplug B rebirth requests are published.
+    pub(super) commands: Option<rumqttc::AsyncClient>,
+    /// Sources the group being committed reported gone (handed to processing with it).
+    pub(super) group_offline: Vec<Offline>,
 }
 
 /// Test failpoint: `EDGEFERRY_FAILPOINT_CRASH_AFTER_COMMITS=N` aborts the process right after
@@ -162,7 +171,7 @@ impl Committer {
         &mut self,
         mut rx: mpsc::Receiver<Incoming>,
         ack_tx: mpsc::UnboundedSender<Vec<AckRequest>>,
-        out: mpsc::Sender<Vec<Committed>>,
+        out: mpsc::Sender<CommitGroup>,
         cfg: &MqttConfig,
         progress: &AtomicU64,
     ) -> Result<(), IngestError> {
@@ -285,17 +294,21 @@ impl Committer {
                 let group = std::mem::replace(&mut acks, Vec::with_capacity(cfg.commit_max));
                 let _ = ack_tx.send(group);
             }
+            self.publish_rebirths();
             if let Some(live) = self.live.as_mut().filter(|l| l.active()) {
                 let now = now_ms();
                 live.offer(now, committed.iter().flat_map(|c| &c.entry.readings));
             }
-            if !committed.is_empty() {
+            if !committed.is_empty() || !self.group_offline.is_empty() {
                 // One hand-off per group, not per record.
                 let n: u64 = committed
                     .iter()
                     .map(|c| c.entry.readings.len() as u64)
                     .sum();
-                let batch = std::mem::replace(&mut committed, Vec::with_capacity(cfg.commit_max));
+                let batch = CommitGroup {
+                    records: std::mem::replace(&mut committed, Vec::with_capacity(cfg.commit_max)),
+                    offline: std::mem::take(&mut self.group_offline),
+                };
                 if out.send(batch).await.is_err() {
                     // Processing stopped (shutdown); the journal has it, replay will see it.
                 } else {
@@ -334,6 +347,12 @@ impl Committer {
                     received_at: Some(m.received_at),
                 });
             }
+            for tags in self.sparkplug.take_offline() {
+                self.group_offline.push(Offline {
+                    tags,
+                    after: committed.len(),
+                });
+            }
             acks.push(AckRequest {
                 generation: m.generation,
                 pkid: m.pkid,
@@ -341,11 +360,54 @@ impl Committer {
             });
             permits.push(m.permit);
         }
+        self.save_sparkplug();
         match self.write(committed) {
             Ok(()) => Ok(None),
             Err(e @ StoreError::Log(LogError::RecordTooLarge { .. })) => Err(e.into()),
             Err(e @ StoreError::Encode(_)) => Err(e.into()),
             Err(e) => Ok(Some(e)),
+        }
+    }
+
+    /// Writes the Sparkplug B state if a birth in this group changed it: before the group's
+    /// journal sync, so before the birth is acknowledged (a crash before that makes the
+    /// broker deliver the birth again). A failure is logged and counted, not fatal: the state
+    /// is still in memory, and after a restart without it the nodes are asked for a rebirth.
+    fn save_sparkplug(&mut self) {
+        if !self.sparkplug.take_changed() {
+            return;
+        }
+        let Some(path) = &self.sparkplug_file else {
+            return;
+        };
+        use crate::ingest::decode::sparkplug::{STATE_MAGIC, STATE_VERSION};
+        if let Err(e) =
+            crate::util::write_framed(path, STATE_MAGIC, STATE_VERSION, &self.sparkplug.encode())
+        {
+            metrics::counter!("edgeferry_sparkplug_state_write_errors_total").increment(1);
+            if let Some(n) = self.log_limit.check("sparkplug_state") {
+                tracing::warn!(
+                    suppressed = n,
+                    "cannot write the Sparkplug B state {}: {e} (kept in memory; after a \
+                     restart the nodes are asked for a rebirth)",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    /// Publishes the rebirth requests decided while decoding (QoS 0, as Sparkplug's
+    /// commands: a lost one is asked again at the node's next unresolvable message).
+    fn publish_rebirths(&mut self) {
+        for (topic, payload) in self.sparkplug.take_rebirths() {
+            let Some(client) = &self.commands else {
+                continue;
+            };
+            if let Err(e) = client.try_publish(&topic, QoS::AtMostOnce, false, payload) {
+                tracing::warn!(%topic, "cannot queue a Sparkplug B rebirth request: {e}");
+            } else {
+                tracing::info!(%topic, "asked a Sparkplug B edge node for a rebirth");
+            }
         }
     }
 
@@ -484,9 +546,19 @@ impl Committer {
             return None;
         }
         readings.clear();
-        if let Err(r) =
-            self.subs.decoders[sub].decode(&m.topic, &m.payload, m.received_ms, readings)
-        {
+        let decoder = &self.subs.decoders[sub];
+        let decoded = if decoder.format() == Format::SparkplugB {
+            self.sparkplug.decode(
+                &m.topic,
+                &m.payload,
+                m.received_ms,
+                decoder.sparkplug(),
+                readings,
+            )
+        } else {
+            decoder.decode(&m.topic, &m.payload, m.received_ms, readings)
+        };
+        if let Err(r) = decoded {
             self.reject_decode(m, &r);
             return None;
         }

@@ -1,5 +1,6 @@
 //! Configuration of the MQTT ingest stage (`[mqtt]` and `[[mqtt.subscribe]]`).
 
+use super::decode::sparkplug::TagNames;
 use super::decode::{Decoder, Format, Precision, Template, TemplateError};
 use crate::validate::Problems;
 use bytesize::ByteSize;
@@ -86,7 +87,7 @@ pub struct SubscribeConfig {
     /// Topic template mapping levels to tags, e.g. `sensors/{site}/{device}/{metric}`.
     #[serde(default)]
     pub template: Option<String>,
-    /// Payload format: `json`, `number`, `senml` or `line`.
+    /// Payload format: `json`, `number`, `senml`, `line` or `sparkplug_b`.
     #[serde(default)]
     pub format: Format,
     /// JSON: dotted path of the value field; absent = every numeric field is a reading.
@@ -99,6 +100,16 @@ pub struct SubscribeConfig {
     /// `ns`, as InfluxDB and Telegraf default to.
     #[serde(default)]
     pub precision: Option<Precision>,
+    /// `format = "sparkplug_b"` only: ask an edge node for a rebirth (`NCMD` with `Node
+    /// Control/Rebirth = true`, at most every 5 s per node) when its data names aliases no
+    /// birth declared or its `seq` skips. Default: true.
+    #[serde(default)]
+    pub rebirth: Option<bool>,
+    /// `format = "sparkplug_b"` only: the names of the tags the topic's levels become, e.g.
+    /// `{ group = "site", edge_node = "gateway", device = "machine" }`. Default: `group`,
+    /// `edge_node`, `device`.
+    #[serde(default)]
+    pub tag_names: Option<TagNames>,
 }
 
 impl SubscribeConfig {
@@ -111,10 +122,17 @@ impl SubscribeConfig {
             self.value.as_deref(),
             self.timestamp.as_deref(),
         )?;
-        match self.precision {
-            Some(p) => d.with_precision(p),
-            None => Ok(d),
+        let d = match self.precision {
+            Some(p) => d.with_precision(p)?,
+            None => d,
+        };
+        if self.rebirth.is_none() && self.tag_names.is_none() {
+            return Ok(d);
         }
+        d.with_sparkplug(crate::ingest::decode::sparkplug::Options {
+            rebirth: self.rebirth.unwrap_or(true),
+            names: self.tag_names.clone().unwrap_or_default(),
+        })
     }
 }
 

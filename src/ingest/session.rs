@@ -3,12 +3,13 @@
 use super::commit::{Committer, SeriesGuard};
 pub use super::commit::{FAILPOINT_ENV, INGEST_REASONS};
 use super::config::MqttConfig;
+use super::decode::sparkplug::SparkplugState;
 use super::dedup::RecentCommits;
 pub use super::error::IngestError;
 use super::poll::{AckRequest, Incoming, SubscriptionState, poll_loop, publish_loop};
 use super::status::IngestStatus;
 use super::subscriptions::{SubscriptionChange, Subscriptions};
-use crate::model::Committed;
+use crate::model::CommitGroup;
 use crate::store::journal::Journal;
 use crate::telemetry::RateLimit;
 use rumqttc::{AsyncClient, MqttOptions, NetworkOptions, TlsConfiguration, Transport};
@@ -37,6 +38,8 @@ pub struct IngestParams {
     pub live: Option<crate::live::LiveFeed>,
     /// Arrival times, and whether the wall clock may judge a sensor's timestamp.
     pub clock: Arc<crate::clock::GatewayClock>,
+    /// Where the Sparkplug B state file is kept (none: in memory only).
+    pub state_dir: Option<std::path::PathBuf>,
     /// Configuration reloads send new `[[mqtt.subscribe]]` lists here (none: fixed).
     pub subscription_changes: Option<mpsc::Receiver<SubscriptionChange>>,
 }
@@ -50,7 +53,7 @@ pub async fn run(
     client_id: String,
     mut params: IngestParams,
     journal: Journal,
-    out: mpsc::Sender<Vec<Committed>>,
+    out: mpsc::Sender<CommitGroup>,
     publications: mpsc::Receiver<crate::model::Publication>,
     status: Arc<IngestStatus>,
     ready: watch::Sender<bool>,
@@ -101,6 +104,18 @@ pub async fn run(
     // nothing more can be made durable, so nothing more may be read or acknowledged.
     let stop = shutdown.child_token();
     let committer_table = table.clone();
+    let sparkplug_file = params
+        .state_dir
+        .as_ref()
+        .map(|d| d.join(super::decode::sparkplug::STATE_FILE));
+    let sparkplug = match &sparkplug_file {
+        Some(path) => SparkplugState::load(path, params.max_series),
+        None => SparkplugState::new(params.max_series),
+    };
+    if sparkplug.nodes() > 0 {
+        tracing::info!(nodes = sparkplug.nodes(), "Sparkplug B state loaded");
+    }
+    let commands = client.clone();
     let committer = tokio::spawn({
         let stop = stop.clone();
         let status = status.clone();
@@ -131,6 +146,10 @@ pub async fn run(
                 commits: 0,
                 dups_in_group: 0,
                 key_buf: String::new(),
+                sparkplug,
+                sparkplug_file,
+                commands: Some(commands),
+                group_offline: Vec::new(),
                 crash_after_commits: std::env::var(FAILPOINT_ENV)
                     .ok()
                     .and_then(|v| v.parse().ok()),

@@ -13,6 +13,38 @@ pub struct Committed {
     pub received_at: Option<std::time::Instant>,
 }
 
+/// What ingest hands to processing per commit group: the records, and the devices the group
+/// reported gone (Sparkplug B deaths), each after the records that came before it.
+#[derive(Debug, Clone, Default)]
+pub struct CommitGroup {
+    /// The group's committed records, in journal order.
+    pub records: Vec<Committed>,
+    /// Deaths, in message order.
+    pub offline: Vec<Offline>,
+}
+
+/// A source that reported itself gone (a Sparkplug B NDEATH or DDEATH): its series' silence
+/// rules raise at once instead of after `silent_for`. Not a journal record: the decoder's
+/// state file holds it (written before the death is acknowledged), and the daemon applies
+/// what it holds again after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offline {
+    /// Tags every series of the source carries (`group`, `edge_node`, and `device` for a
+    /// device): a series is the source's when its tags include all of them.
+    pub tags: Vec<(String, String)>,
+    /// How many of the group's records came before it.
+    pub after: usize,
+}
+
+impl Offline {
+    /// Whether a series with `tags` belongs to the source that went.
+    pub fn covers(&self, tags: &std::collections::BTreeMap<String, String>) -> bool {
+        self.tags
+            .iter()
+            .all(|(k, v)| tags.get(k).is_some_and(|t| t == v))
+    }
+}
+
 /// A message edgeferry publishes on the local broker (alerts), with QoS 1.
 #[derive(Debug, Clone)]
 pub struct Publication {

@@ -16,7 +16,7 @@ pub mod status;
 pub use aggregate::Aggregate;
 pub use alert::{Alert, AlertState};
 pub use batch::{BatchKind, OutboxBatch, OutboxItem};
-pub use messages::{Committed, Publication};
+pub use messages::{CommitGroup, Committed, Offline, Publication};
 pub use reading::{Reading, SeriesInfo, series_key, write_series_key};
 pub use record::{DedupKey, JournalEntry};
 pub use sketch::Sketch;

@@ -45,7 +45,7 @@ pub use shared::{ProcessLimits, ProcessShared, ProcessStatus};
 
 use crate::model::batch::OutboxItem;
 use crate::model::{Alert, AlertState, SeriesInfo};
-use crate::model::{Committed, Publication};
+use crate::model::{CommitGroup, Committed, Offline, Publication};
 use crate::store::WhenFull;
 use crate::store::journal::Journal;
 use crate::store::outbox::Lane;
@@ -351,6 +351,18 @@ impl Processor {
     /// Where alerts are published on the local broker (none in replay-only uses).
     pub fn set_publications(&mut self, tx: mpsc::Sender<Publication>) {
         self.publications = Some(tx);
+    }
+
+    /// A source reported itself gone: its series' silence rules raise at once (see
+    /// [`Offline`]). Also called by the daemon after replay for the sources its decoders'
+    /// state still holds as gone.
+    pub fn mark_offline(&mut self, gone: &Offline) {
+        let now = self.state.clock_ms.max(self.shared.clock.arrival_ms());
+        self.state.rules.mark_offline(gone, now, &mut self.alerts);
+        if !self.alerts.is_empty() {
+            self.dirty = true;
+        }
+        self.emit_alerts(None);
     }
 
     /// Where configuration reloads send their changes (none: the configuration is fixed).
@@ -817,7 +829,7 @@ impl Processor {
     /// checkpointing every `checkpoint_interval` while something changed (within
     /// [`ALERTS_CHECKPOINT_WITHIN`] when alert batches wait for the forwarder),
     /// and once more at the end.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<Committed>>) -> Result<(), ProcessError> {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<CommitGroup>) -> Result<(), ProcessError> {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_checkpoint = Instant::now();
@@ -1007,8 +1019,17 @@ impl Processor {
     /// The lag and apply-time histograms get one sample per group (the oldest record's lag,
     /// the mean apply time per record): a sample per record made every `/metrics` scrape fold
     /// hundreds of thousands of samples into the quantile summaries during a backlog drain.
-    fn on_committed(&mut self, group: Vec<Committed>, queued: usize) {
-        let Some(first) = group.first() else { return };
+    fn on_committed(&mut self, group: CommitGroup, queued: usize) {
+        let CommitGroup {
+            records: group,
+            offline,
+        } = group;
+        let Some(first) = group.first() else {
+            for gone in &offline {
+                self.mark_offline(gone);
+            }
+            return;
+        };
         // Ages on the monotonic clock: a wall-clock step is not a delay.
         let age_of = |c: &Committed| c.received_at.map(|t| t.elapsed());
         let age = age_of(first).unwrap_or_default();
@@ -1039,8 +1060,15 @@ impl Processor {
             }
         }
         let started = Instant::now();
-        for c in &group {
+        let mut gone = offline.iter().peekable();
+        for (i, c) in group.iter().enumerate() {
+            while let Some(g) = gone.next_if(|g| g.after <= i) {
+                self.mark_offline(g);
+            }
             self.apply(c);
+        }
+        for g in gone {
+            self.mark_offline(g);
         }
         self.apply_histogram
             .record(started.elapsed().as_secs_f64() / group.len() as f64);

@@ -59,7 +59,7 @@
 //!   would. Use [`Rules::reconfigure`] after restoring a checkpoint under a changed config.
 //! * Topics: see [`Rules::topic`]; unknown placeholders become `_`.
 
-use crate::model::{Alert, AlertState, SeriesInfo};
+use crate::model::{Alert, AlertState, Offline, SeriesInfo};
 use crate::process::config::RuleConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -422,6 +422,34 @@ impl Rules {
                     continue;
                 };
                 if st.active.is_none() && silent_ms >= limit {
+                    st.active = Some(Cause::Silence);
+                    out.push(make_alert(
+                        rule,
+                        key,
+                        &t.series.metric,
+                        &t.series.tags,
+                        AlertState::Raised,
+                        None,
+                        now_ms,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A source reported itself gone ([`Offline`]): every silence rule of its tracked series
+    /// raises now (value `None`, `time_ms = now_ms`), unless raised already; its next reading
+    /// clears it as usual. Emits in (series key, rule) order.
+    pub fn mark_offline(&mut self, gone: &Offline, now_ms: i64, out: &mut Vec<Alert>) {
+        for (key, t) in &mut self.series {
+            if !gone.covers(&t.series.tags) {
+                continue;
+            }
+            for st in &mut t.states {
+                let Some(rule) = self.rules.get(st.rule) else {
+                    continue;
+                };
+                if rule.silent_for_ms.is_some() && st.active.is_none() {
                     st.active = Some(Cause::Silence);
                     out.push(make_alert(
                         rule,

@@ -843,6 +843,20 @@ pub fn subscriber(
     filter: &str,
     client_id: &str,
 ) -> std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value, u64)>>> {
+    subscribe_with(port, filter, client_id, |p| {
+        let v = serde_json::from_slice(&p.payload).unwrap();
+        (p.topic.clone(), v, now_ms())
+    })
+}
+
+/// Subscribes to `filter` on the broker as `client_id` (QoS 1) and collects what `take`
+/// makes of every message; returns once the broker acknowledged the subscription.
+pub fn subscribe_with<T: Send + 'static>(
+    port: u16,
+    filter: &str,
+    client_id: &str,
+    take: fn(&rumqttc::Publish) -> T,
+) -> std::sync::Arc<std::sync::Mutex<Vec<T>>> {
     let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let g = got.clone();
     let filter = filter.to_string();
@@ -866,8 +880,7 @@ pub fn subscriber(
                         let _ = ready_tx.send(());
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        let v = serde_json::from_slice(&p.payload).unwrap();
-                        g.lock().unwrap().push((p.topic.clone(), v, now_ms()));
+                        g.lock().unwrap().push(take(&p));
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,

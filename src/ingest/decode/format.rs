@@ -16,16 +16,21 @@ pub enum Format {
     Senml,
     /// InfluxDB line protocol (Telegraf's native output), one or more lines.
     Line,
+    /// Sparkplug B protobuf payloads on `spBv1.0/...` topics (stateful: see the `sparkplug`
+    /// module).
+    #[serde(rename = "sparkplug_b")]
+    SparkplugB,
 }
 
 impl Format {
-    /// The configuration spelling (`json`, `number`, `senml`, `line`).
+    /// The configuration spelling (`json`, `number`, `senml`, `line`, `sparkplug_b`).
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Json => "json",
             Format::Number => "number",
             Format::Senml => "senml",
             Format::Line => "line",
+            Format::SparkplugB => "sparkplug_b",
         }
     }
 }
@@ -48,6 +53,7 @@ mod tests {
             ("\"number\"", Format::Number),
             ("\"senml\"", Format::Senml),
             ("\"line\"", Format::Line),
+            ("\"sparkplug_b\"", Format::SparkplugB),
         ] {
             assert_eq!(serde_json::from_str::<Format>(text).unwrap(), f);
             assert_eq!(serde_json::to_string(&f).unwrap(), text);

@@ -21,6 +21,8 @@
 //! * [`Format::Senml`]: RFC 8428 SenML in its JSON representation.
 //! * [`Format::Line`]: InfluxDB line protocol, one reading per numeric or boolean field of
 //!   each line (see the `line` module).
+//! * [`Format::SparkplugB`]: Sparkplug B; stateful (aliases, sequence numbers), so decoded by
+//!   the session's [`sparkplug::SparkplugState`], not by [`Decoder::decode`].
 //!
 //! # Time
 //! Every reading carries an event time in ms since the Unix epoch. Without a timestamp
@@ -35,6 +37,7 @@ mod line;
 mod number;
 mod reject;
 mod senml;
+pub mod sparkplug;
 mod template;
 #[cfg(test)]
 mod testkit;
@@ -83,6 +86,8 @@ pub struct Decoder {
     timestamp: Option<FieldPath>,
     /// For [`Format::Line`]: the field `value` names and the timestamps' unit.
     line: LineOptions,
+    /// For [`Format::SparkplugB`]: tag names and rebirth requests.
+    sparkplug: sparkplug::Options,
 }
 
 impl Decoder {
@@ -120,6 +125,19 @@ impl Decoder {
                 why: "only JSON payloads have fields to read a timestamp from",
             });
         }
+        if format == Format::SparkplugB {
+            let why = "Sparkplug B topics and payloads have a fixed structure (tags group, \
+                       edge_node, device; the metric's own name and timestamp)";
+            for (option, set) in [("template", template.is_some()), ("value", value.is_some())] {
+                if set {
+                    return Err(TemplateError::NotApplicable {
+                        option,
+                        format,
+                        why,
+                    });
+                }
+            }
+        }
         let line = LineOptions {
             field: value.as_ref().map(|p| p.text.clone()),
             precision: Precision::default(),
@@ -130,6 +148,7 @@ impl Decoder {
             value,
             timestamp,
             line,
+            sparkplug: sparkplug::Options::default(),
         })
     }
 
@@ -151,7 +170,29 @@ impl Decoder {
     /// Whether payloads carry their readings' timestamps (JSON with a `timestamp` path,
     /// SenML), so that a reading has an identity of its own (series, event time, value).
     pub fn reads_timestamps(&self) -> bool {
-        self.format == Format::Senml || self.timestamp.is_some()
+        matches!(self.format, Format::Senml | Format::SparkplugB) || self.timestamp.is_some()
+    }
+
+    /// For `format = "sparkplug_b"` only: the tag names and whether nodes are asked for a
+    /// rebirth when their state is missing or messages were lost (on by default).
+    pub fn with_sparkplug(mut self, options: sparkplug::Options) -> Result<Decoder, TemplateError> {
+        if self.format != Format::SparkplugB {
+            return Err(TemplateError::NotApplicable {
+                option: "rebirth and tag_names",
+                format: self.format,
+                why: "only Sparkplug B has edge nodes to ask for a rebirth and topic levels to name",
+            });
+        }
+        if let Some(why) = options.names.problem() {
+            return Err(TemplateError::BadTagNames(why));
+        }
+        self.sparkplug = options;
+        Ok(self)
+    }
+
+    /// How Sparkplug B messages are decoded (see [`Decoder::with_sparkplug`]).
+    pub fn sparkplug(&self) -> &sparkplug::Options {
+        &self.sparkplug
     }
 
     /// The payload format this decoder expects.
@@ -179,6 +220,11 @@ impl Decoder {
         arrival_ms: i64,
         out: &mut Vec<Reading>,
     ) -> Result<(), Reject> {
+        if self.format == Format::SparkplugB {
+            return Err(Reject::BadSparkplug {
+                detail: "Sparkplug B needs the session's state: decoded by SparkplugState".into(),
+            });
+        }
         let (metric, tags) = match &self.template {
             Some(t) => t.matches(topic).ok_or_else(|| Reject::TopicMismatch {
                 topic: snippet(topic),
@@ -204,6 +250,7 @@ impl Decoder {
             Format::Json => self.decode_json(text, &mut msg, out),
             Format::Senml => decode_senml(text, &msg.tags, msg.arrival_ms, out),
             Format::Line => decode_line_protocol(text, &self.line, &msg.tags, msg.arrival_ms, out),
+            Format::SparkplugB => unreachable!("returned before"),
         };
         if result.is_err() {
             out.truncate(start);
@@ -525,6 +572,19 @@ mod tests {
             assert_eq!(err.reason(), *reason, "{payload:?}: {err}");
             assert!(ALL_REASONS.contains(&err.reason()));
             assert!(!err.to_string().is_empty());
+            produced.insert(err.reason());
+        }
+        // Sparkplug B decodes with the session's state.
+        let mut state = sparkplug::SparkplugState::new(10);
+        let options = sparkplug::Options::default();
+        for (topic, payload, reason) in [
+            ("spBv1.0/g/NDATA", &b""[..], "bad_sparkplug"),
+            ("spBv1.0/g/NDATA/n", &b""[..], "unknown_alias"),
+        ] {
+            let err = state
+                .decode(topic, payload, 0, &options, &mut Vec::new())
+                .unwrap_err();
+            assert_eq!(err.reason(), reason, "{topic}: {err}");
             produced.insert(err.reason());
         }
         let listed: BTreeSet<&str> = ALL_REASONS.iter().copied().collect();

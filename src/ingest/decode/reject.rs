@@ -19,6 +19,8 @@ pub const ALL_REASONS: &[&str] = &[
     "bad_number",
     "bad_senml",
     "bad_line",
+    "bad_sparkplug",
+    "unknown_alias",
 ];
 
 /// Why a message produced no readings. `Display` is a human explanation with the detail
@@ -105,6 +107,18 @@ pub enum Reject {
         /// Which rule is broken.
         detail: String,
     },
+    /// A Sparkplug B topic or payload that breaks the specification.
+    #[error("invalid Sparkplug B message: {detail}")]
+    BadSparkplug {
+        /// What is wrong (the topic's structure, the protobuf).
+        detail: String,
+    },
+    /// Sparkplug B data whose metrics no birth declared (a rebirth is requested).
+    #[error("unknown Sparkplug B alias: {detail}")]
+    UnknownAlias {
+        /// Which node, device or aliases.
+        detail: String,
+    },
 }
 
 pub(super) fn describe_path(path: &str) -> String {
@@ -135,6 +149,8 @@ impl Reject {
             Reject::BadNumber { .. } => "bad_number",
             Reject::BadSenml { .. } => "bad_senml",
             Reject::BadLine { .. } => "bad_line",
+            Reject::BadSparkplug { .. } => "bad_sparkplug",
+            Reject::UnknownAlias { .. } => "unknown_alias",
         }
     }
 }

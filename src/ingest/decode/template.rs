@@ -92,13 +92,16 @@ pub enum TemplateError {
     /// misconfiguration is noticed at startup, not as wrong data later.
     #[error("{option} cannot be used with format {format}: {why}")]
     NotApplicable {
-        /// `value`, `timestamp` or `precision`.
+        /// `value`, `timestamp`, `precision`, `template`, `rebirth` or `tag_names`.
         option: &'static str,
         /// The configured format.
         format: Format,
         /// Why it does not apply.
         why: &'static str,
     },
+    /// `tag_names` of a Sparkplug B subscription that cannot name three distinct tags.
+    #[error("tag_names: {0}")]
+    BadTagNames(String),
 }
 
 /// One level of a parsed [`Template`].
