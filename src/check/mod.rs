@@ -6,7 +6,8 @@
 //! checkpoint (`state/checkpoint.bin`, envelope `EFCK` v6 with its deltas
 //! `state/checkpoint-delta-NNNNNN.bin`, envelope `EFCD` v2, both compressed; the versions
 //! before are read too), the outbox acknowledgement state (`outbox/acked.bin`, envelope `EFAK`
-//! v1) and the store epoch (`epoch`, 16 hex digits).
+//! v1), the store epoch (`epoch`, 16 hex digits) and the Sparkplug B decoder's state
+//! (`state/sparkplug.state`, envelope `EFSP` v1, only where Sparkplug B is subscribed).
 //!
 //! * [`verify`] reads everything and changes nothing. It takes no lock, but says when a
 //!   daemon holds one (its results may then be stale: the daemon keeps writing).
@@ -110,6 +111,7 @@ mod tests {
         fs::write(tmp.path().join(CHECKPOINT), b"garbage").unwrap();
         fs::write(tmp.path().join(ACKS), b"EFAK junk").unwrap();
         fs::write(tmp.path().join(EPOCH), b"xyz").unwrap();
+        fs::write(tmp.path().join(SPARKPLUG), b"EFSP half a file").unwrap();
 
         let r = verify(tmp.path()).unwrap();
         assert!(!r.clean);
@@ -121,7 +123,7 @@ mod tests {
             .collect();
         assert_eq!(
             damaged,
-            ["journal", "checkpoint", "acked", "epoch"],
+            ["journal", "checkpoint", "acked", "epoch", "sparkplug"],
             "a torn tail alone (outbox/aggregates) is what a crash leaves, not damage"
         );
         assert!(r.parts[1].summary.contains("torn tail"), "{:?}", r.parts[1]);
@@ -155,6 +157,7 @@ mod tests {
         assert_eq!(fs::read(qdir.join(CHECKPOINT)).unwrap(), b"garbage");
         assert_eq!(fs::read(qdir.join(EPOCH)).unwrap(), b"xyz");
         assert!(qdir.join(ACKS).exists());
+        assert_eq!(fs::read(qdir.join(SPARKPLUG)).unwrap(), b"EFSP half a file");
         // The torn outbox tail was cut, and a copy kept.
         assert!(rep.moved.iter().any(|m| m.what.starts_with("torn tail")));
         assert!(qdir.join("REPAIR.txt").exists());

@@ -267,11 +267,12 @@ pub fn repair(data_dir: &Path, segment_bytes: u64) -> Result<RepairReport, Check
     }
 
     // Damaged small files: the daemon copes without them (fresh checkpoint and replay, acks
-    // resent, new epoch); moving them aside keeps the bytes and lets verify come back clean.
+    // resent, new epoch, Sparkplug B nodes asked for a rebirth); moving them aside keeps the bytes and lets verify come back clean.
     for (part, rel, what) in [
         ("checkpoint", CHECKPOINT, "damaged checkpoint"),
         ("acked", ACKS, "damaged acknowledgement state"),
         ("epoch", EPOCH, "damaged store epoch"),
+        ("sparkplug", SPARKPLUG, "damaged Sparkplug B state"),
     ] {
         let found = before.parts.iter().find(|p| p.part == part);
         if found.is_some_and(|p| p.state == PartState::Damaged) {

@@ -107,6 +107,7 @@ pub fn verify(data_dir: &Path) -> Result<StoreReport, CheckError> {
     parts.push(verify_checkpoint(&data_dir.join(CHECKPOINT)));
     parts.push(verify_acks(&data_dir.join(ACKS)));
     parts.push(verify_epoch(&data_dir.join(EPOCH)));
+    parts.push(verify_sparkplug(&data_dir.join(SPARKPLUG)));
 
     let mut notes = Vec::new();
     if let (Some(cp), Some(next)) = (&parts[3].checkpoint, parts[0].next_lsn)
@@ -343,6 +344,34 @@ pub(super) fn verify_acks(path: &Path) -> PartReport {
             path,
             bytes.len() as u64,
             format!("{why} (unacknowledged batches would be sent again)"),
+        ),
+    }
+}
+
+pub(super) fn verify_sparkplug(path: &Path) -> PartReport {
+    use crate::ingest::decode::sparkplug::SparkplugState;
+    const PART: &str = "sparkplug";
+    let bytes = match read_part(PART, path) {
+        Ok(Some(b)) => b,
+        Ok(None) => return missing(PART, path, "none (no Sparkplug B birth seen)"),
+        Err(r) => return *r,
+    };
+    match SparkplugState::decode_state(&bytes, usize::MAX) {
+        Ok(s) => intact(
+            PART,
+            path,
+            bytes.len() as u64,
+            format!(
+                "{} edge node(s), {} gone",
+                s.nodes(),
+                s.offline_sources().len()
+            ),
+        ),
+        Err(why) => damaged(
+            PART,
+            path,
+            bytes.len() as u64,
+            format!("{why} (the nodes would be asked for a rebirth)"),
         ),
     }
 }
