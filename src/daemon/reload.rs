@@ -14,8 +14,8 @@
 //! ```
 //!
 //! Each outcome is counted in `edgeferry_config_reloads_total{result}`. Whatever the outcome
-//! but "applied", the daemon runs on exactly as before: the only step that can fail (binding
-//! the new admin address) comes before anything is changed.
+//! but "applied", the daemon runs on exactly as before: the steps that can fail (binding the
+//! new admin address, reading the store epoch for a new link) come before anything changes.
 //!
 //! Why these keys and no others: the journal, the checkpoint and the outbox are laid out by
 //! `gateway`, `process` and `store` (a different data directory or window set would be a
@@ -117,10 +117,13 @@ impl Outcome {
 /// The dotted keys whose values differ between `old` and `new` (a table is compared key by
 /// key, anything else, lists included, as one value).
 pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
-    let old = serde_json::to_value(old).expect("a configuration serialises");
-    let new = serde_json::to_value(new).expect("a configuration serialises");
     let mut out = Vec::new();
-    diff("", &old, &new, &mut out);
+    match (serde_json::to_value(old), serde_json::to_value(new)) {
+        (Ok(old), Ok(new)) => diff("", &old, &new, &mut out),
+        // Not seen (every map key of a configuration is a string); if it happened, refuse
+        // rather than guess.
+        _ => out.push("(the configuration as a whole)".into()),
+    }
     out
 }
 
@@ -263,22 +266,25 @@ impl UpstreamSlot {
         self.running = Some((stop, task));
     }
 
+    /// The store epoch a new link starts under (a link may have renewed it).
+    pub fn epoch(&self) -> Result<u64, String> {
+        crate::store::epoch::load_or_create(&self.data_dir)
+            .map_err(|e| format!("cannot read the store epoch: {e}"))
+    }
+
     /// Stops the running link (waiting for it, at most [`PART_TIMEOUT`]) and starts one for
-    /// `cfg`. What the old one had in flight is sent again by the new one, under the same
-    /// batch ids.
-    pub async fn replace(&mut self, cfg: Option<UpstreamConfig>) -> Result<(), String> {
+    /// `cfg` under `epoch`. What the old one had in flight is sent again by the new one,
+    /// under the same batch ids (the central side stores them once).
+    pub async fn replace(&mut self, cfg: Option<UpstreamConfig>, epoch: u64) {
         if let Some((stop, task)) = self.running.take() {
             stop.cancel();
             if tokio::time::timeout(PART_TIMEOUT, task).await.is_err() {
-                return Err(format!(
-                    "the upstream link did not stop within {PART_TIMEOUT:?}"
-                ));
+                // Cancelled, it ends at its next await; meanwhile both may send a batch,
+                // which the central side deduplicates.
+                tracing::warn!("the upstream link did not stop within {PART_TIMEOUT:?}");
             }
         }
-        let epoch = crate::store::epoch::load_or_create(&self.data_dir)
-            .map_err(|e| format!("cannot read the store epoch: {e}"))?;
         self.start(cfg, epoch);
-        Ok(())
     }
 }
 
@@ -350,7 +356,15 @@ impl Reloader {
             tracing::warn!("{w}");
         }
         let touched = |section: &str| changed.iter().any(|k| k.starts_with(section));
-        // The one step that can fail comes first, before anything has changed.
+        // The steps that can fail come first, before anything has changed.
+        let epoch = if touched("upstream") {
+            match self.upstream.epoch() {
+                Ok(e) => Some(e),
+                Err(e) => return Outcome::Failed(e),
+            }
+        } else {
+            None
+        };
         let listener = if new.admin.listen != self.current.admin.listen {
             match AdminSlot::bind(&new.admin.listen).await {
                 Ok(l) => Some(l),
@@ -410,10 +424,8 @@ impl Reloader {
         if let Some(listener) = listener {
             self.admin.replace(listener);
         }
-        if touched("upstream")
-            && let Err(e) = self.upstream.replace(new.upstream.clone()).await
-        {
-            tracing::error!("{e}");
+        if let Some(epoch) = epoch {
+            self.upstream.replace(new.upstream.clone(), epoch).await;
         }
         self.current = new;
         Outcome::Applied(changed)
