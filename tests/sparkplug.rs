@@ -77,6 +77,25 @@ fn by_alias(alias: u64, datatype: &str, value: serde_json::Value, ts: i64) -> se
     json!({"name": null, "alias": alias, "datatype": datatype, "value": value, "timestamp": ts})
 }
 
+/// An NDATA of `node` with one double metric by alias, at `ts`.
+fn ndata(
+    node: &str,
+    seq: u64,
+    ts: i64,
+    alias: u64,
+    value: serde_json::Value,
+) -> (String, serde_json::Value) {
+    (
+        topic("NDATA", node),
+        data(
+            "NDATA",
+            seq,
+            ts,
+            json!([by_alias(alias, "DOUBLE", value, ts)]),
+        ),
+    )
+}
+
 /// Publishes `(topic, message)` pairs in order and waits for the broker's PUBACKs.
 fn publish(p: &Publisher, sent: &mut usize, msgs: &[(String, serde_json::Value)]) {
     let payloads = encode(json!(
@@ -228,48 +247,16 @@ fn an_unknown_alias_a_seq_gap_or_data_before_birth_asks_for_a_rebirth_and_a_wrap
     let mut msgs = vec![(topic("NBIRTH", "wrap"), birth(T0, temp.clone()))];
     for (i, seq) in (1..=255).chain([0]).enumerate() {
         let ts = T0 + 1 + i as i64;
-        msgs.push((
-            topic("NDATA", "wrap"),
-            data(
-                "NDATA",
-                seq,
-                ts,
-                json!([by_alias(1, "DOUBLE", json!(seq), ts)]),
-            ),
-        ));
+        msgs.push(ndata("wrap", seq, ts, 1, json!(seq)));
     }
     // Node "gap": seq 1 is lost. Node "alias": an alias its birth never declared. Node
     // "unborn": data before any birth.
     msgs.extend([
         (topic("NBIRTH", "gap"), birth(T0, temp.clone())),
-        (
-            topic("NDATA", "gap"),
-            data(
-                "NDATA",
-                2,
-                T0,
-                json!([by_alias(1, "DOUBLE", json!(7.0), T0)]),
-            ),
-        ),
+        ndata("gap", 2, T0, 1, json!(7.0)),
         (topic("NBIRTH", "alias"), birth(T0, temp.clone())),
-        (
-            topic("NDATA", "alias"),
-            data(
-                "NDATA",
-                1,
-                T0,
-                json!([by_alias(99, "DOUBLE", json!(8.0), T0)]),
-            ),
-        ),
-        (
-            topic("NDATA", "unborn"),
-            data(
-                "NDATA",
-                4,
-                T0,
-                json!([by_alias(1, "DOUBLE", json!(9.0), T0)]),
-            ),
-        ),
+        ndata("alias", 1, T0, 99, json!(8.0)),
+        ndata("unborn", 4, T0, 1, json!(9.0)),
     ]);
     publish(&p, &mut sent, &msgs);
     wait_for("three rebirth requests", Duration::from_secs(10), || {
@@ -332,19 +319,7 @@ fn aliases_survive_a_crash_between_birth_and_data_and_a_lost_state_is_rebuilt_by
     });
     gw.kill9();
     gw.start();
-    publish(
-        &p,
-        &mut sent,
-        &[(
-            topic("NDATA", "gw1"),
-            data(
-                "NDATA",
-                1,
-                T0 + 1,
-                json!([by_alias(1, "DOUBLE", json!(2.0), T0 + 1)]),
-            ),
-        )],
-    );
+    publish(&p, &mut sent, &[ndata("gw1", 1, T0 + 1, 1, json!(2.0))]);
     wait_for(
         "the data after the restart",
         Duration::from_secs(10),
@@ -358,19 +333,7 @@ fn aliases_survive_a_crash_between_birth_and_data_and_a_lost_state_is_rebuilt_by
     gw.kill9();
     std::fs::remove_file(gw.dir.path().join("data/state/sparkplug.state")).unwrap();
     gw.start();
-    publish(
-        &p,
-        &mut sent,
-        &[(
-            topic("NDATA", "gw1"),
-            data(
-                "NDATA",
-                2,
-                T0 + 2,
-                json!([by_alias(1, "DOUBLE", json!(3.0), T0 + 2)]),
-            ),
-        )],
-    );
+    publish(&p, &mut sent, &[ndata("gw1", 2, T0 + 2, 1, json!(3.0))]);
     wait_for("a rebirth request", Duration::from_secs(10), || {
         !ncmd.lock().unwrap().is_empty()
     });
@@ -379,15 +342,7 @@ fn aliases_survive_a_crash_between_birth_and_data_and_a_lost_state_is_rebuilt_by
         &mut sent,
         &[
             (topic("NBIRTH", "gw1"), birth(T0 + 3, temp)),
-            (
-                topic("NDATA", "gw1"),
-                data(
-                    "NDATA",
-                    1,
-                    T0 + 4,
-                    json!([by_alias(1, "DOUBLE", json!(4.0), T0 + 4)]),
-                ),
-            ),
+            ndata("gw1", 1, T0 + 4, 1, json!(4.0)),
         ],
     );
     wait_for(

@@ -220,6 +220,28 @@ pub struct Rules {
     series: BTreeMap<String, Tracked>,
 }
 
+/// Raises `st`'s silence alert for the series (value `None`, `time_ms = now_ms`): its rule
+/// saw nothing for `silent_for`, or the source said it is gone.
+fn raise_silence(
+    rule: &Rule,
+    key: &str,
+    series: &SeriesInfo,
+    st: &mut RuleState,
+    now_ms: i64,
+    out: &mut Vec<Alert>,
+) {
+    st.active = Some(Cause::Silence);
+    out.push(make_alert(
+        rule,
+        key,
+        &series.metric,
+        &series.tags,
+        AlertState::Raised,
+        None,
+        now_ms,
+    ));
+}
+
 fn make_alert(
     rule: &Rule,
     key: &str,
@@ -422,16 +444,7 @@ impl Rules {
                     continue;
                 };
                 if st.active.is_none() && silent_ms >= limit {
-                    st.active = Some(Cause::Silence);
-                    out.push(make_alert(
-                        rule,
-                        key,
-                        &t.series.metric,
-                        &t.series.tags,
-                        AlertState::Raised,
-                        None,
-                        now_ms,
-                    ));
+                    raise_silence(rule, key, &t.series, st, now_ms, out);
                 }
             }
         }
@@ -450,16 +463,7 @@ impl Rules {
                     continue;
                 };
                 if rule.silent_for_ms.is_some() && st.active.is_none() {
-                    st.active = Some(Cause::Silence);
-                    out.push(make_alert(
-                        rule,
-                        key,
-                        &t.series.metric,
-                        &t.series.tags,
-                        AlertState::Raised,
-                        None,
-                        now_ms,
-                    ));
+                    raise_silence(rule, key, &t.series, st, now_ms, out);
                 }
             }
         }

@@ -819,6 +819,27 @@ mod tests {
         .encode_to_vec()
     }
 
+    /// An NDATA of plant/gw1 with one double metric by alias, arriving at `at`.
+    fn ndata(
+        s: &mut SparkplugState,
+        seq: u64,
+        alias: u64,
+        value: f64,
+        at: i64,
+        out: &mut Vec<Reading>,
+    ) -> Result<(), Reject> {
+        let p = payload(
+            seq,
+            vec![metric(
+                None,
+                Some(alias),
+                datatype::DOUBLE,
+                Value::Double(value),
+            )],
+        );
+        s.decode("spBv1.0/plant/NDATA/gw1", &p, at, &Options::default(), out)
+    }
+
     fn birth(state: &mut SparkplugState) {
         let p = payload(
             0,
@@ -901,29 +922,9 @@ mod tests {
         let cmd = Payload::decode(asked[0].1.as_slice()).unwrap();
         assert_eq!(cmd.metrics[0].name.as_deref(), Some("Node Control/Rebirth"));
         assert_eq!(cmd.metrics[0].value, Some(Value::Boolean(true)));
-        let p = payload(
-            2,
-            vec![metric(None, Some(9), datatype::DOUBLE, Value::Double(1.0))],
-        );
-        let _ = s.decode(
-            "spBv1.0/plant/NDATA/gw1",
-            &p,
-            10 + REBIRTH_EVERY - 1,
-            &Options::default(),
-            &mut out,
-        );
+        let _ = ndata(&mut s, 2, 9, 1.0, 10 + REBIRTH_EVERY - 1, &mut out);
         assert!(s.take_rebirths().is_empty(), "rate-limited");
-        let p = payload(
-            3,
-            vec![metric(None, Some(9), datatype::DOUBLE, Value::Double(1.0))],
-        );
-        let _ = s.decode(
-            "spBv1.0/plant/NDATA/gw1",
-            &p,
-            10 + REBIRTH_EVERY,
-            &Options::default(),
-            &mut out,
-        );
+        let _ = ndata(&mut s, 3, 9, 1.0, 10 + REBIRTH_EVERY, &mut out);
         assert_eq!(s.take_rebirths().len(), 1);
     }
 
@@ -933,44 +934,11 @@ mod tests {
         birth(&mut s);
         let mut out = Vec::new();
         for seq in 1..=255u64 {
-            let p = payload(
-                seq,
-                vec![metric(None, Some(1), datatype::DOUBLE, Value::Double(1.0))],
-            );
-            s.decode(
-                "spBv1.0/plant/NDATA/gw1",
-                &p,
-                10,
-                &Options::default(),
-                &mut out,
-            )
-            .unwrap();
+            ndata(&mut s, seq, 1, 1.0, 10, &mut out).unwrap();
         }
-        let p = payload(
-            0,
-            vec![metric(None, Some(1), datatype::DOUBLE, Value::Double(1.0))],
-        );
-        s.decode(
-            "spBv1.0/plant/NDATA/gw1",
-            &p,
-            10,
-            &Options::default(),
-            &mut out,
-        )
-        .unwrap();
+        ndata(&mut s, 0, 1, 1.0, 10, &mut out).unwrap();
         assert!(s.take_rebirths().is_empty(), "255 → 0 is the wrap");
-        let p = payload(
-            2,
-            vec![metric(None, Some(1), datatype::DOUBLE, Value::Double(2.0))],
-        );
-        s.decode(
-            "spBv1.0/plant/NDATA/gw1",
-            &p,
-            10,
-            &Options::default(),
-            &mut out,
-        )
-        .unwrap();
+        ndata(&mut s, 2, 1, 2.0, 10, &mut out).unwrap();
         assert_eq!(out.last().unwrap().value, 2.0, "what arrived is taken");
         assert_eq!(s.take_rebirths().len(), 1, "seq 1 was lost");
     }
