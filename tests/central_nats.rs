@@ -477,6 +477,11 @@ async fn a_gateways_whole_window_is_stored_at_once_and_a_full_buffer_makes_it_wa
                 Duration::from_secs(10),
                 || held(&c) >= all,
             );
+            // Counted at the collector's next turn of its loop, just after the last batch's
+            // bytes: on a loaded machine a read in between sees 0.
+            wait_for("the window counted full", Duration::from_secs(10), || {
+                c.metric("edgeferry_collect_window_full_total") >= 1.0
+            });
             assert_eq!(
                 c.metric("edgeferry_collect_window_full_total"),
                 1.0,
