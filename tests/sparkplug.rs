@@ -331,7 +331,7 @@ fn aliases_survive_a_crash_between_birth_and_data_and_a_lost_state_is_rebuilt_by
     // Without the state file (lost with a replaced card, say): the node is asked for a
     // rebirth, and its new birth makes its data resolve again.
     gw.kill9();
-    std::fs::remove_file(gw.dir.path().join("data/state/sparkplug.state")).unwrap();
+    std::fs::remove_dir_all(gw.dir.path().join("data/state/sparkplug")).unwrap();
     gw.start();
     publish(&p, &mut sent, &[ndata("gw1", 2, T0 + 2, 1, json!(3.0))]);
     wait_for("a rebirth request", Duration::from_secs(10), || {

@@ -13,7 +13,7 @@ pub(super) const LOGS: [(&str, &str); 3] = [
 ];
 pub(super) const CHECKPOINT: &str = "state/checkpoint.bin";
 pub(super) const ACKS: &str = "outbox/acked.bin";
-pub(super) const SPARKPLUG: &str = "state/sparkplug.state";
+pub(super) const SPARKPLUG: &str = "state/sparkplug";
 /// Where repair collects quarantined pieces (one dated folder per run).
 pub const STORE_QUARANTINE: &str = "quarantine";
 

@@ -7,7 +7,8 @@
 //! `state/checkpoint-delta-NNNNNN.bin`, envelope `EFCD` v2, both compressed; the versions
 //! before are read too), the outbox acknowledgement state (`outbox/acked.bin`, envelope `EFAK`
 //! v1), the store epoch (`epoch`, 16 hex digits) and the Sparkplug B decoder's state
-//! (`state/sparkplug.state`, envelope `EFSP` v1, only where Sparkplug B is subscribed).
+//! (`state/sparkplug/*.node`, one per edge node, envelope `EFSP` v1, only where Sparkplug B
+//! is subscribed).
 //!
 //! * [`verify`] reads everything and changes nothing. It takes no lock, but says when a
 //!   daemon holds one (its results may then be stale: the daemon keeps writing).
@@ -111,7 +112,9 @@ mod tests {
         fs::write(tmp.path().join(CHECKPOINT), b"garbage").unwrap();
         fs::write(tmp.path().join(ACKS), b"EFAK junk").unwrap();
         fs::write(tmp.path().join(EPOCH), b"xyz").unwrap();
-        fs::write(tmp.path().join(SPARKPLUG), b"EFSP half a file").unwrap();
+        fs::create_dir_all(tmp.path().join(SPARKPLUG)).unwrap();
+        let node = Path::new(SPARKPLUG).join("0000000100000002.node");
+        fs::write(tmp.path().join(&node), b"EFSP half a file").unwrap();
 
         let r = verify(tmp.path()).unwrap();
         assert!(!r.clean);
@@ -157,7 +160,7 @@ mod tests {
         assert_eq!(fs::read(qdir.join(CHECKPOINT)).unwrap(), b"garbage");
         assert_eq!(fs::read(qdir.join(EPOCH)).unwrap(), b"xyz");
         assert!(qdir.join(ACKS).exists());
-        assert_eq!(fs::read(qdir.join(SPARKPLUG)).unwrap(), b"EFSP half a file");
+        assert_eq!(fs::read(qdir.join(&node)).unwrap(), b"EFSP half a file");
         // The torn outbox tail was cut, and a copy kept.
         assert!(rep.moved.iter().any(|m| m.what.starts_with("torn tail")));
         assert!(qdir.join("REPAIR.txt").exists());

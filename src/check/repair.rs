@@ -272,11 +272,20 @@ pub fn repair(data_dir: &Path, segment_bytes: u64) -> Result<RepairReport, Check
         ("checkpoint", CHECKPOINT, "damaged checkpoint"),
         ("acked", ACKS, "damaged acknowledgement state"),
         ("epoch", EPOCH, "damaged store epoch"),
-        ("sparkplug", SPARKPLUG, "damaged Sparkplug B state"),
     ] {
         let found = before.parts.iter().find(|p| p.part == part);
         if found.is_some_and(|p| p.state == PartState::Damaged) {
             moved.push(q.take(what, &data_dir.join(rel))?);
+        }
+    }
+    // The Sparkplug B state is one file per edge node: only the damaged ones go.
+    if let Some(p) = before
+        .parts
+        .iter()
+        .find(|p| p.part == "sparkplug" && p.state == PartState::Damaged)
+    {
+        for d in &p.damage {
+            moved.push(q.take("damaged Sparkplug B node state", &d.file)?);
         }
     }
     for dir in [

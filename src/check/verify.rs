@@ -348,31 +348,55 @@ pub(super) fn verify_acks(path: &Path) -> PartReport {
     }
 }
 
-pub(super) fn verify_sparkplug(path: &Path) -> PartReport {
-    use crate::ingest::decode::sparkplug::SparkplugState;
+pub(super) fn verify_sparkplug(dir: &Path) -> PartReport {
+    use crate::ingest::decode::sparkplug::{NODE_EXT, inspect_node_file};
     const PART: &str = "sparkplug";
-    let bytes = match read_part(PART, path) {
-        Ok(Some(b)) => b,
-        Ok(None) => return missing(PART, path, "none (no Sparkplug B birth seen)"),
-        Err(r) => return *r,
+    let files = match fs::read_dir(dir) {
+        Ok(entries) => {
+            let mut f: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == NODE_EXT))
+                .collect();
+            f.sort();
+            f
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return damaged(PART, dir, 0, format!("unreadable: {e}")),
     };
-    match SparkplugState::decode_state(&bytes, usize::MAX) {
-        Ok(s) => intact(
+    if files.is_empty() {
+        return missing(PART, dir, "none (no Sparkplug B birth seen)");
+    }
+    let (mut total, mut nodes, mut gone, mut bad) = (0u64, 0usize, 0usize, Vec::new());
+    for f in &files {
+        let bytes = fs::read(f).unwrap_or_default();
+        total += bytes.len() as u64;
+        match inspect_node_file(&bytes) {
+            Ok((_, _, online, _)) => {
+                nodes += 1;
+                gone += usize::from(!online);
+            }
+            Err(why) => bad.push(DamageItem {
+                file: f.clone(),
+                offset: 0,
+                bytes: bytes.len() as u64,
+                what: format!("{why} (that node would be asked for a rebirth)"),
+                torn_tail: false,
+            }),
+        }
+    }
+    if bad.is_empty() {
+        intact(
             PART,
-            path,
-            bytes.len() as u64,
-            format!(
-                "{} edge node(s), {} gone",
-                s.nodes(),
-                s.offline_sources().len()
-            ),
-        ),
-        Err(why) => damaged(
-            PART,
-            path,
-            bytes.len() as u64,
-            format!("{why} (the nodes would be asked for a rebirth)"),
-        ),
+            dir,
+            total,
+            format!("{nodes} edge node(s), {gone} gone"),
+        )
+    } else {
+        PartReport {
+            damage: bad,
+            ..damaged(PART, dir, total, String::new())
+        }
     }
 }
 

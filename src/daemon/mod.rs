@@ -396,12 +396,12 @@ pub async fn run(
     let (subscription_changes, subscription_changes_rx) = mpsc::channel(1);
     let replayed = processor.replay(&journal)?;
     tracing::info!(replayed, checkpoint_lsn = processor.checkpoint_lsn(), epoch = %format!("{epoch:016x}"), "state recovered");
-    // Sources the Sparkplug B decoder holds as dead (its state file is written before a
+    // Sources the Sparkplug B decoder holds as dead (a node's file is written before its
     // death is acknowledged): their silence alerts, should replay not have raised them.
     let sparkplug = crate::ingest::decode::sparkplug::SparkplugState::load(
         &data_dir
             .join("state")
-            .join(crate::ingest::decode::sparkplug::STATE_FILE),
+            .join(crate::ingest::decode::sparkplug::STATE_DIR),
         cfg.process.max_series,
     );
     for tags in sparkplug.offline_sources() {

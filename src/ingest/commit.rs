@@ -84,9 +84,9 @@ pub(super) struct Committer {
     /// Scratch buffer for series keys.
     pub(super) key_buf: String,
     /// Sparkplug B's per-node state (aliases, seq), shared by every `sparkplug_b`
-    /// subscription, and the file it is kept in (none: in memory only).
+    /// subscription, and the directory of its node files (none: in memory only).
     pub(super) sparkplug: SparkplugState,
-    pub(super) sparkplug_file: Option<std::path::PathBuf>,
+    pub(super) sparkplug_dir: Option<std::path::PathBuf>,
     /// Where Sparkplug B rebirth requests are published.
     pub(super) commands: Option<rumqttc::AsyncClient>,
     /// Sources the group being committed reported gone (handed to processing with it).
@@ -369,29 +369,39 @@ impl Committer {
         }
     }
 
-    /// Writes the Sparkplug B state if a birth in this group changed it: before the group's
-    /// journal sync, so before the birth is acknowledged (a crash before that makes the
-    /// broker deliver the birth again). A failure is logged and counted, not fatal: the state
-    /// is still in memory, and after a restart without it the nodes are asked for a rebirth.
+    /// Writes the Sparkplug B node files a birth or death in this group changed: before the
+    /// group's journal sync, so before that message is acknowledged (a crash before that
+    /// makes the broker deliver it again). Each is a few hundred bytes to a few kilobytes
+    /// (one node's aliases), written atomically. A failure is logged and counted, not fatal:
+    /// the state is still in memory, and after a restart without it the node is asked for a
+    /// rebirth.
     fn save_sparkplug(&mut self) {
-        if !self.sparkplug.take_changed() {
-            return;
-        }
-        let Some(path) = &self.sparkplug_file else {
+        let dirty = self.sparkplug.take_dirty();
+        let Some(dir) = self.sparkplug_dir.as_ref().filter(|_| !dirty.is_empty()) else {
             return;
         };
         use crate::ingest::decode::sparkplug::{STATE_MAGIC, STATE_VERSION};
-        if let Err(e) =
-            crate::util::write_framed(path, STATE_MAGIC, STATE_VERSION, &self.sparkplug.encode())
-        {
-            metrics::counter!("edgeferry_sparkplug_state_write_errors_total").increment(1);
-            if let Some(n) = self.log_limit.check("sparkplug_state") {
-                tracing::warn!(
-                    suppressed = n,
-                    "cannot write the Sparkplug B state {}: {e} (kept in memory; after a \
-                     restart the nodes are asked for a rebirth)",
-                    path.display()
-                );
+        for (name, body) in dirty {
+            let path = dir.join(name);
+            let written = match body {
+                Some(body) => std::fs::create_dir_all(dir).and_then(|()| {
+                    crate::util::write_framed(&path, STATE_MAGIC, STATE_VERSION, &body)
+                }),
+                None => match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            };
+            if let Err(e) = written {
+                metrics::counter!("edgeferry_sparkplug_state_write_errors_total").increment(1);
+                if let Some(n) = self.log_limit.check("sparkplug_state") {
+                    tracing::warn!(
+                        suppressed = n,
+                        "cannot write the Sparkplug B node state {}: {e} (kept in memory; \
+                         after a restart the node is asked for a rebirth)",
+                        path.display()
+                    );
+                }
             }
         }
     }

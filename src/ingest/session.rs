@@ -38,7 +38,7 @@ pub struct IngestParams {
     pub live: Option<crate::live::LiveFeed>,
     /// Arrival times, and whether the wall clock may judge a sensor's timestamp.
     pub clock: Arc<crate::clock::GatewayClock>,
-    /// Where the Sparkplug B state file is kept (none: in memory only).
+    /// Where the Sparkplug B node files are kept, below (none: in memory only).
     pub state_dir: Option<std::path::PathBuf>,
     /// Configuration reloads send new `[[mqtt.subscribe]]` lists here (none: fixed).
     pub subscription_changes: Option<mpsc::Receiver<SubscriptionChange>>,
@@ -104,12 +104,12 @@ pub async fn run(
     // nothing more can be made durable, so nothing more may be read or acknowledged.
     let stop = shutdown.child_token();
     let committer_table = table.clone();
-    let sparkplug_file = params
+    let sparkplug_dir = params
         .state_dir
         .as_ref()
-        .map(|d| d.join(super::decode::sparkplug::STATE_FILE));
-    let sparkplug = match &sparkplug_file {
-        Some(path) => SparkplugState::load(path, params.max_series),
+        .map(|d| d.join(super::decode::sparkplug::STATE_DIR));
+    let sparkplug = match &sparkplug_dir {
+        Some(dir) => SparkplugState::load(dir, params.max_series),
         None => SparkplugState::new(params.max_series),
     };
     if sparkplug.nodes() > 0 {
@@ -147,7 +147,7 @@ pub async fn run(
                 dups_in_group: 0,
                 key_buf: String::new(),
                 sparkplug,
-                sparkplug_file,
+                sparkplug_dir,
                 commands: Some(commands),
                 group_offline: Vec::new(),
                 crash_after_commits: std::env::var(FAILPOINT_ENV)

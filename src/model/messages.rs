@@ -25,7 +25,7 @@ pub struct CommitGroup {
 
 /// A source that reported itself gone (a Sparkplug B NDEATH or DDEATH): its series' silence
 /// rules raise at once instead of after `silent_for`. Not a journal record: the decoder's
-/// state file holds it (written before the death is acknowledged), and the daemon applies
+/// node file holds it (written before the death is acknowledged), and the daemon applies
 /// what it holds again after a restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offline {

@@ -25,9 +25,11 @@
 //!   and DDEATH mark the node or device offline (counted). NCMD, DCMD and STATE carry no
 //!   readings.
 //!
-//! The aliases survive restarts: the state is written to a small file whenever a birth
-//! changes it, before the birth's journal group is synced and acknowledged, so DATA arriving
-//! after a restart resolves (or, should the file be lost, a rebirth rebuilds it).
+//! The aliases survive restarts: each edge node's state is a small file of its own
+//! (`state/sparkplug/`), written whenever a birth or death changes it, before that message's
+//! journal group is synced and acknowledged, so DATA arriving after a restart resolves (or,
+//! should the file be lost, a rebirth rebuilds it). One file per node, so that a birth
+//! rewrites that node's few kilobytes, not the whole plant's state (flash wear).
 
 use super::reject::{Reject, snippet};
 use crate::model::Reading;
@@ -287,7 +289,7 @@ fn numeric(datatype: u32, value: &Value) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
-/// What the decoder remembers of one edge node (written to the state file).
+/// What the decoder remembers of one edge node (written to its node file).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Node {
     /// Alias → (device, metric name), from the births.
@@ -321,8 +323,8 @@ pub struct SparkplugState {
     /// Alias and type entries over all nodes, bounded by `max_entries`.
     entries: usize,
     max_entries: usize,
-    /// A birth changed what is persisted since [`SparkplugState::take_changed`].
-    changed: bool,
+    /// Nodes whose persisted state changed since [`SparkplugState::take_dirty`].
+    dirty: std::collections::BTreeSet<(String, String)>,
     /// Rebirth requests to publish: (topic, payload).
     rebirths: Vec<(String, Vec<u8>)>,
     /// When each node was last asked for a rebirth (arrival ms), at most [`MAX_ASKED`].
@@ -336,18 +338,41 @@ pub struct SparkplugState {
 /// rather than unbounded memory).
 const MAX_ASKED: usize = 4096;
 
-/// The state file's name, in the processing state directory.
-pub const STATE_FILE: &str = "sparkplug.state";
+/// The directory of the node files, in the processing state directory.
+pub const STATE_DIR: &str = "sparkplug";
 
-/// The state file's magic and version (see [`crate::util::write_framed`]).
+/// The node files' extension.
+pub const NODE_EXT: &str = "node";
+
+/// A node file's magic and version (see [`crate::util::write_framed`]).
 pub const STATE_MAGIC: &[u8; 4] = b"EFSP";
-/// The state file's format version.
+/// A node file's format version.
 pub const STATE_VERSION: u16 = 1;
 
-/// The persisted part of [`SparkplugState`].
+/// The persisted part of one node: its (group, edge node) and state.
 #[derive(Serialize, Deserialize)]
 struct Persisted {
-    nodes: Vec<((String, String), Node)>,
+    key: (String, String),
+    node: Node,
+}
+
+/// The file name of a node's state: a stable 64-bit digest of its group and id (any
+/// characters, any length, in a name every file system takes). Two nodes with one digest
+/// would share a file: the one written last wins, and the other is asked for a rebirth.
+pub fn node_file(group: &str, node: &str) -> String {
+    format!(
+        "{:08x}{:08x}.{NODE_EXT}",
+        crc32fast::hash(group.as_bytes()),
+        crc32fast::hash(node.as_bytes())
+    )
+}
+
+/// One node file's contents: (group, edge node), whether it is online, and how many aliases.
+pub fn inspect_node_file(
+    bytes: &[u8],
+) -> Result<(String, String, bool, usize), crate::util::StateFileError> {
+    let p: Persisted = crate::util::decode_framed(bytes, STATE_MAGIC, STATE_VERSION)?;
+    Ok((p.key.0, p.key.1, p.node.online, p.node.aliases.len()))
 }
 
 impl SparkplugState {
@@ -362,34 +387,38 @@ impl SparkplugState {
         }
     }
 
-    /// The state written by [`SparkplugState::encode`].
-    pub fn decode_state(
-        bytes: &[u8],
-        max_entries: usize,
-    ) -> Result<SparkplugState, crate::util::StateFileError> {
+    /// The node files whose state changed since the last call: (file name, body for
+    /// [`crate::util::write_framed`]), or no body when the node is no longer kept (its file
+    /// goes: an old birth's aliases must not come back after a restart).
+    pub fn take_dirty(&mut self) -> Vec<(String, Option<Vec<u8>>)> {
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|key| {
+                let name = node_file(&key.0, &key.1);
+                let body = self.nodes.get(&key).map(|node| {
+                    postcard::to_stdvec(&Persisted {
+                        key,
+                        node: node.clone(),
+                    })
+                    .expect("sparkplug state encodes")
+                });
+                (name, body)
+            })
+            .collect()
+    }
+
+    /// Adds the node a node file holds (a damaged one is refused as such).
+    pub fn add_node_file(&mut self, bytes: &[u8]) -> Result<(), crate::util::StateFileError> {
         let p: Persisted = crate::util::decode_framed(bytes, STATE_MAGIC, STATE_VERSION)?;
-        let mut s = SparkplugState::new(max_entries);
-        for (key, node) in p.nodes {
-            s.entries += node.entries();
-            s.nodes.insert(key, node);
+        if self.entries + p.node.entries() > self.max_entries {
+            event("state_full");
+            return Ok(());
         }
-        Ok(s)
-    }
-
-    /// The persisted part, as the body of the state file.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut nodes: Vec<_> = self
-            .nodes
-            .iter()
-            .map(|(k, n)| (k.clone(), n.clone()))
-            .collect();
-        nodes.sort_by(|a, b| a.0.cmp(&b.0));
-        postcard::to_stdvec(&Persisted { nodes }).expect("sparkplug state encodes")
-    }
-
-    /// Whether a birth changed the persisted state since the last call.
-    pub fn take_changed(&mut self) -> bool {
-        std::mem::take(&mut self.changed)
+        self.entries += p.node.entries();
+        if let Some(old) = self.nodes.insert(p.key, p.node) {
+            self.entries -= old.entries();
+        }
+        Ok(())
     }
 
     /// The rebirth requests decided since the last call.
@@ -426,28 +455,35 @@ impl SparkplugState {
         out
     }
 
-    /// The state a previous run left in `path` (empty when there is none; a damaged or
-    /// unreadable one is logged and ignored: nodes are asked for a rebirth when their data
-    /// cannot resolve).
-    pub fn load(path: &std::path::Path, max_entries: usize) -> SparkplugState {
-        match std::fs::read(path) {
-            Ok(bytes) => match SparkplugState::decode_state(&bytes, max_entries) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(
-                        "Sparkplug B state {} unusable ({e}); starting without it (nodes are \
-                         asked for a rebirth)",
-                        path.display()
-                    );
-                    SparkplugState::new(max_entries)
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => SparkplugState::new(max_entries),
+    /// The state a previous run left in `dir` (empty when there is none; a damaged or
+    /// unreadable node file is logged and left out: that node is asked for a rebirth when
+    /// its data cannot resolve).
+    pub fn load(dir: &std::path::Path, max_entries: usize) -> SparkplugState {
+        let mut s = SparkplugState::new(max_entries);
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return s,
             Err(e) => {
-                tracing::error!("cannot read the Sparkplug B state {}: {e}", path.display());
-                SparkplugState::new(max_entries)
+                tracing::error!("cannot read the Sparkplug B state {}: {e}", dir.display());
+                return s;
+            }
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().is_none_or(|x| x != NODE_EXT) {
+                continue;
+            }
+            let added = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| s.add_node_file(&b).map_err(|e| e.to_string()));
+            if let Err(e) = added {
+                tracing::error!(
+                    "Sparkplug B node state {} unusable ({e}); left out (the node is asked for \
+                     a rebirth)",
+                    path.display()
+                );
             }
         }
+        s
     }
 
     /// Decodes one message, appending its readings to `out` (none for deaths, commands and
@@ -486,7 +522,7 @@ impl SparkplugState {
                     ..Default::default()
                 };
                 event("birth");
-                self.changed = true;
+                self.dirty.insert(key.clone());
                 if self.entries + node.entries() > self.max_entries {
                     // Decoded, not remembered: its data will ask for a rebirth.
                     event("state_full");
@@ -530,7 +566,7 @@ impl SparkplugState {
                     event("state_full");
                 }
                 event("birth");
-                self.changed = true;
+                self.dirty.insert(key.clone());
                 self.nodes.insert(key.clone(), node);
             }
             Kind::NData | Kind::DData => {
@@ -551,7 +587,7 @@ impl SparkplugState {
                         event("stale_death");
                     } else {
                         node.online = false;
-                        self.changed = true;
+                        self.dirty.insert(key.clone());
                         self.offline.push(node.names.of(group, node_id, None));
                         event("death");
                     }
@@ -563,7 +599,7 @@ impl SparkplugState {
                     lost = track_seq(node, p.seq);
                     if let Some(online) = device.and_then(|d| node.devices.get_mut(d)) {
                         *online = false;
-                        self.changed = true;
+                        self.dirty.insert(key.clone());
                         self.offline.push(node.names.of(group, node_id, device));
                         event("death");
                     }
@@ -944,33 +980,58 @@ mod tests {
     }
 
     #[test]
-    fn the_state_survives_an_encode_and_a_decode() {
+    fn the_state_survives_a_restart_one_file_per_node() {
         let mut s = SparkplugState::new(100);
         birth(&mut s);
-        assert!(s.take_changed());
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sparkplug.state");
-        crate::util::write_framed(&path, STATE_MAGIC, STATE_VERSION, &s.encode()).unwrap();
-        let file = std::fs::read(&path).unwrap();
-        let mut back = SparkplugState::decode_state(&file, 100).unwrap();
-        let p = payload(
-            7,
-            vec![metric(None, Some(2), datatype::INT8, Value::Int(5))],
+        let write = |s: &mut SparkplugState| {
+            for (name, body) in s.take_dirty() {
+                let path = dir.path().join(name);
+                match body {
+                    Some(b) => {
+                        crate::util::write_framed(&path, STATE_MAGIC, STATE_VERSION, &b).unwrap()
+                    }
+                    None => std::fs::remove_file(&path).unwrap(),
+                }
+            }
+        };
+        write(&mut s);
+        assert!(s.take_dirty().is_empty(), "written once");
+        let other = payload(
+            0,
+            vec![metric(
+                Some("x"),
+                Some(1),
+                datatype::DOUBLE,
+                Value::Double(1.0),
+            )],
         );
         let mut out = Vec::new();
-        back.decode(
-            "spBv1.0/plant/NDATA/gw1",
-            &p,
+        s.decode(
+            "spBv1.0/plant/NBIRTH/gw2",
+            &other,
             5,
             &Options::default(),
             &mut out,
         )
         .unwrap();
-        assert_eq!(out[0].metric, "level");
+        let dirty = s.take_dirty();
+        assert_eq!(dirty.len(), 1, "a birth rewrites its own node only");
+        assert_eq!(dirty[0].0, node_file("plant", "gw2"));
+        let mut back = SparkplugState::load(dir.path(), 100);
+        assert_eq!(back.nodes(), 1, "gw2 was not written");
+        ndata(&mut back, 7, 2, 5.0, 5, &mut out).unwrap();
+        assert_eq!(out.last().unwrap().metric, "level");
         assert!(
             back.take_rebirths().is_empty(),
             "the first seq after a restart is no gap"
         );
+        // A damaged file is left out, and that node asks for a rebirth.
+        std::fs::write(dir.path().join(node_file("plant", "gw1")), b"EFSP junk").unwrap();
+        let mut lost = SparkplugState::load(dir.path(), 100);
+        assert_eq!(lost.nodes(), 0);
+        assert!(ndata(&mut lost, 8, 2, 5.0, 5, &mut out).is_err());
+        assert_eq!(lost.take_rebirths().len(), 1);
     }
 
     #[test]
@@ -1185,6 +1246,36 @@ mod tests {
             ..TagNames::default()
         };
         assert!(same.problem().is_some());
+    }
+
+    #[test]
+    fn a_birth_rewrites_one_small_file_of_its_own_node() {
+        // A node of 100 metrics with names of 25 characters, every one with an alias.
+        let metrics: Vec<Metric> = (0..100)
+            .map(|i| {
+                let name = format!("Line 03/Motor {i:03}/Current");
+                assert_eq!(name.len(), 25);
+                metric(Some(&name), Some(i), datatype::DOUBLE, Value::Double(1.0))
+            })
+            .collect();
+        let mut s = SparkplugState::new(10_000);
+        let mut out = Vec::new();
+        for node in ["n1", "n2", "n3"] {
+            let p = payload(0, metrics.clone());
+            s.decode(
+                &format!("spBv1.0/plant/NBIRTH/{node}"),
+                &p,
+                5,
+                &Options::default(),
+                &mut out,
+            )
+            .unwrap();
+            let dirty = s.take_dirty();
+            assert_eq!(dirty.len(), 1, "only the node that was born");
+            let bytes = dirty[0].1.as_ref().unwrap().len();
+            eprintln!("node file body: {bytes} bytes for 100 metrics");
+            assert!(bytes < 100 * 64, "{bytes} bytes for 100 metrics");
+        }
     }
 
     #[test]
