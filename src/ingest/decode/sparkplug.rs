@@ -876,6 +876,21 @@ mod tests {
         s.decode("spBv1.0/plant/NDATA/gw1", &p, at, &Options::default(), out)
     }
 
+    /// An NBIRTH of plant/gw2 with the one double metric `x` (alias 1).
+    fn birth_of_gw2(s: &mut SparkplugState, out: &mut Vec<Reading>) {
+        let p = payload(
+            0,
+            vec![metric(
+                Some("x"),
+                Some(1),
+                datatype::DOUBLE,
+                Value::Double(1.0),
+            )],
+        );
+        s.decode("spBv1.0/plant/NBIRTH/gw2", &p, 5, &Options::default(), out)
+            .unwrap();
+    }
+
     fn birth(state: &mut SparkplugState) {
         let p = payload(
             0,
@@ -997,24 +1012,8 @@ mod tests {
         };
         write(&mut s);
         assert!(s.take_dirty().is_empty(), "written once");
-        let other = payload(
-            0,
-            vec![metric(
-                Some("x"),
-                Some(1),
-                datatype::DOUBLE,
-                Value::Double(1.0),
-            )],
-        );
         let mut out = Vec::new();
-        s.decode(
-            "spBv1.0/plant/NBIRTH/gw2",
-            &other,
-            5,
-            &Options::default(),
-            &mut out,
-        )
-        .unwrap();
+        birth_of_gw2(&mut s, &mut out);
         let dirty = s.take_dirty();
         assert_eq!(dirty.len(), 1, "a birth rewrites its own node only");
         assert_eq!(dirty[0].0, node_file("plant", "gw2"));
@@ -1290,24 +1289,8 @@ mod tests {
         );
         assert_eq!(s.entries, 3);
         // A node that does not fit at all: its birth is decoded, not remembered.
-        let p = payload(
-            0,
-            vec![metric(
-                Some("x"),
-                Some(1),
-                datatype::DOUBLE,
-                Value::Double(1.0),
-            )],
-        );
         let mut out = Vec::new();
-        s.decode(
-            "spBv1.0/plant/NBIRTH/gw2",
-            &p,
-            5,
-            &Options::default(),
-            &mut out,
-        )
-        .unwrap();
+        birth_of_gw2(&mut s, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(s.nodes(), 1);
         // A new birth of the same node replaces its entries instead of adding to them.
