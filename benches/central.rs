@@ -435,7 +435,7 @@ async fn main() {
             "central: smoke run (checks that every aggregate arrives once; the figures mean nothing)"
         );
     }
-    let nats = NatsServer::start();
+    let nats = NatsServer::start_granting(common::nats::BENCH_GRANT);
     let pg = Postgres::start();
     // All the bench's gateways come from 127.0.0.1; a fleet comes from as many addresses.
     let mut collector =

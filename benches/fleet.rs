@@ -425,7 +425,7 @@ async fn pg_totals(db: &tokio_postgres::Client) -> (i64, i64) {
 /// One run with `n` gateways; panics if a check fails.
 async fn run(n: usize, windows: u64, window: Duration, bench: bool) {
     raise_fd_limit(n);
-    let mut cluster = NatsCluster::start(3);
+    let mut cluster = NatsCluster::start_granting(3, common::nats::BENCH_GRANT);
     cluster.wait_ready().await;
     let pg = Postgres::start();
     let sink = format!("{}?replicas=3", cluster.url());

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 fn nats_collector(nats: &NatsServer) -> Collector {
-    let mut c = Collector::new(&["--sink", &nats.url()]);
+    let mut c = Collector::new(&["--sink", &nats.sink()]);
     c.start();
     c
 }
@@ -421,7 +421,7 @@ fn collector_id(c: &Collector) -> String {
 async fn the_gateways_table_follows_hello_health_failover_and_goodbyes_in_any_order() {
     let nats = NatsServer::start();
     let pg = Postgres::start();
-    let args = ["--sink", &nats.url(), "--metrics-listen", "127.0.0.1:0"];
+    let args = ["--sink", &nats.sink(), "--metrics-listen", "127.0.0.1:0"];
     let (mut a, mut b) = (Collector::new(&args), Collector::new(&args));
     a.start();
     b.start();

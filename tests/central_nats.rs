@@ -44,7 +44,7 @@ async fn stream_messages(nats: &NatsServer) -> Vec<(String, String, Vec<serde_js
 }
 
 fn nats_collector(nats: &NatsServer) -> Collector {
-    let mut c = Collector::new(&["--sink", &nats.url(), "--metrics-listen", "127.0.0.1:0"]);
+    let mut c = Collector::new(&["--sink", &nats.sink(), "--metrics-listen", "127.0.0.1:0"]);
     c.start();
     c
 }
@@ -285,7 +285,7 @@ async fn a_stream_of_the_same_name_with_other_settings_is_refused_clearly() {
             "--listen",
             "127.0.0.1:0",
             "--sink",
-            &nats.url(),
+            &nats.sink(),
             "--data-dir",
         ])
         .arg(dir.path())
@@ -296,6 +296,28 @@ async fn a_stream_of_the_same_name_with_other_settings_is_refused_clearly() {
     assert!(
         err.contains("stream EDGEFERRY exists but is not edgeferry's")
             && err.contains("max_msgs_per_subject 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_stream_larger_than_the_engine_grants_is_refused_with_the_option_to_lower() {
+    // The test servers grant 1 GiB of file storage; the default stream is 10 GiB, which
+    // JetStream reserves at creation. The collector must say what to change, not wait.
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args(["collect", "--listen", "127.0.0.1:0", "--sink", &nats.url()])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot reserve its max_bytes (10.0 GiB")
+            && err.contains("give a smaller ?max_bytes= in the sink URL")
+            && err.contains("max_file_store"),
         "{err}"
     );
 }
@@ -392,7 +414,7 @@ async fn a_collector_started_before_the_engine_waits_says_so_and_then_serves() {
             "--metrics-listen",
             "127.0.0.1:0",
             "--sink",
-            &format!("nats://127.0.0.1:{port}"),
+            &common::nats::sink_url(&format!("nats://127.0.0.1:{port}")),
             "--data-dir",
         ])
         .arg(dir.path())
@@ -448,7 +470,7 @@ async fn a_gateways_whole_window_is_stored_at_once_and_a_full_buffer_makes_it_wa
         let nats = NatsServer::start();
         let mut c = Collector::new(&[
             "--sink",
-            &nats.url(),
+            &nats.sink(),
             "--metrics-listen",
             "127.0.0.1:0",
             "--max-buffered",

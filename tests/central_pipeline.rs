@@ -53,7 +53,7 @@ async fn gateways_collectors_engine_and_loader_killed_every_reading_lands_once_i
     let broker = Mosquitto::start();
     let mut nats = NatsServer::start();
     let pg = Postgres::start();
-    let sink = ["--sink".to_string(), nats.url()];
+    let sink = ["--sink".to_string(), nats.sink()];
     let sink: Vec<&str> = sink.iter().map(String::as_str).collect();
     let mut collectors = [Collector::new(&sink), Collector::new(&sink)];
     for c in &mut collectors {

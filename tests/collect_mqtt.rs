@@ -22,7 +22,7 @@ fn mqtt_collector(cloud: &Cloud, nats: &NatsServer, name: &str) -> Collector {
     let (cert, key) = cloud.client_files(name);
     let args = [
         "--sink".to_string(),
-        nats.url(),
+        nats.sink(),
         "--mqtt".to_string(),
         format!("mqtts://localhost:{}", cloud.tls_port),
         "--topic".to_string(),

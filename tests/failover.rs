@@ -17,7 +17,7 @@ const SERIES: usize = 6;
 async fn a_gateway_with_several_collectors_fails_over_and_every_reading_lands_once() {
     let broker = Mosquitto::start();
     let nats = NatsServer::start();
-    let sink = ["--sink".to_string(), nats.url()];
+    let sink = ["--sink".to_string(), nats.sink()];
     let sink: Vec<&str> = sink.iter().map(String::as_str).collect();
     let mut collectors = [Collector::new(&sink), Collector::new(&sink)];
     for c in &mut collectors {

@@ -312,6 +312,38 @@ pub(super) async fn connect(
 
 /// Settings every stream of ours must have; anything else (replicas, age, size) is the
 /// operator's to change.
+/// Why a stream could not be created or opened, in words that say what to change. The common
+/// case on a new installation is a `max_bytes` larger than the file storage nats-server
+/// grants (its `max_file_store`, by default 75% of the disk that was free when it started):
+/// the server reserves the whole `max_bytes` at creation and refuses the stream outright.
+fn stream_error(
+    spec: &NatsSpec,
+    servers: &str,
+    e: async_nats::jetstream::context::CreateStreamError,
+) -> anyhow::Error {
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    let storage = matches!(e.kind(), CreateStreamErrorKind::JetStream(j)
+        if j.error_code() == ErrorCode::STORAGE_RESOURCES_EXCEEDED
+            || j.error_code() == ErrorCode::INSUFFICIENT_RESOURCES);
+    if storage {
+        anyhow::anyhow!(
+            "cannot create stream {} on {servers}: nats-server cannot reserve its max_bytes \
+             ({}, × {} replica(s)) in its JetStream file storage ({e}); give a smaller \
+             ?max_bytes= in the sink URL (e.g. ?max_bytes=1GiB) or raise max_file_store in \
+             nats-server's jetstream block (by default 75% of the free disk)",
+            spec.stream,
+            bytesize::ByteSize::b(spec.max_bytes),
+            spec.replicas,
+        )
+    } else {
+        anyhow::Error::new(e).context(format!(
+            "cannot create or open stream {} on {servers}",
+            spec.stream
+        ))
+    }
+}
+
 fn check_stream(name: &str, c: &stream::Config) -> Result<()> {
     let subjects = format!("{SUBJECT_PREFIX}.>");
     if !c.subjects.iter().any(|s| s == &subjects)
@@ -581,9 +613,10 @@ impl NatsSink {
             storage: stream::StorageType::File,
             ..Default::default()
         };
-        let mut stream = js.get_or_create_stream(config).await.with_context(|| {
-            format!("cannot create or open stream {} on {servers}", spec.stream)
-        })?;
+        let mut stream = js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| stream_error(&spec, &servers, e))?;
         let info = stream
             .info()
             .await

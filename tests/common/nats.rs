@@ -14,6 +14,8 @@ pub struct NatsServer {
     pub port: u16,
     /// Extra arguments (cluster membership).
     args: Vec<String>,
+    /// Its JetStream file storage (`max_file_store`).
+    grant: &'static str,
 }
 
 impl NatsServer {
@@ -21,14 +23,28 @@ impl NatsServer {
         NatsServer::start_on(free_port())
     }
 
-    /// On a port chosen beforehand (a collector given the URL before the engine is up).
-    pub fn start_on(port: u16) -> NatsServer {
-        let mut n = NatsServer {
+    /// A server granting `grant` of file storage (benchmarks keep the collector's default
+    /// 10 GiB stream, so they give it room: [`BENCH_GRANT`]).
+    pub fn start_granting(grant: &'static str) -> NatsServer {
+        let mut n = NatsServer::unstarted(free_port());
+        n.grant = grant;
+        n.start_again();
+        n
+    }
+
+    fn unstarted(port: u16) -> NatsServer {
+        NatsServer {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             port,
             args: Vec::new(),
-        };
+            grant: MAX_FILE_STORE,
+        }
+    }
+
+    /// On a port chosen beforehand (a collector given the URL before the engine is up).
+    pub fn start_on(port: u16) -> NatsServer {
+        let mut n = NatsServer::unstarted(port);
         n.start_again();
         n
     }
@@ -38,6 +54,12 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The collector's `--sink` for this server: [`Self::url`] with a stream of
+    /// [`TEST_STREAM_BYTES`], which fits in the [`MAX_FILE_STORE`] every test server grants.
+    pub fn sink(&self) -> String {
+        sink_url(&self.url())
+    }
+
     pub fn start_again(&mut self) {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
@@ -45,7 +67,18 @@ impl NatsServer {
             .append(true)
             .open(self.dir.path().join("nats.log"))
             .unwrap();
+        // A fixed grant, not nats-server's default of 75% of the free disk: the tests then
+        // behave the same on a small CI disk as on a big one, and a collector asking for
+        // its default 10 GiB stream fails here too, with the message an operator would get.
+        let conf = self.dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!("jetstream {{ max_file_store: {} }}\n", self.grant),
+        )
+        .unwrap();
         let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&conf)
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.dir.path().join("js"))
             .args(&self.args)
@@ -78,6 +111,20 @@ impl NatsServer {
     }
 }
 
+/// The JetStream file storage every test nats-server grants.
+pub const MAX_FILE_STORE: &str = "1GiB";
+
+/// What the benchmarks' servers grant: room for the collector's default 10 GiB stream.
+pub const BENCH_GRANT: &str = "12GiB";
+
+/// The stream size the tests' collectors ask for (`?max_bytes=`).
+pub const TEST_STREAM_BYTES: &str = "128MiB";
+
+/// `url` with the tests' stream size, as a collector's `--sink`.
+pub fn sink_url(url: &str) -> String {
+    format!("{url}?max_bytes={TEST_STREAM_BYTES}")
+}
+
 /// A JetStream cluster of `n` nodes on loopback (each its own store directory), for R3
 /// streams; nodes can be SIGKILLed and started again one by one.
 pub struct NatsCluster {
@@ -86,6 +133,11 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub fn start(n: usize) -> NatsCluster {
+        NatsCluster::start_granting(n, MAX_FILE_STORE)
+    }
+
+    /// `n` nodes, each granting `grant` of file storage.
+    pub fn start_granting(n: usize, grant: &'static str) -> NatsCluster {
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes = cluster_ports
             .iter()
@@ -94,21 +146,18 @@ impl NatsCluster {
             .join(",");
         let mut nodes = Vec::new();
         for (i, cp) in cluster_ports.iter().enumerate() {
-            let mut node = NatsServer {
-                child: None,
-                dir: tempfile::tempdir().unwrap(),
-                port: free_port(),
-                args: vec![
-                    "--name".into(),
-                    format!("n{i}"),
-                    "--cluster_name".into(),
-                    "edgeferry-test".into(),
-                    "--cluster".into(),
-                    format!("nats://127.0.0.1:{cp}"),
-                    "--routes".into(),
-                    routes.clone(),
-                ],
-            };
+            let mut node = NatsServer::unstarted(free_port());
+            node.grant = grant;
+            node.args = vec![
+                "--name".into(),
+                format!("n{i}"),
+                "--cluster_name".into(),
+                "edgeferry-test".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{cp}"),
+                "--routes".into(),
+                routes.clone(),
+            ];
             node.start_again();
             nodes.push(node);
         }
@@ -123,6 +172,11 @@ impl NatsCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         format!("nats://{}", hosts.join(","))
+    }
+
+    /// [`Self::url`] as a collector's `--sink`.
+    pub fn sink(&self) -> String {
+        sink_url(&self.url())
     }
 
     /// Waits until JetStream has a meta leader (the cluster can create streams).
