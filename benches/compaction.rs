@@ -69,7 +69,7 @@ fn run(windows_secs: &[u32], seconds: i64, sensors: usize, free_running: bool) -
             SeriesInfo {
                 key: edgeferry::model::series_key("temperature", &tags),
                 metric: "temperature".into(),
-                tags,
+                tags: tags.into(),
             }
         })
         .collect();

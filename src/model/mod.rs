@@ -17,7 +17,7 @@ pub use aggregate::Aggregate;
 pub use alert::{Alert, AlertState};
 pub use batch::{BatchKind, OutboxBatch, OutboxItem};
 pub use messages::{CommitGroup, Committed, Offline, Publication};
-pub use reading::{Reading, SeriesInfo, series_key, write_series_key};
+pub use reading::{Reading, SeriesInfo, Tags, series_key, write_series_key};
 pub use record::{DedupKey, JournalEntry};
 pub use sketch::Sketch;
 pub use status::{

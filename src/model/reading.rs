@@ -28,27 +28,127 @@ impl Reading {
 }
 
 /// [`Reading::series_key`] for a metric and tags that are not (yet) in a [`Reading`].
-pub fn series_key(metric: &str, tags: &BTreeMap<String, String>) -> String {
-    let mut s = String::with_capacity(metric.len() + 16 * tags.len());
+pub fn series_key<'a>(
+    metric: &str,
+    tags: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> String {
+    let mut s = String::with_capacity(metric.len() + 32);
     write_series_key(&mut s, metric, tags);
     s
 }
 
 /// Appends the series key (see [`Reading::series_key`]) to `s`: lets hot paths reuse one
-/// buffer instead of allocating a key per reading.
-pub fn write_series_key(s: &mut String, metric: &str, tags: &BTreeMap<String, String>) {
+/// buffer instead of allocating a key per reading. `tags` come sorted by name.
+pub fn write_series_key<'a>(
+    s: &mut String,
+    metric: &str,
+    tags: impl IntoIterator<Item = (&'a String, &'a String)>,
+) {
     s.push_str(metric);
-    if !tags.is_empty() {
-        s.push('{');
-        for (i, (k, v)) in tags.iter().enumerate() {
-            if i > 0 {
-                s.push(',');
-            }
-            s.push_str(k);
-            s.push('=');
-            s.push_str(v);
-        }
+    let mut any = false;
+    for (k, v) in tags {
+        s.push(if any { ',' } else { '{' });
+        any = true;
+        s.push_str(k);
+        s.push('=');
+        s.push_str(v);
+    }
+    if any {
         s.push('}');
+    }
+}
+
+/// A series' tags, sorted by name, each name once: a sorted boxed slice rather than a
+/// `BTreeMap` because processing holds one per series for as long as the series lives, and
+/// a map's smallest node for `String` pairs is 544 bytes whatever it holds (10,000 series of
+/// two tags: 5.4 MB as maps, ~1 MB as slices). Serialized exactly as the map was (a map of
+/// name to value), so checkpoints and the wire format do not change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Tags(Box<[(String, String)]>);
+
+impl Tags {
+    /// The value of tag `name`.
+    pub fn get(&self, name: &str) -> Option<&String> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// (name, value) in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The tags as a map (what an [`crate::model::Alert`] carries).
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+impl IntoIterator for Tags {
+    type Item = (String, String);
+    type IntoIter = std::vec::IntoIter<(String, String)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_vec().into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Tags {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, String)>,
+        fn(&'a (String, String)) -> (&'a String, &'a String),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl From<BTreeMap<String, String>> for Tags {
+    fn from(map: BTreeMap<String, String>) -> Tags {
+        Tags(map.into_iter().collect())
+    }
+}
+
+impl From<&BTreeMap<String, String>> for Tags {
+    fn from(map: &BTreeMap<String, String>) -> Tags {
+        Tags(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for Tags {
+    fn from(pairs: [(String, String); N]) -> Tags {
+        pairs.into_iter().collect()
+    }
+}
+
+impl FromIterator<(String, String)> for Tags {
+    /// Sorted by name; of two equal names the later value wins, as in a map.
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Tags {
+        Tags::from(iter.into_iter().collect::<BTreeMap<_, _>>())
+    }
+}
+
+impl Serialize for Tags {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Tags {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Tags, D::Error> {
+        BTreeMap::<String, String>::deserialize(d).map(Tags::from)
     }
 }
 
@@ -75,5 +175,5 @@ pub struct SeriesInfo {
     /// Metric name, so the central side need not parse `key`.
     pub metric: String,
     /// Tags by name (sorted), so the central side need not parse `key`.
-    pub tags: BTreeMap<String, String>,
+    pub tags: Tags,
 }

@@ -515,7 +515,7 @@ impl Processor {
                     Arc::new(SeriesInfo {
                         key: key.to_owned(),
                         metric: r.metric.clone(),
-                        tags: r.tags.clone(),
+                        tags: (&r.tags).into(),
                     }),
                 );
             }

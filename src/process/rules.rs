@@ -171,7 +171,7 @@ struct Tracked {
 #[derive(Serialize)]
 struct TrackedRef<'a> {
     metric: &'a str,
-    tags: &'a BTreeMap<String, String>,
+    tags: &'a crate::model::Tags,
     last_seen_ms: i64,
     states: &'a [RuleState],
 }
@@ -180,7 +180,7 @@ struct TrackedRef<'a> {
 #[derive(Deserialize)]
 struct TrackedOwned {
     metric: String,
-    tags: BTreeMap<String, String>,
+    tags: crate::model::Tags,
     last_seen_ms: i64,
     states: Vec<RuleState>,
 }
@@ -246,7 +246,7 @@ fn make_alert(
     rule: &Rule,
     key: &str,
     metric: &str,
-    tags: &BTreeMap<String, String>,
+    tags: &crate::model::Tags,
     state: AlertState,
     value: Option<f64>,
     time_ms: i64,
@@ -255,7 +255,7 @@ fn make_alert(
         rule: rule.name.clone(),
         series: key.to_string(),
         metric: metric.to_string(),
-        tags: tags.clone(),
+        tags: tags.to_map(),
         state,
         value,
         time_ms,
@@ -581,7 +581,7 @@ mod tests {
         Arc::new(SeriesInfo {
             key: series_key(metric, &tags),
             metric: metric.to_string(),
-            tags,
+            tags: tags.into(),
         })
     }
 
@@ -618,7 +618,7 @@ mod tests {
         assert!(Arc::ptr_eq(&t.series, &s), "tracking shares the series");
         let before = Before {
             metric: &s.metric,
-            tags: &s.tags,
+            tags: &s.tags.to_map(),
             last_seen_ms: t.last_seen_ms,
             states: t.states.clone(),
         };

@@ -201,7 +201,7 @@ mod tests {
                     series: Arc::new(SeriesInfo {
                         key: crate::model::series_key("temp", &tags),
                         metric: "temp".into(),
-                        tags,
+                        tags: tags.into(),
                     }),
                     window_start_ms: 1_700_000_000_000,
                     window_secs: 10,

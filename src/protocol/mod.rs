@@ -238,7 +238,14 @@ impl TryFrom<DictWire> for Dict {
                 }
             }
             let key = crate::model::series_key(&metric, &tags);
-            entries.push((*id, SeriesInfo { key, metric, tags }));
+            entries.push((
+                *id,
+                SeriesInfo {
+                    key,
+                    metric,
+                    tags: tags.into(),
+                },
+            ));
         }
         Ok(Dict { entries })
     }
@@ -669,7 +676,7 @@ impl DictEncoder {
                     let info = SeriesInfo {
                         key: a.series.clone(),
                         metric: a.metric.clone(),
-                        tags: a.tags.clone(),
+                        tags: (&a.tags).into(),
                     };
                     alerts.push(WireAlert {
                         rule: a.rule.clone(),
@@ -800,7 +807,7 @@ impl DictDecoder {
                             rule: w.rule.clone(),
                             series: s.key.clone(),
                             metric: s.metric.clone(),
-                            tags: s.tags.clone(),
+                            tags: s.tags.to_map(),
                             state: w.state,
                             value: w.value,
                             time_ms: w.time_dt_ms.wrapping_add(created_ms),
@@ -827,7 +834,7 @@ mod tests {
             .prop_map(|(metric, tags)| SeriesInfo {
                 key: crate::model::series_key(&metric, &tags),
                 metric,
-                tags,
+                tags: tags.into(),
             })
     }
 
@@ -895,7 +902,7 @@ mod tests {
                         rule,
                         series: s.key.clone(),
                         metric: s.metric.clone(),
-                        tags: s.tags.clone(),
+                        tags: s.tags.to_map(),
                         state: if raised {
                             AlertState::Raised
                         } else {
@@ -999,7 +1006,7 @@ mod tests {
                     SeriesInfo {
                         key: "t".into(),
                         metric: "t".into(),
-                        tags: BTreeMap::new(),
+                        tags: BTreeMap::new().into(),
                     },
                 )],
             }),
@@ -1093,7 +1100,7 @@ mod tests {
                 series: std::sync::Arc::new(SeriesInfo {
                     key: format!("t{{d={series}}}"),
                     metric: "t".into(),
-                    tags: BTreeMap::from([("d".to_string(), series.to_string())]),
+                    tags: BTreeMap::from([("d".to_string(), series.to_string())]).into(),
                 }),
                 window_start_ms: 1_764_000_000_000,
                 window_secs: secs,
@@ -1196,7 +1203,7 @@ mod tests {
             SeriesInfo {
                 key: crate::model::series_key("temperature", &tags),
                 metric: "temperature".into(),
-                tags,
+                tags: tags.into(),
             }
         };
         let dict = Frame::Dict(Dict {
@@ -1238,7 +1245,7 @@ mod tests {
         let s = |k: &str| SeriesInfo {
             key: crate::model::series_key(k, &BTreeMap::new()),
             metric: k.into(),
-            tags: BTreeMap::new(),
+            tags: BTreeMap::new().into(),
         };
         let mut d = DictDecoder::new();
         d.apply(&Dict {
@@ -1310,7 +1317,7 @@ mod tests {
                             series: std::sync::Arc::new(SeriesInfo {
                                 key: crate::model::series_key("temperature", &tags),
                                 metric: "temperature".into(),
-                                tags,
+                                tags: tags.into(),
                             }),
                             window_start_ms: start_ms,
                             window_secs: secs,

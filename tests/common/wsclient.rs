@@ -127,7 +127,7 @@ pub fn series(i: usize) -> SeriesInfo {
     SeriesInfo {
         key: edgeferry::model::series_key("temp", &tags),
         metric: "temp".into(),
-        tags,
+        tags: tags.into(),
     }
 }
 
@@ -161,7 +161,7 @@ pub fn alert_batch() -> OutboxBatch {
             rule: "too-hot".into(),
             series: s.key.clone(),
             metric: s.metric.clone(),
-            tags: s.tags.clone(),
+            tags: s.tags.to_map(),
             state,
             value,
             time_ms: t,
