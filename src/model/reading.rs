@@ -157,6 +157,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tags_are_written_exactly_as_the_map_they_replace() {
+        let map = BTreeMap::from([
+            ("site".to_string(), "a".to_string()),
+            ("device".to_string(), "d1".to_string()),
+        ]);
+        let tags = Tags::from(&map);
+        assert_eq!(
+            postcard::to_stdvec(&tags).unwrap(),
+            postcard::to_stdvec(&map).unwrap()
+        );
+        assert_eq!(
+            serde_json::to_string(&tags).unwrap(),
+            serde_json::to_string(&map).unwrap()
+        );
+        let back: Tags = postcard::from_bytes(&postcard::to_stdvec(&map).unwrap()).unwrap();
+        assert_eq!(back, tags);
+        assert_eq!(series_key("temp", &tags), series_key("temp", &map));
+    }
+
+    #[test]
+    fn tags_are_sorted_and_a_later_duplicate_wins_as_in_a_map() {
+        let tags: Tags = [
+            ("z".to_string(), "1".to_string()),
+            ("a".to_string(), "2".to_string()),
+            ("z".to_string(), "3".to_string()),
+        ]
+        .into();
+        let pairs: Vec<_> = tags.iter().collect();
+        assert_eq!(
+            pairs,
+            [(&"a".into(), &"2".into()), (&"z".into(), &"3".into())]
+        );
+        assert_eq!(tags.get("z").map(String::as_str), Some("3"));
+        assert_eq!(tags.get("b"), None);
+        assert_eq!(tags.len(), 2);
+        assert!(Tags::default().is_empty());
+    }
+
+    #[test]
     fn series_key_orders_tags() {
         let mut tags = BTreeMap::new();
         tags.insert("site".to_string(), "a".to_string());
