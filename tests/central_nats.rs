@@ -267,6 +267,19 @@ async fn losing_the_engine_stops_acks_reports_unhealthy_and_recovers() {
     );
 }
 
+/// Runs `edgeferry collect --sink sink`, which must exit with an error; returns its stderr.
+fn collect_refused(sink: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args(["collect", "--listen", "127.0.0.1:0", "--sink", sink])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "collect --sink {sink} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test]
 async fn a_stream_of_the_same_name_with_other_settings_is_refused_clearly() {
     let nats = NatsServer::start();
@@ -278,21 +291,7 @@ async fn a_stream_of_the_same_name_with_other_settings_is_refused_clearly() {
     })
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeferry"))
-        .args([
-            "collect",
-            "--listen",
-            "127.0.0.1:0",
-            "--sink",
-            &nats.sink(),
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = collect_refused(&nats.sink());
     assert!(
         err.contains("stream EDGEFERRY exists but is not edgeferry's")
             && err.contains("max_msgs_per_subject 1"),
@@ -305,15 +304,7 @@ fn a_stream_larger_than_the_engine_grants_is_refused_with_the_option_to_lower() 
     // The test servers grant 1 GiB of file storage; the default stream is 10 GiB, which
     // JetStream reserves at creation. The collector must say what to change, not wait.
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeferry"))
-        .args(["collect", "--listen", "127.0.0.1:0", "--sink", &nats.url()])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = collect_refused(&nats.url());
     assert!(
         err.contains("cannot reserve its max_bytes (10.0 GiB")
             && err.contains("give a smaller ?max_bytes= in the sink URL")

@@ -38,7 +38,7 @@ pub struct Offline {
 
 impl Offline {
     /// Whether a series with `tags` belongs to the source that went.
-    pub fn covers(&self, tags: &super::Tags) -> bool {
+    pub fn covers(&self, tags: &super::reading::Tags) -> bool {
         self.tags
             .iter()
             .all(|(k, v)| tags.get(k).is_some_and(|t| t == v))
