@@ -349,19 +349,10 @@ pub(super) fn verify_acks(path: &Path) -> PartReport {
 }
 
 pub(super) fn verify_sparkplug(dir: &Path) -> PartReport {
-    use crate::ingest::decode::sparkplug::{NODE_EXT, inspect_node_file};
+    use crate::ingest::decode::sparkplug::{inspect_node_file, node_files};
     const PART: &str = "sparkplug";
-    let files = match fs::read_dir(dir) {
-        Ok(entries) => {
-            let mut f: Vec<PathBuf> = entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == NODE_EXT))
-                .collect();
-            f.sort();
-            f
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+    let files = match node_files(dir) {
+        Ok(files) => files,
         Err(e) => return damaged(PART, dir, 0, format!("unreadable: {e}")),
     };
     if files.is_empty() {

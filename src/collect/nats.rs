@@ -310,8 +310,6 @@ pub(super) async fn connect(
     Ok((client, js))
 }
 
-/// Settings every stream of ours must have; anything else (replicas, age, size) is the
-/// operator's to change.
 /// Why a stream could not be created or opened, in words that say what to change. The common
 /// case on a new installation is a `max_bytes` larger than the file storage nats-server
 /// grants (its `max_file_store`, by default 75% of the disk that was free when it started):
@@ -344,6 +342,8 @@ fn stream_error(
     }
 }
 
+/// Settings every stream of ours must have; anything else (replicas, age, size) is the
+/// operator's to change.
 fn check_stream(name: &str, c: &stream::Config) -> Result<()> {
     let subjects = format!("{SUBJECT_PREFIX}.>");
     if !c.subjects.iter().any(|s| s == &subjects)

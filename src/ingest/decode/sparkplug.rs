@@ -367,6 +367,24 @@ pub fn node_file(group: &str, node: &str) -> String {
     )
 }
 
+/// The node files in `dir`, sorted by name (none when the directory does not exist: no
+/// Sparkplug B birth was seen yet). Sorted so that, when `max_series` cannot hold them all,
+/// the same nodes are kept at every start.
+pub fn node_files(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut files: Vec<_> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == NODE_EXT))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// One node file's contents: (group, edge node), whether it is online, and how many aliases.
 pub fn inspect_node_file(
     bytes: &[u8],
@@ -460,18 +478,14 @@ impl SparkplugState {
     /// its data cannot resolve).
     pub fn load(dir: &std::path::Path, max_entries: usize) -> SparkplugState {
         let mut s = SparkplugState::new(max_entries);
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return s,
+        let files = match node_files(dir) {
+            Ok(files) => files,
             Err(e) => {
                 tracing::error!("cannot read the Sparkplug B state {}: {e}", dir.display());
                 return s;
             }
         };
-        for path in entries.flatten().map(|e| e.path()) {
-            if path.extension().is_none_or(|x| x != NODE_EXT) {
-                continue;
-            }
+        for path in files {
             let added = std::fs::read(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|b| s.add_node_file(&b).map_err(|e| e.to_string()));
