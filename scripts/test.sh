@@ -48,7 +48,9 @@ if ! python3 -c 'import pysparkplug' 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check pysparkplug==0.6.1
 fi
 
-echo "test.sh: free disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ')"
+# Free disk where target/ is: a full disk kills the linker with SIGBUS (docs/DECISIONS.md).
+free_disk() { df -h --output=avail . | tail -1 | tr -d ' '; }
+echo "test.sh: free disk before the build: $(free_disk)"
 cargo test --all-targets
 cargo test --doc
 # The gateway-only build (no central receiver, no embedded broker): it must build, pass its
@@ -66,5 +68,5 @@ if ! cargo deb --version >/dev/null 2>&1; then
 fi
 rm -rf target/debian-test
 cargo deb --output target/debian-test/
-echo "test.sh: target/ is $(du -sh target | cut -f1), free disk $(df -h --output=avail . | tail -1 | tr -d ' ')"
+echo "test.sh: target/ is $(du -sh target | cut -f1), free disk $(free_disk)"
 EDGEFERRY_TEST_DEB="$(ls target/debian-test/edgeferry_*.deb)" cargo test --test packaging debian_package
