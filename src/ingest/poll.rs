@@ -166,11 +166,13 @@ pub(super) async fn poll_loop(
                     .collect();
                 let reload = request.done.is_some();
                 if refused.is_empty() {
+                    // Logged before READY goes out, so the log reads in the order things
+                    // happened: the daemon's "ready" line follows this one.
+                    tracing::info!(filters = ?request.filters, "subscribed with QoS 1");
                     if !reload {
                         status.subscribed.store(true, Ordering::Relaxed);
                         let _ = ready.send(true);
                     }
-                    tracing::info!(filters = ?request.filters, "subscribed with QoS 1");
                     if let Some(done) = request.done {
                         let _ = done.send(Ok(Resubscribed::Acknowledged));
                     }
