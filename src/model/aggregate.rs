@@ -262,6 +262,72 @@ impl Moments {
     }
 }
 
+/// [`Moments`] as an [`Aggregate`] holds them: the same values with each `i128` kept as two
+/// `u64` halves, so that an aggregate is aligned to 8 bytes instead of 16. That is 16 bytes
+/// less per aggregate (176 → 160) and 24 per open window (192 → 168): a gateway holds tens of
+/// thousands of them (issue 11, memory at 10,000 series). Serialized as [`Moments`], so
+/// checkpoints keep their bytes; compared as the values they hold.
+#[derive(Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Moments", into = "Moments")]
+enum StoredMoments {
+    Exact {
+        scale: u8,
+        sum: [u64; 2],
+        sum_sq: [u64; 2],
+    },
+    Float {
+        sum: f64,
+        mean: f64,
+        m2: f64,
+    },
+}
+
+fn halves(v: i128) -> [u64; 2] {
+    [v as u64, (v >> 64) as u64]
+}
+
+fn whole([lo, hi]: [u64; 2]) -> i128 {
+    (i128::from(hi as i64) << 64) | i128::from(lo)
+}
+
+impl StoredMoments {
+    fn get(self) -> Moments {
+        Moments::from(self)
+    }
+}
+
+impl From<Moments> for StoredMoments {
+    fn from(m: Moments) -> StoredMoments {
+        match m {
+            Moments::Exact { scale, sum, sum_sq } => StoredMoments::Exact {
+                scale,
+                sum: halves(sum),
+                sum_sq: halves(sum_sq),
+            },
+            Moments::Float { sum, mean, m2 } => StoredMoments::Float { sum, mean, m2 },
+        }
+    }
+}
+
+impl From<StoredMoments> for Moments {
+    fn from(m: StoredMoments) -> Moments {
+        match m {
+            StoredMoments::Exact { scale, sum, sum_sq } => Moments::Exact {
+                scale,
+                sum: whole(sum),
+                sum_sq: whole(sum_sq),
+            },
+            StoredMoments::Float { sum, mean, m2 } => Moments::Float { sum, mean, m2 },
+        }
+    }
+}
+
+impl std::fmt::Debug for StoredMoments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
 /// The complete state of an [`Aggregate`], field by field, for encodings that lay the
 /// fields out themselves (the upstream wire protocol packs them into columns).
 /// [`Aggregate::from_parts`]`(a.to_parts())` is bit-identical to `a`.
@@ -294,7 +360,7 @@ pub struct Aggregate {
     first: (i64, f64),
     /// `(time_ms, value)` of the reading with the latest event time.
     last: (i64, f64),
-    moments: Moments,
+    moments: StoredMoments,
     sketch: Sketch,
 }
 
@@ -313,7 +379,7 @@ impl Aggregate {
             max: 0.0,
             first: (0, 0.0),
             last: (0, 0.0),
-            moments: Moments::EMPTY,
+            moments: Moments::EMPTY.into(),
             sketch: Sketch::new(),
         }
     }
@@ -338,7 +404,7 @@ impl Aggregate {
                 self.last = (time_ms, value);
             }
         }
-        self.moments = self.moments.add(self.count, value);
+        self.moments = self.moments.get().add(self.count, value).into();
         self.count += 1;
         self.sketch.insert(value);
     }
@@ -353,7 +419,9 @@ impl Aggregate {
             *self = other.clone();
             return;
         }
-        self.moments = self.moments.merge(self.count, other.moments, other.count);
+        self.moments = (self.moments.get())
+            .merge(self.count, other.moments.get(), other.count)
+            .into();
         self.count += other.count;
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
@@ -378,7 +446,7 @@ impl Aggregate {
 
     /// Sum of the readings (`0` when empty).
     pub fn sum(&self) -> f64 {
-        self.moments.sum()
+        self.moments.get().sum()
     }
 
     fn or_nan(&self, v: f64) -> f64 {
@@ -397,7 +465,7 @@ impl Aggregate {
 
     /// Arithmetic mean (`NaN` when empty).
     pub fn mean(&self) -> f64 {
-        self.or_nan(self.moments.float_parts(self.count).1)
+        self.or_nan(self.moments.get().float_parts(self.count).1)
     }
 
     /// Population standard deviation `sqrt(m2 / n)` (`NaN` when empty).
@@ -411,13 +479,13 @@ impl Aggregate {
     /// Sum of squared deviations from the mean; lets consumers derive the
     /// sample variance `m2 / (n - 1)` if they need it.
     pub fn m2(&self) -> f64 {
-        self.moments.float_parts(self.count).2
+        self.moments.get().float_parts(self.count).2
     }
 
     /// Whether the moments are exact (every reading was an exact decimal, see the module
     /// documentation).
     pub fn is_exact(&self) -> bool {
-        matches!(self.moments, Moments::Exact { .. })
+        matches!(self.moments, StoredMoments::Exact { .. })
     }
 
     /// Value of the reading with the earliest event time (`NaN` when empty).
@@ -462,7 +530,7 @@ impl Aggregate {
             max: self.max,
             first: self.first,
             last: self.last,
-            moments: self.moments,
+            moments: self.moments.get(),
             sketch: self.sketch.clone(),
         }
     }
@@ -477,7 +545,7 @@ impl Aggregate {
             max: parts.max,
             first: parts.first,
             last: parts.last,
-            moments: parts.moments,
+            moments: parts.moments.into(),
             sketch: parts.sketch,
         }
     }
@@ -791,6 +859,51 @@ mod tests {
         let agg = aggregate_of(&[(10.0, 0)]);
         assert_eq!(agg.quantile(0.0), Some(10.0));
         assert_eq!(agg.quantile(1.0), Some(10.0));
+    }
+
+    #[test]
+    fn stored_moments_hold_every_i128_and_serialize_as_moments() {
+        for v in [
+            0,
+            1,
+            -1,
+            i128::MAX,
+            i128::MIN,
+            1 << 64,
+            -(1 << 64),
+            12_345_678_901_234_567_890,
+        ] {
+            let m = Moments::Exact {
+                scale: 3,
+                sum: v,
+                sum_sq: v.wrapping_neg(),
+            };
+            let stored = StoredMoments::from(m);
+            assert_eq!(stored.get(), m, "{v}");
+            assert_eq!(
+                postcard::to_stdvec(&stored).unwrap(),
+                postcard::to_stdvec(&m).unwrap()
+            );
+            assert_eq!(
+                serde_json::to_string(&stored).unwrap(),
+                serde_json::to_string(&m).unwrap()
+            );
+        }
+        let float = Moments::Float {
+            sum: 1.5,
+            mean: 0.75,
+            m2: 0.125,
+        };
+        assert_eq!(StoredMoments::from(float).get(), float);
+    }
+
+    /// The size an open window's aggregate takes, times tens of thousands per gateway: the
+    /// moments must not bring `i128`'s 16-byte alignment back.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn an_aggregate_is_160_bytes_aligned_to_8() {
+        assert_eq!(std::mem::align_of::<Aggregate>(), 8);
+        assert_eq!(std::mem::size_of::<Aggregate>(), 160);
     }
 
     /// Prints the postcard size of typical 1 Hz aggregates.

@@ -281,6 +281,10 @@ struct Slot {
     open: BTreeMap<Arc<str>, WindowState>,
     /// The other windows, packed in groups of at most [`PACK_ROWS`].
     packed: Vec<PackedGroup>,
+    /// `open.len()` at the previous [`Slot::settle`] and right after the last compaction:
+    /// bookkeeping, not state (neither compared nor serialized).
+    seen: usize,
+    compacted: usize,
 }
 
 /// Windows of one slot packed by [`Slot::pack`]: `names[i]` is the series of row `i`.
@@ -357,6 +361,32 @@ impl Slot {
             self.open.extend(group.unpack());
         }
         self.open.get_mut(series)
+    }
+
+    /// Rebuilds the map of open windows with full nodes once series stop arriving.
+    ///
+    /// # Why
+    ///
+    /// Every series of a fleet arrives in a new slot within a second or so of its start, in
+    /// no particular order, and a `BTreeMap` filled in random order has its nodes about two
+    /// thirds full; an open window is 168 bytes plus its name's pointer, and a gateway holds
+    /// two or three open slots per length (issue 11: ~3 open windows per series, 10,000
+    /// series). `BTreeMap::append` builds its result from the merged, sorted entries with
+    /// every node full, freeing the old nodes as it goes, so a settled slot takes about two
+    /// thirds of the memory. Done only when the slot did not grow since the previous call:
+    /// inserting into full nodes splits them in halves, which would be worse than not
+    /// compacting.
+    fn settle(&mut self) {
+        let n = self.open.len();
+        if n == self.seen && n != self.compacted && n >= PACK_ROWS {
+            let mut rest = std::mem::take(&mut self.open);
+            if let Some((name, state)) = rest.pop_first() {
+                self.open.insert(name, state);
+                self.open.append(&mut rest);
+            }
+            self.compacted = n;
+        }
+        self.seen = n;
     }
 
     /// Packs every window held in full.
@@ -885,6 +915,17 @@ impl Windows {
                 }
             }
             self.closed_through_ms = cutoff;
+        }
+
+        let still_open = (
+            Bound::Excluded(SlotKey {
+                end_ms: self.closed_through_ms,
+                window_secs: u32::MAX,
+            }),
+            Bound::Unbounded,
+        );
+        for (_, windows) in self.slots.range_mut(still_open) {
+            windows.settle();
         }
 
         let drop_through = cutoff.saturating_sub(self.spec.retention_ms);
@@ -1542,6 +1583,45 @@ mod tests {
         let bytes = postcard::to_stdvec(&w.delta(&taken)).unwrap();
         let d: WindowsDelta = postcard::from_bytes(&bytes).unwrap();
         assert!(base.apply_delta(d).is_err());
+    }
+
+    #[test]
+    fn an_open_slot_is_compacted_once_series_stop_arriving_and_keeps_every_window() {
+        let mut w = Windows::new(spec(&[10], 5_000, 0));
+        let n = 2 * PACK_ROWS + 5;
+        // Every series arrives in an order unrelated to its name (7 is coprime with n).
+        assert_ne!(n % 7, 0);
+        let names: Vec<String> = (0..n).map(|i| format!("s{:04}", (i * 7) % n)).collect();
+        let key = SlotKey {
+            end_ms: 10_000,
+            window_secs: 10,
+        };
+        for (i, name) in names.iter().enumerate() {
+            w.apply(name, 1.0, 1_000 + i as i64, 1_000);
+        }
+        close(&mut w, 2_000);
+        assert_eq!(
+            w.slots[&key].compacted, 0,
+            "the slot grew since the last look"
+        );
+        close(&mut w, 2_250);
+        assert_eq!(w.slots[&key].compacted, n, "no new series: compacted");
+        // Readings into the compacted windows, and a series arriving after the compaction.
+        for name in &names {
+            w.apply(name, 3.0, 5_000, 5_000);
+        }
+        w.apply("late-comer", 2.0, 6_000, 6_000);
+        let out = close(&mut w, 15_000);
+        assert_eq!(out.len(), n + 1);
+        assert!(out.windows(2).all(|p| p[0].series < p[1].series), "sorted");
+        for a in &out {
+            let (count, mean) = if a.series == "late-comer" {
+                (1, 2.0)
+            } else {
+                (2, 2.0)
+            };
+            assert_eq!((a.agg.count(), a.agg.mean()), (count, mean), "{}", a.series);
+        }
     }
 
     #[test]
