@@ -430,6 +430,9 @@ fn the_debian_package_holds_the_daemon_unit_conffile_and_mosquitto_drop_in() {
         "packaging/debian/changelog must start with this version ({version}): add an entry"
     );
     let contents = run_ok("dpkg-deb", &["--contents", deb]);
+    // The unit under /usr/lib/systemd/system, where cargo-deb and current Debian put units:
+    // systemd reads both it and /lib/systemd/system, and on merged-/usr systems (every
+    // Debian since 12) /lib is /usr/lib (docs/DECISIONS.md, "A Debian package").
     for path in [
         "./usr/bin/edgeferry",
         "./usr/lib/systemd/system/edgeferry.service",
