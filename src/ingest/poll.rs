@@ -150,7 +150,7 @@ pub(super) async fn poll_loop(
                 }
                 // Subscribe on every connect: rumqttc does not resubscribe when the broker
                 // lost the session, and re-subscribing a live session is harmless.
-                subs.on_connect(&client);
+                subs.on_connect(&client, ack.session_present);
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Subscribe(pkid))) => subs.sent(pkid),
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -382,15 +382,27 @@ impl SubscriptionState {
 
     /// Connected: subscribe every filter in effect, unsubscribe those a reload removed while
     /// the broker was away.
-    fn on_connect(&mut self, client: &AsyncClient) {
+    ///
+    /// SUBSCRIBEs still queued in rumqttc when the connection broke (a reload's, or the
+    /// previous connect's) are sent first after a connect that resumes the session, and
+    /// dropped by rumqttc after one that does not. The queue here follows suit, or the next
+    /// SUBACK would be matched to the wrong request: READY on a SUBACK that covered only some
+    /// filters, a refusal reported against the wrong ones. A dropped reload's request is
+    /// answered by dropping its sender ("made at the reconnect"): this connect's
+    /// subscription covers its filters.
+    fn on_connect(&mut self, client: &AsyncClient, session_present: bool) {
+        if !session_present {
+            self.queued.clear();
+        }
         self.subscribe(client, self.table.filters.clone(), None);
         let owed = std::mem::take(&mut self.unsubscribe_owed);
         Self::unsubscribe(client, &owed);
     }
 
-    /// The connection broke: SUBSCRIBEs in flight are answered by the next connect's.
+    /// The connection broke: SUBSCRIBEs sent and not answered are lost with it (rumqttc does
+    /// not send them again) and answered by the next connect's; those not sent yet stay
+    /// queued (see [`SubscriptionState::on_connect`]).
     fn disconnected(&mut self) {
-        self.queued.clear();
         self.sent.clear();
     }
 
@@ -620,6 +632,58 @@ pub(super) async fn write_acks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request_filters(r: Option<SubscribeRequest>) -> Vec<String> {
+        r.map(|r| r.filters).unwrap_or_default()
+    }
+
+    fn configs(filters: &[&str]) -> Vec<super::super::config::SubscribeConfig> {
+        filters
+            .iter()
+            .map(|f| {
+                serde_json::from_value(serde_json::json!({ "filter": f, "format": "number" }))
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_subscribe_queued_across_a_reconnect_is_matched_to_its_own_suback() {
+        // Not connected anywhere: the client only queues requests in its channel.
+        let (client, _eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 16);
+        for session_present in [true, false] {
+            let table = Arc::new(Subscriptions::new(&configs(&["a/#"])).unwrap());
+            let mut subs = SubscriptionState::new(table, None);
+            subs.on_connect(&client, true);
+            subs.sent(1);
+            assert_eq!(request_filters(subs.acknowledged(1)), ["a/#"]);
+            // A reload adds b/#; the connection breaks before rumqttc sent the SUBSCRIBE.
+            let (done, answered) = oneshot::channel();
+            let subscribe = configs(&["a/#", "b/#"]);
+            subs.change(SubscriptionChange { subscribe, done }, &client, true);
+            subs.disconnected();
+            subs.on_connect(&client, session_present);
+            if session_present {
+                // rumqttc sends the reload's SUBSCRIBE first, then the connect's.
+                subs.sent(2);
+                subs.sent(3);
+                assert_eq!(request_filters(subs.acknowledged(3)), ["a/#", "b/#"]);
+                let reload = subs.acknowledged(2).expect("the reload's request");
+                assert_eq!(reload.filters, ["b/#"]);
+                assert!(reload.done.is_some(), "the reload hears its own SUBACK");
+            } else {
+                // rumqttc dropped the reload's SUBSCRIBE: the connect's is the next one sent.
+                subs.sent(2);
+                assert_eq!(request_filters(subs.acknowledged(2)), ["a/#", "b/#"]);
+                assert!(
+                    answered.blocking_recv().is_err(),
+                    "the reload is told the filters come with the reconnect"
+                );
+            }
+            assert!(subs.queued.is_empty() && subs.sent.is_empty());
+        }
+    }
 
     #[test]
     fn a_stall_names_its_cause() {
