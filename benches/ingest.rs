@@ -12,7 +12,12 @@
 //!    the ratio edgeferry ÷ bare is the figure that matters;
 //! 3. live latency at 10,000 msg/s: publish → receive from the journal (`received_ms - ts`),
 //!    receive → commit from `/metrics` when it exists, and a bare subscriber for comparison;
-//! 4. resident memory during the live phase and during a live phase over 10,000 series.
+//! 4. resident memory during the live phase and during a live phase over 10,000 series;
+//! 5. publish → alert;
+//! 6. the stall witness (issue 11): phase 3 again with a bare subscriber on the same
+//!    messages, so a late reading seen by both was delayed before the broker's delivery or on
+//!    the host, and one seen late only by edgeferry was delayed on edgeferry's side; with the
+//!    host's steal and iowait time and Mosquitto's CPU over the phase.
 //!
 //! Every edgeferry phase runs the example config's shape: windows 10 s and 1 min, the
 //! `overheat` rule on every reading, and an upstream `edgeferry collect` connected.
@@ -247,54 +252,158 @@ fn bare_drain(port: u16, id: &str, n: usize) -> Duration {
     })
 }
 
-/// A live bare subscriber recording publish → receive latency (ms) of each message.
-fn bare_live(port: u16, rate: usize, secs: f64) -> (Vec<i64>, usize) {
-    let ready = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicBool::new(false));
-    let expect = (rate as f64 * secs) as usize;
-    let sub = {
-        let (ready, done) = (ready.clone(), done.clone());
-        std::thread::spawn(move || {
-            let rt = runtime();
-            rt.block_on(async move {
-                let (client, mut el) =
-                    AsyncClient::new(options(port, "bench-bare-live", true), 1000);
-                el.set_network_options(nodelay());
-                let mut lat = Vec::with_capacity(expect);
-                while lat.len() < expect && !done.load(Ordering::SeqCst) {
-                    match tokio::time::timeout(Duration::from_millis(200), el.poll()).await {
-                        Err(_) => {}
-                        Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
-                            client.subscribe(FILTER, QoS::AtLeastOnce).await.unwrap();
+/// A bare rumqttc subscriber (clean session, QoS 1, auto-ack, TCP_NODELAY) on `bench/#`,
+/// recording for each message the reading it stands for and its publish → receive latency
+/// (ms). Alone it is the baseline of the live phases; next to a gateway, on the same
+/// messages, it is the witness that tells a delay of the broker or the host (both see it)
+/// from one of edgeferry's (only the gateway sees it).
+struct Witness {
+    received: Arc<AtomicUsize>,
+    done: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<(usize, i64)>>,
+}
+
+impl Witness {
+    /// Connects and returns once subscribed.
+    fn start(port: u16, id: &str, expect: usize) -> Witness {
+        let ready = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicUsize::new(0));
+        let handle = {
+            let (ready, done, received, id) = (
+                ready.clone(),
+                done.clone(),
+                received.clone(),
+                id.to_string(),
+            );
+            std::thread::spawn(move || {
+                let rt = runtime();
+                rt.block_on(async move {
+                    let (client, mut el) = AsyncClient::new(options(port, &id, true), 1000);
+                    el.set_network_options(nodelay());
+                    let mut got = Vec::with_capacity(expect);
+                    while !done.load(Ordering::SeqCst) {
+                        match tokio::time::timeout(Duration::from_millis(200), el.poll()).await {
+                            Err(_) => {}
+                            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                                client.subscribe(FILTER, QoS::AtLeastOnce).await.unwrap();
+                            }
+                            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                                ready.store(true, Ordering::SeqCst)
+                            }
+                            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                                let recv = now_ms();
+                                let v: serde_json::Value =
+                                    serde_json::from_slice(&p.payload).unwrap();
+                                let i = v["value"].as_f64().and_then(index_of).unwrap();
+                                got.push((i, recv - v["ts"].as_i64().unwrap()));
+                                received.store(got.len(), Ordering::SeqCst);
+                            }
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => panic!("bare subscriber {id}: {e}"),
                         }
-                        Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
-                            ready.store(true, Ordering::SeqCst)
-                        }
-                        Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                            let recv = now_ms();
-                            let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
-                            lat.push(recv - v["ts"].as_i64().unwrap());
-                        }
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => panic!("bare live subscriber: {e}"),
                     }
-                }
-                let _ = client.disconnect().await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
-                lat
+                    let _ = client.disconnect().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
+                    got
+                })
             })
-        })
-    };
-    wait_for("bare live subscriber", Duration::from_secs(10), || {
-        ready.load(Ordering::SeqCst)
-    });
-    let (sent, _) = Publisher::paced(port, "bench-pub-bare-live", rate, secs, topic);
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(10) && !sub.is_finished() {
-        std::thread::sleep(Duration::from_millis(10));
+        };
+        wait_for("bare subscriber", Duration::from_secs(10), || {
+            ready.load(Ordering::SeqCst)
+        });
+        Witness {
+            received,
+            done,
+            handle,
+        }
     }
-    done.store(true, Ordering::SeqCst);
-    (sub.join().unwrap(), sent)
+
+    /// Waits (at most 10 s) until `sent` messages arrived, then disconnects.
+    fn finish(self, sent: usize) -> Vec<(usize, i64)> {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) && self.received.load(Ordering::SeqCst) < sent {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.done.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+/// A live bare subscriber alone: publish → receive latency (ms) of each message.
+fn bare_live(port: u16, rate: usize, secs: f64) -> (Vec<i64>, usize) {
+    let w = Witness::start(port, "bench-bare-live", (rate as f64 * secs) as usize);
+    let (sent, _) = Publisher::paced(port, "bench-pub-bare-live", rate, secs, topic);
+    let lat = w.finish(sent).into_iter().map(|(_, l)| l).collect();
+    (lat, sent)
+}
+
+/// The host's CPU time since boot from the `cpu` line of `/proc/stat`: (total, steal,
+/// iowait) in clock ticks. Steal is time the hypervisor gave this VM's vCPUs to others.
+fn host_cpu() -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    (f.iter().take(8).sum(), at(7), at(4))
+}
+
+/// Readings later than this from publish to receive count as stalled.
+const STALL_MS: i64 = 100;
+
+/// The stall witness: edgeferry's and the witness's latencies of the same readings.
+struct StallReport {
+    /// Sorted publish → receive latencies (ms): edgeferry, the witness.
+    gateway: Vec<i64>,
+    witness: Vec<i64>,
+    /// Readings later than [`STALL_MS`] at edgeferry, at the witness, at both.
+    late_gateway: usize,
+    late_witness: usize,
+    late_both: usize,
+    /// Share of the host's CPU time that was steal and iowait during the phase (%).
+    steal_pct: f64,
+    iowait_pct: f64,
+    /// CPU seconds Mosquitto used in the phase.
+    broker_cpu_s: f64,
+}
+
+fn stall_report(
+    gateway: &[(usize, i64)],
+    witness: &[(usize, i64)],
+    host: [(u64, u64, u64); 2],
+    broker_cpu_s: f64,
+) -> StallReport {
+    let at_witness: std::collections::HashMap<usize, i64> = witness.iter().copied().collect();
+    let late_gateway = gateway.iter().filter(|(_, l)| *l > STALL_MS).count();
+    let late_both = gateway
+        .iter()
+        .filter(|(i, l)| *l > STALL_MS && at_witness.get(i).is_some_and(|w| *w > STALL_MS))
+        .count();
+    let sorted = |v: &[(usize, i64)]| {
+        let mut l: Vec<i64> = v.iter().map(|(_, l)| *l).collect();
+        l.sort_unstable();
+        l
+    };
+    let [(t0, s0, w0), (t1, s1, w1)] = host;
+    let pct =
+        |a: u64, b: u64| 100.0 * b.saturating_sub(a) as f64 / (t1.saturating_sub(t0)).max(1) as f64;
+    StallReport {
+        gateway: sorted(gateway),
+        witness: sorted(witness),
+        late_gateway,
+        late_witness: witness.iter().filter(|(_, l)| *l > STALL_MS).count(),
+        late_both,
+        steal_pct: pct(s0, s1),
+        iowait_pct: pct(w0, w1),
+        broker_cpu_s,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -691,6 +800,8 @@ struct LiveResult {
     poll_stalls: Option<f64>,
     peak_rss_kib: u64,
     hwm_kib: u64,
+    /// With a witness: its latencies against edgeferry's, for the same readings.
+    stalls: Option<StallReport>,
 }
 
 fn edgeferry_live(
@@ -700,12 +811,18 @@ fn edgeferry_live(
     secs: f64,
     max_series: usize,
     topic: fn(usize) -> String,
+    witness: bool,
 ) -> LiveResult {
     let mut gw = bench_gateway(broker, upstream, id, max_series);
     gw.start();
     wait_upstream(&gw);
     let metrics = Metrics::of(&gw);
     let rss = RssSampler::start(gw.pid().unwrap());
+    let expect = (LIVE_RATE as f64 * secs) as usize;
+    let witness =
+        witness.then(|| Witness::start(broker.port, &format!("bench-witness-{id}"), expect));
+    let host_before = host_cpu();
+    let broker_before = broker.pid().map_or(0.0, common::cpu_secs);
     let (sent, rate) = Publisher::paced(
         broker.port,
         &format!("bench-pub-{id}"),
@@ -723,6 +840,9 @@ fn edgeferry_live(
     } else {
         std::thread::sleep(Duration::from_millis(1000));
     }
+    let host_after = host_cpu();
+    let broker_cpu_s = broker.pid().map_or(0.0, common::cpu_secs) - broker_before;
+    let witnessed = witness.map(|w| w.finish(sent));
     let text = metrics.scrape().unwrap_or_default();
     let commit_p50 = quantile(&text, "edgeferry_ingest_commit_seconds", "0.5");
     let commit_p99 = quantile(&text, "edgeferry_ingest_commit_seconds", "0.99");
@@ -733,6 +853,13 @@ fn edgeferry_live(
     session_op(broker.port, &client_id(id), true, false);
     let mut lat: Vec<i64> = j.iter().map(|r| r.received_ms - r.time_ms).collect();
     lat.sort_unstable();
+    let stalls = witnessed.map(|w| {
+        let by_reading: Vec<(usize, i64)> = j
+            .iter()
+            .filter_map(|r| Some((index_of(r.value)?, r.received_ms - r.time_ms)))
+            .collect();
+        stall_report(&by_reading, &w, [host_before, host_after], broker_cpu_s)
+    });
     let series: HashSet<&(String, String)> = j.iter().map(|r| &r.series).collect();
     LiveResult {
         sent,
@@ -745,6 +872,7 @@ fn edgeferry_live(
         poll_stalls: metric_sum(&text, "edgeferry_ingest_poll_stalls_total"),
         peak_rss_kib: peak,
         hwm_kib: hwm,
+        stalls,
     }
 }
 
@@ -895,7 +1023,7 @@ fn main() {
     let upstream = collector.url();
 
     // 1. bare subscriber drain
-    println!("[1/6] bare subscriber drain of {n} queued messages");
+    println!("[1/7] bare subscriber drain of {n} queued messages");
     session_op(port, "bench-bare-drain", false, true);
     Publisher::queue(port, n, "bench-pub-drain-bare");
     let bare_t = bare_drain(port, "bench-bare-drain", n);
@@ -903,21 +1031,21 @@ fn main() {
     let bare_rate = n as f64 / bare_t.as_secs_f64();
 
     // 2. edgeferry drain
-    println!("[2/6] edgeferry drain of {n} queued messages");
+    println!("[2/7] edgeferry drain of {n} queued messages");
     let ef = edgeferry_drain(&broker, &upstream, n);
     let ratio = ef.rate_from_connect / bare_rate;
 
     // 3. live latency through edgeferry, 100 series
-    println!("[3/6] edgeferry live, {LIVE_RATE} msg/s for {secs} s");
-    let live = edgeferry_live(&broker, &upstream, "bench-live", secs, 20_000, topic);
+    println!("[3/7] edgeferry live, {LIVE_RATE} msg/s for {secs} s");
+    let live = edgeferry_live(&broker, &upstream, "bench-live", secs, 20_000, topic, false);
 
     // 3b. the same rate to a bare subscriber
-    println!("[4/6] bare subscriber live, {LIVE_RATE} msg/s for {secs} s");
+    println!("[4/7] bare subscriber live, {LIVE_RATE} msg/s for {secs} s");
     let (mut bare_lat, bare_sent) = bare_live(port, LIVE_RATE, secs);
     bare_lat.sort_unstable();
 
     // 4. 10,000 series
-    println!("[5/6] edgeferry live over 10,000 series, {LIVE_RATE} msg/s for {secs} s");
+    println!("[5/7] edgeferry live over 10,000 series, {LIVE_RATE} msg/s for {secs} s");
     let many = edgeferry_live(
         &broker,
         &upstream,
@@ -925,14 +1053,30 @@ fn main() {
         secs,
         20_000,
         series_topic,
+        false,
     );
 
     // 5. publish → alert
     let alert_rate = 5_000;
     println!(
-        "[6/6] publish → alert at {alert_rate} readings/s (every reading raises or clears) for {secs} s"
+        "[6/7] publish → alert at {alert_rate} readings/s (every reading raises or clears) for {secs} s"
     );
     let (alert_lat, alerts_expected, inside) = alert_latency(&broker, &upstream, alert_rate, secs);
+
+    // 6. the stall witness: phase 3 again, with a bare subscriber on the same messages
+    println!(
+        "[7/7] stall witness: edgeferry live at {LIVE_RATE} msg/s for {secs} s with a bare subscriber on the same messages"
+    );
+    let witnessed = edgeferry_live(
+        &broker,
+        &upstream,
+        "bench-witnessed",
+        secs,
+        20_000,
+        topic,
+        true,
+    );
+    let stalls = witnessed.stalls.as_ref().expect("a witness ran");
 
     // ---- report
     let ms = |s: Option<f64>| {
@@ -1046,7 +1190,36 @@ fn main() {
         ms(inside.checkpoint.1),
         inside.poll_stalls.unwrap_or(0.0),
     );
+    println!(
+        "| stall witness: publish → receive p99 / max, edgeferry vs the bare subscriber on the same messages | {} / {} vs {} / {} |",
+        fmt_ms(pct(&stalls.gateway, 0.99)),
+        fmt_ms(stalls.gateway.last().copied()),
+        fmt_ms(pct(&stalls.witness, 0.99)),
+        fmt_ms(stalls.witness.last().copied()),
+    );
+    println!(
+        "| stall witness: readings later than {STALL_MS} ms at edgeferry / at the bare subscriber / at both | {} / {} / {} |",
+        stalls.late_gateway, stalls.late_witness, stalls.late_both
+    );
+    println!(
+        "| stall witness: host CPU steal / iowait; Mosquitto CPU | {:.1} % / {:.1} %; {:.2} s |",
+        stalls.steal_pct, stalls.iowait_pct, stalls.broker_cpu_s
+    );
     println!();
+    if stalls.late_gateway > 0 {
+        println!(
+            "  stalls: {} of edgeferry's {} late readings were late at the bare subscriber too ({})",
+            stalls.late_both,
+            stalls.late_gateway,
+            if stalls.late_both * 2 >= stalls.late_gateway {
+                "mostly before the broker's delivery or on the host, not in edgeferry"
+            } else {
+                "mostly edgeferry's own: its connection, rumqttc or its poll task"
+            }
+        );
+    } else {
+        println!("  stalls: none at edgeferry in the witness phase");
+    }
     let goal = |ok: bool| if ok { "met" } else { "NOT met" };
     if let Some(a) = pct(&alert_lat, 0.99) {
         println!(
@@ -1091,6 +1264,15 @@ fn main() {
     assert_eq!(
         many.journaled, many.sent,
         "10k-series phase: every reading journaled once"
+    );
+    assert_eq!(
+        witnessed.journaled, witnessed.sent,
+        "witness phase: every reading journaled once"
+    );
+    assert_eq!(
+        stalls.witness.len(),
+        witnessed.sent,
+        "the witness received everything"
     );
     let want_series = many.sent.min(10_000);
     assert_eq!(

@@ -107,6 +107,11 @@ impl Mosquitto {
         Self::start_with("")
     }
 
+    /// The broker's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Starts with extra configuration lines (written after the plain listener).
     pub fn start_with(extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
