@@ -24,7 +24,8 @@
 //!    belong to): plumbing.
 //! 1. [`model`]: the owned values every stage shares (readings, journal records, aggregates
 //!    with exact moments, sketches, outbox batches, alerts, channel messages, the status
-//!    report); [`tls`], [`telemetry`].
+//!    report); [`tls`], [`broker`] (the one parser of `mqtt://`/`mqtts://` broker URLs for
+//!    every MQTT client), [`telemetry`].
 //! 2. [`protocol`]: the upstream wire format (frames, dictionary, packed columns, the
 //!    self-contained MQTT message) used by both
 //!    sides; [`store`]: segment log, journal, outbox and the store epoch; [`live`]: the live
@@ -46,6 +47,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod broker;
 pub mod check;
 pub mod cli;
 pub mod clock;

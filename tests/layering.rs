@@ -23,6 +23,7 @@ const LAYERS: &[(&str, u32)] = &[
     // Shared values and cross-cutting services.
     ("model", 1),
     ("tls", 1),
+    ("broker", 1),
     ("telemetry", 1),
     // Shared formats and stores: the wire protocol, the disk store, the live event bus.
     ("protocol", 2),

@@ -23,13 +23,14 @@ use super::config::MqttSourceConfig;
 use super::sink::Sinks;
 use super::store::Stored;
 use crate::backoff::Backoff;
+use crate::broker::BrokerUrl;
 use crate::protocol::message::decode_message;
 use crate::telemetry::RateLimit;
 use anyhow::{Context, Result, bail};
 use futures_util::FutureExt;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
-    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+    SubscribeFilter, SubscribeReasonCode,
 };
 use std::collections::VecDeque;
 use std::path::Path;
@@ -115,24 +116,25 @@ struct Ctx<'a> {
 /// Client options for `cfg` (client id `client_id`), checking everything that can be checked
 /// before connecting: URL, TLS files, password file.
 fn options(cfg: &MqttSourceConfig, client_id: &str, max_frame: u32) -> Result<MqttOptions> {
-    let url = url::Url::parse(&cfg.url).with_context(|| format!("--mqtt {:?}", cfg.url))?;
-    let tls = match url.scheme() {
-        "mqtt" => false,
-        "mqtts" => true,
-        other => bail!(
-            "--mqtt {:?}: scheme {other:?}; use mqtt:// or mqtts://",
-            cfg.url
-        ),
-    };
-    let host = url
-        .host_str()
-        .with_context(|| format!("--mqtt {:?}: no host", cfg.url))?
-        .trim_matches(['[', ']']);
-    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    let broker = BrokerUrl::parse(&cfg.url).with_context(|| format!("--mqtt {:?}", cfg.url))?;
     if cfg.topics.is_empty() {
         bail!("--mqtt needs at least one --topic");
     }
-    let mut o = MqttOptions::new(client_id, host, port);
+    let tls = if broker.tls {
+        Some(
+            crate::tls::client_config(
+                cfg.ca_file.as_deref(),
+                cfg.cert_file.as_deref(),
+                cfg.key_file.as_deref(),
+            )
+            .context("--mqtt TLS settings")?,
+        )
+    } else if cfg.ca_file.is_some() || cfg.cert_file.is_some() {
+        bail!("--mqtt-ca/--mqtt-cert given for a plain mqtt:// URL; use mqtts://");
+    } else {
+        None
+    };
+    let mut o = broker.options(client_id, tls);
     // A message is three envelopes of at most max_frame each; a packet over the client's
     // limit would drop the connection and come back forever (FIELD-NOTES).
     let limit = (3 * (max_frame as usize + crate::protocol::HEADER_LEN)).max(1 << 16) + 1024;
@@ -140,28 +142,15 @@ fn options(cfg: &MqttSourceConfig, client_id: &str, max_frame: u32) -> Result<Mq
         .set_manual_acks(true)
         .set_keep_alive(cfg.keep_alive)
         .set_max_packet_size(limit, limit);
-    if !url.username().is_empty() {
+    if !broker.username.is_empty() {
         let password = match &cfg.password_file {
             Some(p) => std::fs::read_to_string(p)
                 .with_context(|| format!("--mqtt-password-file {}", p.display()))?
                 .trim_end_matches(['\r', '\n'])
                 .to_string(),
-            None => url.password().unwrap_or_default().to_string(),
+            None => broker.password.clone().unwrap_or_default(),
         };
-        o.set_credentials(url.username(), password);
-    }
-    if tls {
-        let c = crate::tls::client_config(
-            cfg.ca_file.as_deref(),
-            cfg.cert_file.as_deref(),
-            cfg.key_file.as_deref(),
-        )
-        .context("--mqtt TLS settings")?;
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(c),
-        )));
-    } else if cfg.ca_file.is_some() || cfg.cert_file.is_some() {
-        bail!("--mqtt-ca/--mqtt-cert given for a plain mqtt:// URL; use mqtts://");
+        o.set_credentials(broker.username.clone(), password);
     }
     Ok(o)
 }

@@ -17,17 +17,14 @@
 
 use super::UpstreamConfig;
 use super::link::{Connection, LinkError, Resume, Transport};
+use crate::broker::BrokerUrl;
 use crate::model::batch::OutboxBatch;
 use crate::protocol::Hello;
 pub use crate::protocol::message::encode_message;
 use crate::store::outbox::{Lane, lane_lsn};
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
-    Transport as MqttTransportKind,
-};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Most batches published and not yet acknowledged.
@@ -77,20 +74,26 @@ impl MqttTransport {
 
     /// Client options for broker `url` with the credentials as they are on disk now.
     fn options(&self, url: &str) -> Result<MqttOptions, LinkError> {
-        let bad = |why: String| LinkError::Connect(format!("upstream.url {url:?}: {why}"));
-        let url = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        let tls = url.scheme() == "mqtts";
-        let host = url
-            .host_str()
-            .ok_or_else(|| bad("no host".into()))?
-            .trim_matches(['[', ']']);
-        let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
-        let mut o = MqttOptions::new(format!("edgeferry-up-{}", self.gateway), host, port);
+        let broker = BrokerUrl::parse(url)
+            .map_err(|e| LinkError::Connect(format!("upstream.url {url:?}: {e}")))?;
+        let tls = if broker.tls {
+            Some(
+                crate::tls::client_config(
+                    self.cfg.ca_file.as_deref(),
+                    self.cfg.cert_file.as_deref(),
+                    self.cfg.key_file.as_deref(),
+                )
+                .map_err(|e| LinkError::Connect(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let mut o = broker.options(format!("edgeferry-up-{}", self.gateway), tls);
         o.set_clean_session(true)
             .set_keep_alive(Duration::from_secs(30))
             .set_inflight(MAX_IN_FLIGHT as u16)
             .set_max_packet_size(64 << 20, 64 << 20);
-        if !url.username().is_empty() {
+        if !broker.username.is_empty() {
             let pw = match &self.cfg.token_file {
                 Some(f) => std::fs::read_to_string(f)
                     .map_err(|e| {
@@ -98,20 +101,9 @@ impl MqttTransport {
                     })?
                     .trim()
                     .to_string(),
-                None => url.password().unwrap_or_default().to_string(),
+                None => broker.password.clone().unwrap_or_default(),
             };
-            o.set_credentials(url.username(), pw);
-        }
-        if tls {
-            let c = crate::tls::client_config(
-                self.cfg.ca_file.as_deref(),
-                self.cfg.cert_file.as_deref(),
-                self.cfg.key_file.as_deref(),
-            )
-            .map_err(|e| LinkError::Connect(e.to_string()))?;
-            o.set_transport(MqttTransportKind::tls_with_config(
-                TlsConfiguration::Rustls(Arc::new(c)),
-            ));
+            o.set_credentials(broker.username.clone(), pw);
         }
         Ok(o)
     }

@@ -9,10 +9,11 @@ pub use super::error::IngestError;
 use super::poll::{AckRequest, Incoming, SubscriptionState, poll_loop, publish_loop};
 use super::status::IngestStatus;
 use super::subscriptions::{SubscriptionChange, Subscriptions};
+use crate::broker::BrokerUrl;
 use crate::model::CommitGroup;
 use crate::store::journal::Journal;
 use crate::telemetry::RateLimit;
-use rumqttc::{AsyncClient, MqttOptions, NetworkOptions, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, MqttOptions, NetworkOptions};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -184,20 +185,20 @@ pub async fn run(
 }
 
 fn mqtt_options(cfg: &MqttConfig, client_id: &str) -> Result<MqttOptions, IngestError> {
-    let bad = |reason: &str| IngestError::Url {
+    let broker = BrokerUrl::parse(&cfg.url).map_err(|e| IngestError::Url {
         url: cfg.url.clone(),
-        reason: reason.to_string(),
+        reason: e.to_string(),
+    })?;
+    let tls = if broker.tls {
+        Some(crate::tls::client_config(
+            cfg.ca_file.as_deref(),
+            cfg.cert_file.as_deref(),
+            cfg.key_file.as_deref(),
+        )?)
+    } else {
+        None
     };
-    let url = url::Url::parse(&cfg.url).map_err(|e| bad(&e.to_string()))?;
-    let tls = match url.scheme() {
-        "mqtt" => false,
-        "mqtts" => true,
-        other => return Err(bad(&format!("unsupported scheme {other}"))),
-    };
-    let host = url.host_str().ok_or_else(|| bad("no host"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
-    let mut o = MqttOptions::new(client_id, host, port);
+    let mut o = broker.options(client_id, tls);
     o.set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(cfg.keep_alive)
@@ -220,16 +221,6 @@ fn mqtt_options(cfg: &MqttConfig, client_id: &str) -> Result<MqttOptions, Ingest
             None => String::new(),
         };
         o.set_credentials(user, password);
-    }
-    if tls {
-        let c = crate::tls::client_config(
-            cfg.ca_file.as_deref(),
-            cfg.cert_file.as_deref(),
-            cfg.key_file.as_deref(),
-        )?;
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(c),
-        )));
     }
     Ok(o)
 }
