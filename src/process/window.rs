@@ -917,13 +917,7 @@ impl Windows {
             self.closed_through_ms = cutoff;
         }
 
-        let still_open = (
-            Bound::Excluded(SlotKey {
-                end_ms: self.closed_through_ms,
-                window_secs: u32::MAX,
-            }),
-            Bound::Unbounded,
-        );
+        let still_open = self.still_open();
         for (_, windows) in self.slots.range_mut(still_open) {
             windows.settle();
         }
@@ -949,18 +943,22 @@ impl Windows {
         }
     }
 
-    /// Appends the current aggregates of all windows not yet passed by
-    /// `close_due`, with `version: 0` (provisional — must not be forwarded
-    /// as a final result). Does not change any state or version.
-    pub fn snapshot_open(&self, out: &mut Vec<WindowAggregate>) {
-        let range = (
+    /// The slots not yet passed by `close_due`: those ending after `closed_through_ms`.
+    fn still_open(&self) -> (Bound<SlotKey>, Bound<SlotKey>) {
+        (
             Bound::Excluded(SlotKey {
                 end_ms: self.closed_through_ms,
                 window_secs: u32::MAX,
             }),
             Bound::Unbounded,
-        );
-        for (slot, windows) in self.slots.range(range) {
+        )
+    }
+
+    /// Appends the current aggregates of all windows not yet passed by
+    /// `close_due`, with `version: 0` (provisional — must not be forwarded
+    /// as a final result). Does not change any state or version.
+    pub fn snapshot_open(&self, out: &mut Vec<WindowAggregate>) {
+        for (slot, windows) in self.slots.range(self.still_open()) {
             debug_assert!(windows.packed.is_empty(), "an open slot is never packed");
             for (series, state) in &windows.open {
                 out.push(WindowAggregate {
